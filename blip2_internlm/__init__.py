@@ -1,1 +1,18 @@
-"""BLIP-2 with a frozen InternLM2, as a LAVIS plugin (registration is added in later commits)."""
+"""BLIP-2 with a frozen InternLM2, as a LAVIS plugin.
+
+Importing this package makes LAVIS 1.0.2 work on the pinned stack (``blip2_internlm.compat``),
+imports ``lavis`` and registers this package's models, datasets and tasks with LAVIS's
+registry.  It is idempotent.
+"""
+
+from blip2_internlm import compat
+
+compat.prepare_imports()
+
+import lavis  # noqa: E402  (must follow prepare_imports)
+
+compat.patch_lavis()
+
+from blip2_internlm import datasets  # noqa: E402,F401  (registers builders)
+
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""Offline assets: where every file LAVIS would download comes from.
+
+Each asset is a config value.  A value is one of:
+
+* ``tiny``: a small asset generated deterministically on first use into the cache
+  directory (``$BLIP2_INTERNLM_CACHE``, default ``~/.cache/blip2_internlm``), for tests and
+  the demo;
+* a local path (a directory for text models, a file for weights);
+* a Hugging Face hub name (``bert-base-uncased``), resolved from the local hub cache only,
+  unless downloads are enabled explicitly with ``$BLIP2_INTERNLM_ALLOW_DOWNLOADS=1``.
+
+A missing asset raises :class:`AssetMissingError` naming the config key, what was tried
+and how to get the file, instead of hanging on a download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY = "tiny"
+DOWNLOADS_ENV = "BLIP2_INTERNLM_ALLOW_DOWNLOADS"
+CACHE_ENV = "BLIP2_INTERNLM_CACHE"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class AssetMissingError(FileNotFoundError):
+    """An asset named in a config is not available locally."""
+
+    def __init__(self, key: str, value, tried: str, how: str):
+        self.key, self.value = key, value
+        super().__init__(f"config key '{key}' = {value!r}: {tried}. {how}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "blip2_internlm")
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get(DOWNLOADS_ENV, "0").lower() in ("1", "true", "yes")
+
+
+def generated(name: str, build) -> Path:
+    """``cache_dir()/name``, built by ``build(tmp_dir)`` the first time.
+
+    Several processes (DDP ranks) may race here; each builds into its own temporary
+    directory and the first rename wins.  Builders are deterministic, so the losers'
+    output is identical and is discarded.
+    """
+    target = cache_dir() / name
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        with contextlib.suppress(OSError):
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / ".complete").exists():
+        raise RuntimeError(f"could not create the generated asset {target}")
+    return target
+
+
+def resolve_pretrained_dir(key: str, value, required_files=("config.json",), how: str = "") -> Path:
+    """A local directory for a Hugging Face-style model named by config ``key``."""
+    value = str(value)
+    path = Path(value).expanduser()
+    if path.is_dir():
+        absent = [f for f in required_files if not (path / f).exists()]
+        if absent:
+            raise AssetMissingError(key, value, f"the directory {path} lacks {absent}", how)
+        return path
+    if not _HUB_ID.fullmatch(value):
+        raise AssetMissingError(key, value, f"no directory at {path}", how)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(value, local_files_only=not downloads_allowed()))
+    except Exception as err:  # the hub raises several error types for "not cached"
+        tried = f"not a local directory and not in the Hugging Face cache ({type(err).__name__})"
+        raise AssetMissingError(
+            key, value, tried, how + f" Or set {DOWNLOADS_ENV}=1 on a machine with network."
+        ) from None
+
+
+def resolve_file(key: str, value, how: str) -> Path:
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise AssetMissingError(key, value, f"no file at {path}", how)
+    return path
+
+
+# --- the tiny BERT-style Q-Former text model --------------------------------------------
+
+#: Words and characters of the synthetic shapes corpus and of short prompts, in both
+#: languages, so the tiny WordPiece vocab has no [UNK] on the project's own data.
+_TINY_EN_WORDS = (
+    "a an the is there are of on in at to and or what which how many color colour shape "
+    "it this that image picture photo question answer short yes no left right center centre "
+    "middle top bottom upper lower red green blue yellow orange purple black white gray grey "
+    "circle square triangle shapes one two three four 0 1 2 3 4 5 6 7 8 9 describe with"
+).split()
+_TINY_ZH_CHARS = (
+    "一个两三四图中片里有是否什么颜色的形状圆方三角左右中间上下边红绿蓝黄橙紫黑白灰色和在这那张请描述"
+    "问题简短回答多少几个形了吗呢"
+)
+_TINY_PUNCT = list(".,?!:;'\"()-，。？！：；、")
+
+
+def _build_tiny_bert(out: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = specials + sorted(set(_TINY_EN_WORDS) | set(_TINY_ZH_CHARS) | set(_TINY_PUNCT))
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab += list("abcdefghijklmnopqrstuvwxyz")
+    vocab = list(dict.fromkeys(vocab))
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": True, "model_max_length": 128, "tokenizer_class": "BertTokenizer"})
+    )
+
+
+def tiny_bert_dir() -> Path:
+    return generated("tiny-bert", _build_tiny_bert)
+
+
+_TEXT_MODEL_HOW = (
+    "Point it at a local BERT directory (config.json, vocab.txt, weights), e.g. a copy of "
+    "bert-base-uncased or bert-base-chinese fetched with `huggingface-cli download NAME "
+    "--local-dir DIR`, or use 'tiny' for the generated test model."
+)
+
+
+def resolve_text_model(value, key: str = "model.qformer_text_model") -> Path:
+    if str(value) == TINY:
+        return tiny_bert_dir()
+    return resolve_pretrained_dir(key, value, ("config.json", "vocab.txt"), _TEXT_MODEL_HOW)
+
+
+# --- vision encoder weights ----------------------------------------------------------------
+
+_VIT_HOW = (
+    "Download LAVIS's eva_vit_g.pth (URL in the README, section 'Weights') and set "
+    "model.vit_weights to its local path, or use 'tiny' with vit_model: tiny."
+)
+
+
+def resolve_vit_weights(vit_model: str, value, image_size: int, key: str = "model.vit_weights") -> Path:
+    if str(value) == TINY:
+        if vit_model != TINY:
+            raise AssetMissingError(key, value, f"generated weights exist only for vit_model 'tiny', not {vit_model!r}", _VIT_HOW)
+        from blip2_internlm.models.vision import build_tiny_vit_weights
+
+        directory = generated(f"tiny-vit-{image_size}px", lambda out: build_tiny_vit_weights(out, image_size))
+        return directory / "vit.safetensors"
+    if value is None:
+        raise AssetMissingError(key, value, f"no weights given for vit_model {vit_model!r}", _VIT_HOW)
+    return resolve_file(key, value, _VIT_HOW)

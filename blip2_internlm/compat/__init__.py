@@ -1,0 +1,54 @@
+"""Every change this package makes to LAVIS 1.0.2, transformers and timm behaviour.
+
+One function per fix, each with a one-line reason in its docstring and a test in
+``tests/compat``.  ``prepare_imports()`` runs before ``lavis`` is imported (its modules fail
+to import on the pinned stack otherwise); ``patch_lavis()`` runs after.  Both are idempotent.
+``applied()`` lists the fixes in force, for logs and bug reports.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+_APPLIED: dict[str, str] = {}
+
+
+def fix(func: Callable[[], None]) -> Callable[[], None]:
+    """Make a fix idempotent and record it by name with its one-line reason."""
+
+    @functools.wraps(func)
+    def apply_once():
+        if func.__name__ not in _APPLIED:
+            func()
+            _APPLIED[func.__name__] = (func.__doc__ or "").strip().splitlines()[0]
+
+    return apply_once
+
+
+def applied() -> dict[str, str]:
+    return dict(_APPLIED)
+
+
+def prepare_imports() -> None:
+    from blip2_internlm.compat import imports
+
+    imports.restore_moved_transformers_helpers()
+    imports.quiet_timm_deprecated_import_paths()
+
+
+def patch_lavis() -> None:
+    from blip2_internlm.compat import blip2, checkpoints, datasets, distributed, runner
+
+    distributed.init_distributed_mode_cpu_aware()
+    distributed.metric_sync_on_backend_device()
+    distributed.single_process_rank_in_qformer()
+    runner.ddp_device_ids_only_on_cuda()
+    runner.grad_scaler_only_on_cuda()
+    checkpoints.safe_model_checkpoint_loading()
+    checkpoints.safe_runner_checkpoint_loading()
+    blip2.offline_blip2_assets()
+    blip2.itc_image_ids_as_stable_ints()
+    blip2.qformer_lm_head_generation()
+    datasets.no_hidden_annotation_downloads()
+    datasets.vg_caption_images_in_download_layout()

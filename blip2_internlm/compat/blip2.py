@@ -1,0 +1,157 @@
+"""LAVIS's BLIP-2 models: offline assets, string image ids, Q-Former caption generation."""
+
+import contextlib
+import contextvars
+import functools
+
+import torch
+
+from blip2_internlm.compat import fix
+
+_ASSET_CFG = contextvars.ContextVar("blip2_asset_cfg", default={})
+
+
+@contextlib.contextmanager
+def blip2_assets(cfg):
+    """Make a model config's asset keys visible to the ``Blip2Base.init_*`` helpers."""
+    token = _ASSET_CFG.set(
+        {
+            "qformer_text_model": cfg.get("qformer_text_model", "bert-base-uncased"),
+            "vit_weights": cfg.get("vit_weights", None),
+        }
+    )
+    try:
+        yield
+    finally:
+        _ASSET_CFG.reset(token)
+
+
+def current_assets() -> dict:
+    return {"qformer_text_model": "bert-base-uncased", "vit_weights": None, **_ASSET_CFG.get()}
+
+
+def init_tokenizer(cls, truncation_side="right"):
+    from transformers import BertTokenizer
+
+    from blip2_internlm.assets import resolve_text_model
+
+    tokenizer = BertTokenizer.from_pretrained(
+        resolve_text_model(current_assets()["qformer_text_model"]), truncation_side=truncation_side
+    )
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def init_qformer(cls, num_query_token, vision_width, cross_attention_freq=2):
+    from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
+
+    from blip2_internlm.assets import resolve_text_model
+
+    text_model = resolve_text_model(current_assets()["qformer_text_model"])
+    encoder_config = BertConfig.from_pretrained(text_model)
+    encoder_config.encoder_width = vision_width
+    encoder_config.add_cross_attention = True
+    encoder_config.cross_attention_freq = cross_attention_freq
+    encoder_config.query_length = num_query_token
+    qformer = BertLMHeadModel.from_pretrained(text_model, config=encoder_config)
+    query_tokens = torch.nn.Parameter(torch.zeros(1, num_query_token, encoder_config.hidden_size))
+    query_tokens.data.normal_(mean=0.0, std=encoder_config.initializer_range)
+    return qformer, query_tokens
+
+
+def init_vision_encoder(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
+    from lavis.models.blip2_models.blip2 import LayerNorm
+
+    from blip2_internlm.models.vision import build_vision_encoder
+
+    visual_encoder = build_vision_encoder(
+        model_name, img_size, drop_path_rate, use_grad_checkpoint, precision, current_assets()["vit_weights"]
+    )
+    return visual_encoder, LayerNorm(visual_encoder.num_features)
+
+
+def _with_assets(from_config):
+    @functools.wraps(from_config)
+    def wrapped(cls, cfg):
+        with blip2_assets(cfg):
+            return from_config.__func__(cls, cfg)
+
+    return classmethod(wrapped)
+
+
+@fix
+def offline_blip2_assets():
+    """Blip2Base downloads bert-base-uncased and eva_vit_g.pth in its constructors; read them from config keys instead."""
+    from lavis.models.blip2_models.blip2 import Blip2Base
+
+    Blip2Base.init_tokenizer = classmethod(init_tokenizer)
+    Blip2Base.init_Qformer = classmethod(init_qformer)
+    Blip2Base.init_vision_encoder = classmethod(init_vision_encoder)
+    for model_cls in _subclasses(Blip2Base):
+        if "from_config" in vars(model_cls):
+            model_cls.from_config = _with_assets(vars(model_cls)["from_config"])
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+@fix
+def itc_image_ids_as_stable_ints():
+    """Blip2Qformer.forward calls samples["image_id"].view(); caption datasets give string ids such as "coco_123456"."""
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    from blip2_internlm.ids import image_ids_to_tensor
+
+    forward = Blip2Qformer.forward
+
+    @functools.wraps(forward)
+    def forward_with_int_ids(self, samples):
+        if "image_id" in samples:
+            samples = {**samples, "image_id": image_ids_to_tensor(samples["image_id"], device=samples["image"].device)}
+        return forward(self, samples)
+
+    Blip2Qformer.forward = forward_with_int_ids
+
+
+@fix
+def qformer_lm_head_generation():
+    """The Q-Former's BertLMHeadModel lost generate() (transformers >= 4.50) and LAVIS pre-expands encoder states per beam."""
+    from lavis.models.blip2_models.Qformer import BertLMHeadModel
+    from transformers import GenerationMixin
+
+    if GenerationMixin not in BertLMHeadModel.__mro__:
+        BertLMHeadModel.__bases__ = BertLMHeadModel.__bases__ + (GenerationMixin,)
+
+    def prepare_inputs_for_generation(self, input_ids, query_embeds=None, attention_mask=None, **model_kwargs):
+        # No KV cache: LAVIS's legacy tuple cache predates transformers' Cache classes, and
+        # recomputing a 30-token caption over 32 queries is cheap.
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        query_mask = input_ids.new_ones(query_embeds.shape[:-1])
+        return {
+            "input_ids": input_ids,
+            "query_embeds": query_embeds,
+            "attention_mask": torch.cat([query_mask, attention_mask], dim=-1),
+            "encoder_hidden_states": model_kwargs.get("encoder_hidden_states"),
+            "encoder_attention_mask": model_kwargs.get("encoder_attention_mask"),
+            "use_cache": False,
+            "is_decoder": True,
+        }
+
+    def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Blip2Qformer.generate already repeats image states and queries per beam, as
+        # transformers < 4.26 required; expand only the text side.
+        if input_ids is not None:
+            input_ids = input_ids.repeat_interleave(expand_size, dim=0)
+        if model_kwargs.get("attention_mask") is not None:
+            model_kwargs["attention_mask"] = model_kwargs["attention_mask"].repeat_interleave(expand_size, dim=0)
+        return input_ids, model_kwargs
+
+    BertLMHeadModel.prepare_inputs_for_generation = prepare_inputs_for_generation
+    BertLMHeadModel._expand_inputs_for_generation = staticmethod(expand_inputs_for_generation)
+    BertLMHeadModel.can_generate = classmethod(lambda cls: True)
+    # the cache is never read back (see above), so beam reordering has nothing to do
+    BertLMHeadModel._reorder_cache = lambda self, past_key_values, beam_idx: past_key_values

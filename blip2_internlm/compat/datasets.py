@@ -1,0 +1,97 @@
+"""LAVIS dataset builders: no downloads behind the user's back, and Visual Genome's real layout."""
+
+import logging
+import os
+
+from blip2_internlm.compat import fix
+
+logger = logging.getLogger(__name__)
+
+
+@fix
+def no_hidden_annotation_downloads():
+    """BaseDatasetBuilder downloads any annotation file it cannot find, which hangs or fails obscurely offline."""
+    from lavis.common.utils import is_url
+    from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+
+    from blip2_internlm.assets import AssetMissingError, downloads_allowed
+
+    download_ann = BaseDatasetBuilder._download_ann
+
+    def checked_download_ann(self):
+        if not downloads_allowed():
+            name = getattr(self, "name", None) or type(self).__name__
+            for split, info in self.config.build_info.annotations.items():
+                urls, storages = info.get("url", None), info.storage
+                urls = [urls] if isinstance(urls, str) else list(urls or [])
+                storages = [storages] if isinstance(storages, str) else list(storages)
+                for url, storage in zip(urls, storages):
+                    path = storage_path(storage)
+                    if not os.path.exists(path) and url and is_url(str(url)) and not os.path.isfile(str(url)):
+                        raise AssetMissingError(
+                            f"datasets.{name}.build_info.annotations.{split}.storage",
+                            str(storage),
+                            f"no file at {path}",
+                            f"Download {url} there (or point the key at your copy), or set "
+                            "BLIP2_INTERNLM_ALLOW_DOWNLOADS=1 on a machine with network.",
+                        )
+        return download_ann(self)
+
+    BaseDatasetBuilder._download_ann = checked_download_ann
+
+
+def storage_path(storage) -> str:
+    from lavis.common import utils
+
+    return str(storage) if os.path.isabs(str(storage)) else utils.get_cache_path(str(storage))
+
+
+#: Sub-directories that LAVIS's download_vg.py produces when it unpacks images.zip and images2.zip.
+VG_IMAGE_SUBDIRS = ("VG_100K", "VG_100K_2")
+
+
+def find_vg_image(vis_root: str, image: str) -> str | None:
+    """The file for a VG annotation's ``image`` under either layout, or None.
+
+    Annotations name images ``<id>.jpg`` (or with some prefix); the download unpacks them
+    into ``VG_100K/`` and ``VG_100K_2/``; users who merged the two folders have them flat.
+    """
+    candidates = [os.path.join(vis_root, image)]
+    name = os.path.basename(image)
+    candidates += [os.path.join(vis_root, sub, name) for sub in VG_IMAGE_SUBDIRS]
+    candidates.append(os.path.join(vis_root, name))
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def vg_caption_dataset_cls():
+    from lavis.datasets.datasets.image_text_pair_datasets import ImageTextPairDataset
+
+    class VGCaptionDataset(ImageTextPairDataset):
+        """``ImageTextPairDataset`` whose image paths are resolved against the VG download layout."""
+
+        def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
+            super().__init__(vis_processor, text_processor, vis_root, ann_paths)
+            resolved, missing = [], []
+            for ann in self.annotation:
+                path = find_vg_image(vis_root, ann["image"])
+                if path is None:
+                    missing.append(ann["image"])
+                else:
+                    resolved.append({**ann, "image": os.path.relpath(path, vis_root)})
+            if missing:
+                raise FileNotFoundError(
+                    f"Visual Genome: {len(missing)} of {len(self.annotation)} images in {ann_paths} were not "
+                    f"found under {vis_root} (looked in ./, {', '.join(VG_IMAGE_SUBDIRS)}), e.g. {missing[:3]}. "
+                    "Set datasets.vg_caption.build_info.images.storage to the folder that holds VG_100K/ and VG_100K_2/."
+                )
+            self.annotation = resolved
+
+    return VGCaptionDataset
+
+
+@fix
+def vg_caption_images_in_download_layout():
+    """The vg_caption builder joins annotation paths to the image root as is, which does not match the VG_100K/VG_100K_2 download layout."""
+    from lavis.datasets.builders.image_text_pair_builder import VGCaptionBuilder
+
+    VGCaptionBuilder.train_dataset_cls = vg_caption_dataset_cls()

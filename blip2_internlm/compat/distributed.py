@@ -1,0 +1,102 @@
+"""Distributed set-up that works with gloo on CPU as well as NCCL on GPUs."""
+
+import datetime
+import os
+import types
+
+import torch
+import torch.distributed as dist
+
+from blip2_internlm.compat import fix
+
+
+def pick_backend(run_cfg) -> str:
+    """``run.dist_backend`` if set, else NCCL on CUDA runs and gloo everywhere else."""
+    chosen = run_cfg.get("dist_backend", None)
+    if chosen:
+        return str(chosen)
+    wants_cuda = str(run_cfg.get("device", "cuda")).startswith("cuda")
+    return "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
+
+
+def init_distributed_mode(args):
+    """LAVIS's ``init_distributed_mode`` without its CUDA-only assumptions.
+
+    Reads the torchrun (or SLURM) environment, chooses the backend with ``pick_backend``,
+    touches CUDA only for NCCL, and uses a finite timeout (``run.dist_timeout_minutes``,
+    default 30) so a dead rank ends the job instead of hanging it for a year.
+    """
+    from lavis.common.dist_utils import setup_for_distributed
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        print("Not using distributed mode")
+        args.distributed = False
+        return
+
+    args.distributed = True
+    args.dist_backend = pick_backend(args)
+    if args.dist_backend == "nccl":
+        torch.cuda.set_device(args.gpu)
+    print(f"| distributed init (rank {args.rank}, world {args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
+    dist.init_process_group(
+        backend=args.dist_backend,
+        init_method=args.dist_url,
+        world_size=args.world_size,
+        rank=args.rank,
+        timeout=datetime.timedelta(minutes=float(args.get("dist_timeout_minutes", 30))),
+    )
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: CUDA for NCCL, CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@fix
+def init_distributed_mode_cpu_aware():
+    """LAVIS hard-codes NCCL and torch.cuda.set_device, so torchrun on a CPU machine crashes."""
+    import lavis.common.dist_utils as dist_utils
+
+    dist_utils.init_distributed_mode = init_distributed_mode
+
+
+@fix
+def metric_sync_on_backend_device():
+    """SmoothedValue puts its all-reduce tensor on "cuda", which gloo on CPU cannot use."""
+    from lavis.common import dist_utils
+    from lavis.common.logger import SmoothedValue
+
+    def synchronize_between_processes(self):
+        if not dist_utils.is_dist_avail_and_initialized():
+            return
+        totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
+        dist.barrier()
+        dist.all_reduce(totals)
+        self.count, self.total = int(totals[0].item()), totals[1].item()
+
+    SmoothedValue.synchronize_between_processes = synchronize_between_processes
+
+
+@fix
+def single_process_rank_in_qformer():
+    """Blip2Qformer.forward calls dist.get_rank() and all_gather_with_grad needs a process group; one process has none."""
+    from lavis.models.blip2_models import blip2_qformer
+
+    def get_rank():
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def all_gather_with_grad(tensors):
+        return gather_with_grad(tensors) if dist.is_initialized() else tensors
+
+    gather_with_grad = blip2_qformer.all_gather_with_grad
+    blip2_qformer.dist = types.SimpleNamespace(**{**vars(dist), "get_rank": get_rank})
+    blip2_qformer.all_gather_with_grad = all_gather_with_grad

@@ -1,0 +1,42 @@
+"""LAVIS's runner on CPU: no CUDA-only DDP arguments and no GradScaler."""
+
+import torch
+
+from blip2_internlm.compat import fix
+
+
+@fix
+def ddp_device_ids_only_on_cuda():
+    """RunnerBase wraps DDP with device_ids=[gpu], which DDP rejects for CPU modules."""
+    from lavis.runners.runner_base import RunnerBase
+    from torch.nn.parallel import DistributedDataParallel
+
+    def model(self):
+        if self._model.device != self.device:
+            self._model = self._model.to(self.device)
+            self._wrapped_model = None
+        if self._wrapped_model is None:
+            if self.use_distributed:
+                device_ids = [self.config.run_cfg.gpu] if self.device.type == "cuda" else None
+                find_unused = bool(self.config.run_cfg.get("find_unused_parameters", False))
+                self._wrapped_model = DistributedDataParallel(
+                    self._model, device_ids=device_ids, find_unused_parameters=find_unused
+                )
+            else:
+                self._wrapped_model = self._model
+        return self._wrapped_model
+
+    RunnerBase.model = property(model)
+
+
+@fix
+def grad_scaler_only_on_cuda():
+    """RunnerBase builds torch.cuda.amp.GradScaler whenever run.amp is set; on CPU it only warns and disables itself."""
+    from lavis.runners.runner_base import RunnerBase
+
+    def scaler(self):
+        if self.config.run_cfg.get("amp", False) and self.device.type == "cuda" and self._scaler is None:
+            self._scaler = torch.amp.GradScaler("cuda")
+        return self._scaler
+
+    RunnerBase.scaler = property(scaler)

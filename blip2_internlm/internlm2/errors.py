@@ -1,0 +1,92 @@
+"""Load errors that name the checkpoint file at fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable, Optional
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class InternLM2CheckpointError(OSError):
+    """A checkpoint directory that cannot be loaded as an InternLM2 model."""
+
+
+def weight_files(directory: str) -> list[str]:
+    """The weight files a checkpoint directory offers (indexes first, then single files)."""
+    return [
+        os.path.join(directory, name)
+        for name in (*WEIGHT_INDEXES, *WEIGHT_FILES)
+        if os.path.isfile(os.path.join(directory, name))
+    ]
+
+
+def tensor_locations(directory: str, names: Iterable[str]) -> dict[str, str]:
+    """Map tensor names to the file that holds (or, per the index, should hold) them."""
+    names = list(names)
+    for index in WEIGHT_INDEXES:
+        path = os.path.join(directory, index)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    weight_map = json.load(f).get("weight_map", {})
+            except (OSError, ValueError):
+                continue
+            return {n: os.path.join(directory, weight_map[n]) for n in names if n in weight_map}
+    for name in WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return {n: path for n in names}
+    return {}
+
+
+def _missing_shards(directory: str) -> list[str]:
+    missing = []
+    for index in WEIGHT_INDEXES:
+        path = os.path.join(directory, index)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        except (OSError, ValueError):
+            missing.append(f"{path} (unreadable index)")
+            continue
+        missing += [f"{os.path.join(directory, s)} (listed in {index})" for s in shards
+                    if not os.path.isfile(os.path.join(directory, s))]
+    return missing
+
+
+def describe_load_failure(
+    directory: str, err: Optional[BaseException], missing: Optional[list[str]] = None
+) -> str:
+    lines = [f"Cannot load InternLM2 checkpoint {os.path.abspath(directory)}:"]
+    absent = _missing_shards(directory)
+    if absent:
+        lines.append("missing shard file(s): " + ", ".join(absent))
+    if missing:
+        where = tensor_locations(directory, missing)
+        files = sorted(set(where.values())) or weight_files(directory)
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        lines.append(
+            f"parameters absent from {', '.join(files) or 'the weight files'}: {shown} "
+            "(pass allow_missing_weights=True to random-initialise them)"
+        )
+    if err is not None:
+        text = str(err)
+        mismatched = re.findall(r"size mismatch for ([\w.]+)", text)
+        mismatched += re.findall(r"^\s*-?\s*([\w.]+): found shape", text, flags=re.M)
+        if mismatched:
+            where = tensor_locations(directory, mismatched)
+            lines.append(
+                "shape mismatch against config.json for: "
+                + ", ".join(f"{n} in {where.get(n, '?')}" for n in mismatched)
+            )
+        elif not absent:
+            files = weight_files(directory)
+            lines.append(f"weight files: {', '.join(files) if files else 'none found'}")
+        lines.append(f"{type(err).__name__}: {text}")
+    return "\n".join(lines)
