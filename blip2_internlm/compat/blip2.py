@@ -99,21 +99,13 @@ def _subclasses(cls):
 
 
 @fix
-def itc_image_ids_as_stable_ints():
-    """Blip2Qformer.forward calls samples["image_id"].view(); caption datasets give string ids such as "coco_123456"."""
+def itc_positives_from_image_ids():
+    """Blip2Qformer (1.0.2) takes only sample i as text i's positive, so captions of one image in a batch repel each other."""
     from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-    from blip2_internlm.ids import image_ids_to_tensor
+    from blip2_internlm.models.stage1 import stage1_forward
 
-    forward = Blip2Qformer.forward
-
-    @functools.wraps(forward)
-    def forward_with_int_ids(self, samples):
-        if "image_id" in samples:
-            samples = {**samples, "image_id": image_ids_to_tensor(samples["image_id"], device=samples["image"].device)}
-        return forward(self, samples)
-
-    Blip2Qformer.forward = forward_with_int_ids
+    Blip2Qformer.forward = stage1_forward
 
 
 @fix

@@ -46,6 +46,21 @@ def storage_path(storage) -> str:
     return str(storage) if os.path.isabs(str(storage)) else utils.get_cache_path(str(storage))
 
 
+@fix
+def caption_samples_keep_image_ids():
+    """CaptionDataset returns a per-dataset index as image_id, so COCO image 5 and another dataset's image 5 would count as one image in ITC."""
+    from lavis.datasets.datasets.caption_datasets import CaptionDataset
+
+    getitem = CaptionDataset.__getitem__
+
+    def getitem_with_annotation_id(self, index):
+        sample = getitem(self, index)
+        sample["image_id"] = self.annotation[index]["image_id"]
+        return sample
+
+    CaptionDataset.__getitem__ = getitem_with_annotation_id
+
+
 #: Sub-directories that LAVIS's download_vg.py produces when it unpacks images.zip and images2.zip.
 VG_IMAGE_SUBDIRS = ("VG_100K", "VG_100K_2")
 
@@ -85,6 +100,13 @@ def vg_caption_dataset_cls():
                     "Set datasets.vg_caption.build_info.images.storage to the folder that holds VG_100K/ and VG_100K_2/."
                 )
             self.annotation = resolved
+
+        def __getitem__(self, index):
+            sample = super().__getitem__(index)
+            ann = self.annotation[index]
+            # VG has dozens of captions per image: ITC needs to know which ones share it
+            sample["image_id"] = ann.get("image_id", "vg_" + os.path.splitext(os.path.basename(ann["image"]))[0])
+            return sample
 
     return VGCaptionDataset
 

@@ -2,7 +2,6 @@
 
 import datetime
 import os
-import types
 
 import torch
 import torch.distributed as dist
@@ -84,19 +83,3 @@ def metric_sync_on_backend_device():
         self.count, self.total = int(totals[0].item()), totals[1].item()
 
     SmoothedValue.synchronize_between_processes = synchronize_between_processes
-
-
-@fix
-def single_process_rank_in_qformer():
-    """Blip2Qformer.forward calls dist.get_rank() and all_gather_with_grad needs a process group; one process has none."""
-    from lavis.models.blip2_models import blip2_qformer
-
-    def get_rank():
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    def all_gather_with_grad(tensors):
-        return gather_with_grad(tensors) if dist.is_initialized() else tensors
-
-    gather_with_grad = blip2_qformer.all_gather_with_grad
-    blip2_qformer.dist = types.SimpleNamespace(**{**vars(dist), "get_rank": get_rank})
-    blip2_qformer.all_gather_with_grad = all_gather_with_grad

@@ -40,3 +40,23 @@ def grad_scaler_only_on_cuda():
         return self._scaler
 
     RunnerBase.scaler = property(scaler)
+
+
+@fix
+def output_dir_relative_to_cwd():
+    """RunnerBase resolves run.output_dir under the installed lavis package, i.e. inside site-packages."""
+    from pathlib import Path
+
+    from lavis.common.registry import registry
+    from lavis.runners.runner_base import RunnerBase
+
+    def setup_output_dir(self):
+        output_dir = Path(self.config.run_cfg.output_dir).expanduser().absolute() / self.job_id
+        result_dir = output_dir / "result"
+        result_dir.mkdir(parents=True, exist_ok=True)
+        # set, not register: register_path refuses a second runner in the same process
+        registry.mapping["paths"]["result_dir"] = str(result_dir)
+        registry.mapping["paths"]["output_dir"] = str(output_dir)
+        self.result_dir, self.output_dir = result_dir, output_dir
+
+    RunnerBase.setup_output_dir = setup_output_dir

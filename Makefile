@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+# Each creates .venv on first use; the stamp file makes a second run install nothing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+LANG_DEMO ?= zh
+
+.PHONY: test demo venv clean-venv bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# pip takes these two from this machine's disk; PyPI's torchvision does not import beside torch 2.13
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[test]'
+	# LAVIS's own pins (transformers<4.27, timm==0.4.12, ...) do not install on Python 3.11
+	$(PY) -m pip install --quiet --no-deps salesforce-lavis==1.0.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(PY) -m blip2_internlm.demo --lang $(LANG_DEMO)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,79 @@
+"""What LAVIS's repo-root train.py and evaluate.py do, shared by both entry points."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from datetime import datetime
+
+import numpy as np
+import torch
+
+
+def parse_args(description: str, argv=None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to configuration file.")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        help="override some settings in the used config, the key-value pair in xxx=yyy format will be merged into config file",
+    )
+    return parser.parse_args(argv)
+
+
+def setup(description: str, argv=None):
+    """Config, distributed mode, seeds and logging, as LAVIS's scripts do; returns (cfg, job_id)."""
+    import blip2_internlm  # noqa: F401  (compat + registration before LAVIS reads the config)
+    from lavis.common.config import Config
+    from lavis.common.dist_utils import init_distributed_mode
+    from lavis.common.logger import setup_logger
+
+    args = parse_args(description, argv)
+    cfg = Config(args)
+    check_device(cfg.run_cfg)
+    init_distributed_mode(cfg.run_cfg)
+    setup_seeds(cfg.run_cfg)
+    setup_logger()
+    cfg.pretty_print()
+    return cfg, shared_job_id()
+
+
+def check_device(run_cfg) -> None:
+    device = str(run_cfg.get("device", "cuda"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"run.device is {device!r} but this machine has no CUDA device; pass --options run.device=cpu")
+
+
+def setup_seeds(run_cfg) -> None:
+    from lavis.common.dist_utils import get_rank
+
+    seed = int(run_cfg.seed) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def shared_job_id() -> str:
+    """A timestamp job id that every rank agrees on (each rank's own clock may cross a minute)."""
+    from lavis.common.dist_utils import is_dist_avail_and_initialized
+
+    job_id = [datetime.now().strftime("%Y%m%d%H%M")]
+    if is_dist_avail_and_initialized():
+        torch.distributed.broadcast_object_list(job_id, src=0)
+    return job_id[0]
+
+
+def build(cfg, job_id):
+    from lavis import tasks
+    from lavis.common.registry import registry
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_name = cfg.run_cfg.get("runner", "runner_base")
+    runner_cls = registry.get_runner_class(runner_name)
+    if runner_cls is None:
+        raise SystemExit(f"run.runner = {runner_name!r} is not a registered LAVIS runner")
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
