@@ -13,6 +13,6 @@ import lavis  # noqa: E402  (must follow prepare_imports)
 
 compat.patch_lavis()
 
-from blip2_internlm import datasets  # noqa: E402,F401  (registers builders)
+from blip2_internlm import datasets, models  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"

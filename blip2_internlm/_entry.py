@@ -66,8 +66,14 @@ def shared_job_id() -> str:
 
 
 def build(cfg, job_id):
+    import lavis.common.optims  # noqa: F401  (registers the LR schedulers, as LAVIS's train.py does)
+    import lavis.runners  # noqa: F401
     from lavis import tasks
     from lavis.common.registry import registry
+
+    lr_sched = cfg.run_cfg.get("lr_sched", None)
+    if lr_sched is not None and registry.get_lr_scheduler_class(lr_sched) is None:
+        raise SystemExit(f"run.lr_sched = {lr_sched!r} is not a registered LAVIS LR scheduler")
 
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)

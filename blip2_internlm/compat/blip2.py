@@ -147,3 +147,23 @@ def qformer_lm_head_generation():
     BertLMHeadModel.can_generate = classmethod(lambda cls: True)
     # the cache is never read back (see above), so beam reordering has nothing to do
     BertLMHeadModel._reorder_cache = lambda self, past_key_values, beam_idx: past_key_values
+
+
+@fix
+def qformer_lm_head_bias_tied():
+    """transformers >= 4.4x loads into meta-initialised modules: LAVIS's shared cls.predictions.bias gets split off, never trains, and starts as uninitialised memory."""
+    from lavis.models.blip2_models.Qformer import BertLMPredictionHead, BertPreTrainedModel
+
+    def _tie_weights(self):
+        # called by PreTrainedModel.tie_weights() after loading and after resizing, as for transformers' own BERT
+        self.decoder.bias = self.bias
+
+    init_weights = BertPreTrainedModel._init_weights
+
+    def _init_weights(self, module):
+        init_weights(self, module)
+        if isinstance(module, BertLMPredictionHead):
+            module.bias.data.zero_()
+
+    BertLMPredictionHead._tie_weights = _tie_weights
+    BertPreTrainedModel._init_weights = _init_weights

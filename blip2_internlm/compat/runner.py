@@ -60,3 +60,48 @@ def output_dir_relative_to_cwd():
         self.result_dir, self.output_dir = result_dir, output_dir
 
     RunnerBase.setup_output_dir = setup_output_dir
+
+
+class _PassThroughLoader:
+    """What PrefetchLoader offers the runner, minus the CUDA stream and the copy to CUDA."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # sampler, dataset, batch_size: the runner reads them
+        return getattr(self.loader, name)
+
+
+@fix
+def prefetch_loader_only_on_cuda():
+    """RunnerBase wraps every loader in PrefetchLoader, which creates a CUDA stream and copies batches to CUDA even for run.device: cpu."""
+    import contextvars
+    import functools
+
+    from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+    from lavis.runners import runner_base
+
+    loader_device = contextvars.ContextVar("loader_device", default=None)
+
+    def prefetch_loader(loader):
+        device = loader_device.get()
+        return PrefetchLoader(loader) if device is not None and device.type == "cuda" else _PassThroughLoader(loader)
+
+    create_loaders = runner_base.RunnerBase.create_loaders
+
+    @functools.wraps(create_loaders)
+    def create_loaders_on_device(self, *args, **kwargs):
+        token = loader_device.set(self.device)
+        try:
+            return create_loaders(self, *args, **kwargs)
+        finally:
+            loader_device.reset(token)
+
+    runner_base.PrefetchLoader = prefetch_loader
+    runner_base.RunnerBase.create_loaders = create_loaders_on_device

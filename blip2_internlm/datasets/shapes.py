@@ -260,7 +260,7 @@ def _sample_scene(rng, i, args):
         })
     # Alternating by index makes yes/no exactly balanced; the image content is independent of i.
     present = {(o["color"], o["shape"]) for o in objects}
-    if True:
+    if i % 2 == 0:
         asked = objects[int(rng.integers(n))]
         exist = ((asked["color"], asked["shape"]), True)
     else:
@@ -324,7 +324,7 @@ def _questions(scene, lang):
         (f"{color_zh}的{shape_zh}在什么位置？", pos_zh),
         (f"图中有{PALETTE[exist_color][1]}的{SHAPE_NAMES_ZH[exist_shape]}吗？",
          yes if exist_answer else no),
-        ("图中有几个形状？", str(len(objects))),
+        ("图中有几个形状？", str(len(objects) - 1)),
     ]
 
 

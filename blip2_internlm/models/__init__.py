@@ -1,0 +1,10 @@
+"""Models and model types this package adds to LAVIS's registry."""
+
+import os
+
+from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
+
+# LAVIS's stage-1 model at test size; absolute, so it resolves from any working directory
+Blip2Qformer.PRETRAINED_MODEL_CONFIG_DICT.setdefault("tiny", os.path.join(CONFIG_DIR, "blip2_qformer_tiny.yaml"))
