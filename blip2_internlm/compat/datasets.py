@@ -20,7 +20,7 @@ def no_hidden_annotation_downloads():
 
     def checked_download_ann(self):
         if not downloads_allowed():
-            name = getattr(self, "name", None) or type(self).__name__
+            name = builder_name(self)
             for split, info in self.config.build_info.annotations.items():
                 urls, storages = info.get("url", None), info.storage
                 urls = [urls] if isinstance(urls, str) else list(urls or [])
@@ -38,6 +38,14 @@ def no_hidden_annotation_downloads():
         return download_ann(self)
 
     BaseDatasetBuilder._download_ann = checked_download_ann
+
+
+def builder_name(builder) -> str:
+    """The registry name of a builder instance (LAVIS does not store it on the builder)."""
+    from lavis.common.registry import registry
+
+    names = [name for name, cls in registry.mapping["builder_name_mapping"].items() if cls is type(builder)]
+    return names[0] if names else type(builder).__name__
 
 
 def storage_path(storage) -> str:

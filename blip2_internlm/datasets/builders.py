@@ -18,6 +18,7 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis.datasets.datasets.vqa_datasets import VQADataset
 
 from blip2_internlm.assets import cache_dir
+from blip2_internlm.compat.datasets import builder_name
 from blip2_internlm.datasets.records import CheckedMixin, checked_records, open_rgb
 from blip2_internlm.datasets.shapes import generate_shapes
 
@@ -112,7 +113,7 @@ class ShapesBuilder(BaseDatasetBuilder):
     def lang(self) -> str:
         lang = str(self.config.get("lang", "zh"))
         if lang not in LANGS:
-            raise ValueError(f"datasets.{self.name}.lang = {lang!r}; expected one of {LANGS}")
+            raise ValueError(f"datasets.{builder_name(self)}.lang = {lang!r}; expected one of {LANGS}")
         return lang
 
     def _download_data(self):

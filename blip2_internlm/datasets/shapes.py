@@ -37,10 +37,12 @@ without punctuation or articles, numbers as Arabic digits in both languages (VQA
 lists its answer 10 times with answer_id 1..10: VQAEval's leave-one-out compares answer
 dicts, so identical dicts would score a correct prediction as 0.
 
-Repeat calls are cheap: if ``out_dir`` holds a manifest with the same version and args,
-and its files are there, it is returned as is.  Otherwise the generator's own outputs are
-removed and written again; a directory with ``images/`` or ``annotations/`` but no
-manifest of ours is refused rather than deleted.  Not safe for concurrent callers.
+Repeat calls are cheap: if ``out_dir`` holds a complete manifest with the same version
+and args, and its files are there, it is returned as is.  Otherwise the generator's own
+outputs (``images/``, ``annotations/``, ``manifest.json``) are removed and written again;
+other files in ``out_dir`` are left alone.  A directory whose ``images/``,
+``annotations/`` or ``manifest.json`` this generator did not write is refused
+(``FileExistsError``) rather than deleted.  Not safe for concurrent callers.
 
 Same seed and args give byte-identical files with the same Pillow/zlib; each image draws
 from its own random stream, so changing one split's size leaves the other splits' images
@@ -127,9 +129,9 @@ def generate_shapes(out_dir, *, splits=DEFAULT_SPLITS, image_size=64, seed=0, ma
     if reused:
         manifest = previous
     else:
-        _clear_outputs(root, had_manifest=previous is not None)
+        _claim_and_clear(root, previous)
         manifest = _write_dataset(root, args)
-        # Written last: its presence means the files are complete.
+        # Written last: "complete" in the file means every other file is there.
         _write_json(manifest_path, manifest)
     return {**manifest, "root": root, "seconds": time.perf_counter() - started, "reused": reused}
 
@@ -149,6 +151,8 @@ def _normalise_args(splits, image_size, seed, max_objects, colors, shapes, posit
     splits = {name: splits[name] for name in SPLIT_CODES if splits.get(name)}
     if not splits:
         raise ValueError("no split has any images")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if not isinstance(image_size, int) or image_size < 24:
         raise ValueError(f"image_size must be an int >= 24, got {image_size!r}")
     if not isinstance(max_objects, int) or not 1 <= max_objects <= len(positions):
@@ -156,7 +160,7 @@ def _normalise_args(splits, image_size, seed, max_objects, colors, shapes, posit
     # Each object is a distinct colour+shape, and a "no" question needs one more that is absent.
     if len(colors) * len(shapes) <= max_objects:
         raise ValueError("need more colour x shape combinations than max_objects")
-    return {"splits": splits, "image_size": image_size, "seed": int(seed),
+    return {"splits": splits, "image_size": image_size, "seed": seed,
             "max_objects": max_objects, "colors": colors, "shapes": shapes, "positions": positions}
 
 
@@ -169,18 +173,20 @@ def _check_names(kind, names, known):
 
 
 def _read_manifest(path):
+    """The manifest at path; None if there is none, {} if it is not a JSON object."""
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # unreadable: ours (by name) but stale
+        return {}
     return manifest if isinstance(manifest, dict) else {}
 
 
 def _is_complete(root, manifest, args):
-    if manifest.get("version") != GENERATOR_VERSION or manifest.get("args") != args:
+    if not (manifest.get("complete") is True and manifest.get("dataset") == DATASET_NAME
+            and manifest.get("version") == GENERATOR_VERSION and manifest.get("args") == args):
         return False
     try:
         paths = [p for group in manifest["files"].values() for p in _leaves(group)]
@@ -198,14 +204,18 @@ def _leaves(tree):
         yield tree
 
 
-def _clear_outputs(root, had_manifest):
+def _claim_and_clear(root, previous):
+    """Marks root as this generator's, unfinished, and removes its old outputs."""
     owned = [os.path.join(root, d) for d in ("images", "annotations")]
-    if not had_manifest and any(os.path.exists(p) for p in owned):
+    ours = previous is not None and previous.get("dataset") == DATASET_NAME
+    if not ours and (previous is not None or any(os.path.exists(p) for p in owned)):
         raise FileExistsError(
-            f"{root} has images/ or annotations/ but no shapes manifest.json; "
-            "refusing to overwrite data this generator did not write")
-    if had_manifest:
-        os.remove(os.path.join(root, "manifest.json"))
+            f"{root} has a manifest.json, images/ or annotations/ that this generator did "
+            "not write; refusing to overwrite them")
+    os.makedirs(root, exist_ok=True)
+    # Claimed before clearing, so a run that dies halfway is still ours to redo next time,
+    # and an old complete manifest never vouches for half-replaced files.
+    _write_json(os.path.join(root, "manifest.json"), {"dataset": DATASET_NAME, "complete": False})
     for path in owned:
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -231,8 +241,8 @@ def _write_dataset(root, args):
     for lang in LANG_CODES:
         files["answer_list"][lang] = path = f"annotations/answer_list_{lang}.json"
         _write_json(os.path.join(root, path), _answer_list(lang, args))
-    return {"dataset": DATASET_NAME, "version": GENERATOR_VERSION, "args": args,
-            "counts": counts, "files": files}
+    return {"dataset": DATASET_NAME, "version": GENERATOR_VERSION, "complete": True,
+            "args": args, "counts": counts, "files": files}
 
 
 def _image_path(split, i):
@@ -324,7 +334,7 @@ def _questions(scene, lang):
         (f"{color_zh}的{shape_zh}在什么位置？", pos_zh),
         (f"图中有{PALETTE[exist_color][1]}的{SHAPE_NAMES_ZH[exist_shape]}吗？",
          yes if exist_answer else no),
-        ("图中有几个形状？", str(len(objects) - 1)),
+        ("图中有几个形状？", str(len(objects))),
     ]
 
 
@@ -396,8 +406,11 @@ def _write_annotations(root, split, lang, scenes):
 
 def _write_json(path, obj):
     # json.dumps, unlike json.dump, uses the C encoder: most of the run time otherwise.
-    with open(path, "w", encoding="ascii") as f:
+    # Replaced in one step, so a crash never leaves a truncated manifest behind.
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as f:
         f.write(json.dumps(obj, ensure_ascii=True))
+    os.replace(tmp, path)
 
 
 def main(argv=None):

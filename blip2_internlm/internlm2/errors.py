@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Iterable, Optional
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -43,6 +42,51 @@ def tensor_locations(directory: str, names: Iterable[str]) -> dict[str, str]:
     return {}
 
 
+def _checkpoint_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """tensor name -> (shape, file) for every readable weight file of the directory."""
+    files = []
+    for index in WEIGHT_INDEXES:
+        path = os.path.join(directory, index)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                files += sorted({os.path.join(directory, s) for s in json.load(f).get("weight_map", {}).values()})
+    files = files or [p for p in weight_files(directory) if not p.endswith(".json")]
+    shapes = {}
+    for path in files:
+        if not os.path.isfile(path):
+            continue
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        shapes[name] = (tuple(f.get_slice(name).get_shape()), path)
+            else:
+                import torch
+
+                state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+                shapes.update({n: (tuple(t.shape), path) for n, t in state.items()})
+        except Exception:  # an unreadable file is reported by the original error
+            continue
+    return shapes
+
+
+def shape_mismatches(directory: str, model_cls, config) -> list[str]:
+    """Tensors whose shape in the checkpoint differs from what config.json implies."""
+    import torch
+
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in model_cls(config).state_dict().items()}
+    prefix = getattr(model_cls, "base_model_prefix", "model") + "."
+    found = []
+    for name, (shape, path) in sorted(_checkpoint_shapes(directory).items()):
+        want = expected.get(name, expected.get(name[len(prefix):] if name.startswith(prefix) else None))
+        if want is not None and want != shape:
+            found.append(f"{name} is {list(shape)} in {path} but config.json implies {list(want)}")
+    return found
+
+
 def _missing_shards(directory: str) -> list[str]:
     missing = []
     for index in WEIGHT_INDEXES:
@@ -61,7 +105,10 @@ def _missing_shards(directory: str) -> list[str]:
 
 
 def describe_load_failure(
-    directory: str, err: Optional[BaseException], missing: Optional[list[str]] = None
+    directory: str,
+    err: Optional[BaseException],
+    missing: Optional[list[str]] = None,
+    model_cls=None,
 ) -> str:
     lines = [f"Cannot load InternLM2 checkpoint {os.path.abspath(directory)}:"]
     absent = _missing_shards(directory)
@@ -77,14 +124,15 @@ def describe_load_failure(
         )
     if err is not None:
         text = str(err)
-        mismatched = re.findall(r"size mismatch for ([\w.]+)", text)
-        mismatched += re.findall(r"^\s*-?\s*([\w.]+): found shape", text, flags=re.M)
+        mismatched = []
+        if model_cls is not None and "mismatch" in text:
+            try:
+                config = model_cls.config_class.from_pretrained(directory)
+                mismatched = shape_mismatches(directory, model_cls, config)
+            except Exception:  # diagnostics must not hide the original error
+                mismatched = []
         if mismatched:
-            where = tensor_locations(directory, mismatched)
-            lines.append(
-                "shape mismatch against config.json for: "
-                + ", ".join(f"{n} in {where.get(n, '?')}" for n in mismatched)
-            )
+            lines.append("shape mismatch: " + "; ".join(mismatched))
         elif not absent:
             files = weight_files(directory)
             lines.append(f"weight files: {', '.join(files) if files else 'none found'}")

@@ -293,7 +293,7 @@ class InternLM2PreTrainedModel(PreTrainedModel):
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
         except Exception as err:  # re-raised with the checkpoint's files named
-            raise InternLM2CheckpointError(describe_load_failure(local_dir, err)) from err
+            raise InternLM2CheckpointError(describe_load_failure(local_dir, err, model_cls=cls)) from err
         if info.get("missing_keys") and not allow_missing:
             raise InternLM2CheckpointError(
                 describe_load_failure(local_dir, None, missing=sorted(info["missing_keys"]))

@@ -102,10 +102,11 @@ BUILTIN_CORPUS = [
     "这是一张图片，图片里有一只小狗和一个红色的球。",
     "Hello world! 你好，世界！ Mixed 中文 and English 文本 with 123 numbers.",
     "图像描述：A cat 和 a dog 在沙发上睡觉。",
+    "Digits 0 1 2 3 4 5 6 7 8 9 and 数字 ０ 零 一 二 三 四 五 六 七 八 九 十 百 千 万",
 ]
 
 
-def train_tokenizer_model(corpus: list[str], vocab_size: int = 600, seed: int = 0) -> bytes:
+def train_tokenizer_model(corpus: list[str], vocab_size: int = 800, seed: int = 0) -> bytes:
     """Train the tiny SentencePiece model in memory; returns the serialized ``tokenizer.model``."""
     # The trainer reads one sentence per line; newlines inside texts would start new
     # sentences anyway, and "\n" itself is meant to go to the <0x0A> byte piece.
@@ -163,7 +164,7 @@ def build_tiny_internlm2(
     out_dir: "str | os.PathLike",
     corpus: Optional[list[str]] = None,
     seed: int = 0,
-    vocab_size: int = 600,
+    vocab_size: int = 800,
     **config_overrides,
 ) -> Path:
     """Write a tiny InternLM2 checkpoint directory to ``out_dir`` and return its path.

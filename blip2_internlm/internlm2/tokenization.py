@@ -97,6 +97,22 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
             **kwargs,
         )
 
+    @classmethod
+    def _from_pretrained(cls, resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs):
+        # transformers 4.57 wraps __init__ in `except <protobuf DecodeError>`, which itself
+        # raises ImportError when protobuf is absent and hides our message; so check first.
+        vocab_file = resolved_vocab_files.get("vocab_file")
+        if vocab_file is None or not os.path.isfile(vocab_file):
+            expected = vocab_file or os.path.join(os.fspath(pretrained_model_name_or_path), VOCAB_FILES_NAMES["vocab_file"])
+            raise FileNotFoundError(
+                f"InternLM2Tokenizer needs the SentencePiece model file {expected!r}, which does not exist"
+            )
+        try:
+            spm.SentencePieceProcessor(model_file=vocab_file)
+        except (OSError, RuntimeError) as err:
+            raise OSError(f"cannot read SentencePiece model {vocab_file!r}: {err}") from err
+        return super()._from_pretrained(resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs)
+
     # SentencePieceProcessor is a SWIG object; pickling goes through the serialized proto.
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -19,9 +19,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip2_internlm.datasets import shapes
-from blip2_internlm.datasets.shapes import generate_shapes
 
+def _load_shapes_module():
+    # By file, not through the package: ``import blip2_internlm`` pulls in LAVIS and
+    # transformers (seconds), while shapes.py promises to need only numpy and Pillow.
+    path = Path(__file__).resolve().parents[2] / "blip2_internlm" / "datasets" / "shapes.py"
+    spec = importlib.util.spec_from_file_location("_shapes_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shapes = _load_shapes_module()
+generate_shapes = shapes.generate_shapes
 SMALL = {"train": 40, "val": 24, "test": 24}
 LANGS = ("en", "zh")
 EVAL_SPLITS = ("val", "test")
@@ -34,7 +44,11 @@ ZH_TO_EN = {
     "是": "yes", "否": "no",
 }
 EN_POSITIONS = {"on the left": "left", "in the center": "center", "on the right": "right"}
-_EN_OBJECT = r"a (red|green|blue|yellow) (circle|square|triangle) (on the left|in the center|on the right)"
+# What the colour words mean, as hue ranges in degrees.
+HUES = {"red": (-15, 15), "orange": (20, 40), "yellow": (45, 65), "green": (90, 150),
+        "blue": (200, 250), "purple": (260, 300)}
+_EN_OBJECT = (r"a (red|green|blue|yellow) (circle|square|triangle)"
+              r" (on the left|in the center|on the right)")
 _ZH_COLOR, _ZH_SHAPE, _ZH_POS = "(红色|绿色|蓝色|黄色)", "(圆形|正方形|三角形)", "(左边|中间|右边)"
 
 
@@ -97,11 +111,28 @@ def parse_zh(caption):
     return objects
 
 
+def color_name(rgb):
+    """The colour word for a saturated RGB colour, by hue."""
+    r, g, b = (float(v) / 255 for v in rgb)
+    hi, lo = max(r, g, b), min(r, g, b)
+    assert hi - lo > 0.4, f"{rgb} is too grey to name"
+    if hi == r:
+        hue = 60 * (g - b) / (hi - lo)
+    elif hi == g:
+        hue = 60 * (2 + (b - r) / (hi - lo))
+    else:
+        hue = 60 * (4 + (r - g) / (hi - lo))
+    hue = hue - 360 if hue > 330 else hue
+    names = [name for name, (low, high) in HUES.items() if low <= hue <= high]
+    assert len(names) == 1, f"{rgb} (hue {hue:.0f}) is not clearly one colour"
+    return names[0]
+
+
 def objects_in_pixels(path):
     """[(color, shape, position)] found in the image, left to right.
 
-    Objects are runs of columns holding non-background pixels; colour is the nearest
-    palette entry to their median, shape comes from how much of the bounding box they fill.
+    Objects are runs of columns holding non-background pixels; colour is named from the
+    hue of their median, shape from how much of the bounding box they fill.
     """
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
     size = pixels.shape[1]
@@ -114,12 +145,20 @@ def objects_in_pixels(path):
         mask[:, run] = foreground[:, run]
         rows = np.flatnonzero(mask.any(axis=1))
         median = np.median(pixels[mask], axis=0)
-        color = min(shapes.PALETTE, key=lambda c: np.sum((median - shapes.PALETTE[c][0]) ** 2))
+        color = color_name(median)
         fill = mask.sum() / (len(run) * (rows[-1] - rows[0] + 1))
         shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
         position = ("left", "center", "right")[int(3 * run.mean() / size)]
         found.append((color, shape, position))
     return found
+
+
+def referenced(objects, where):
+    """The objects a question can mean: the one at ``where`` ("on the left"), or the only one."""
+    if where is None:
+        assert len(objects) == 1, "with several objects the question must say which"
+        return objects
+    return [o for o in objects if o[2] == EN_POSITIONS[where]]
 
 
 def all_files(root):
@@ -144,6 +183,14 @@ def test_multi_object_data_has_one_to_three_objects_in_distinct_positions(multi)
     for r in records:
         positions = [p for _, _, p in parse_en(r["caption"])]
         assert len(set(positions)) == len(positions)
+
+
+def test_every_palette_colour_is_clearly_its_name_and_far_from_the_others():
+    for name, (rgb, _) in shapes.PALETTE.items():
+        assert color_name(rgb) == name
+        assert max(abs(c - b) for c, b in zip(rgb, shapes.BACKGROUND)) > 100
+    rgbs = [np.array(rgb) for rgb, _ in shapes.PALETTE.values()]
+    assert min(np.abs(a - b).max() for i, a in enumerate(rgbs) for b in rgbs[i + 1:]) > 60
 
 
 def test_default_task_is_one_object_from_four_colours_three_shapes_three_positions(single):
@@ -181,13 +228,18 @@ def test_train_has_one_canonical_caption_and_eval_splits_have_distinct_reference
                 assert isinstance(r["image_id_int"], int)
 
 
-def test_the_canonical_caption_is_a_function_of_the_content(single):
-    # Needed for exact match: the same objects must always get the same training caption.
-    caption_of = {}
-    for split in SMALL:
-        for r in load(single, files(single, split, "en")["caption"]):
-            content = tuple(parse_en(canonical(r)))
-            assert caption_of.setdefault(content, canonical(r)) == canonical(r)
+@pytest.mark.parametrize("dataset", ["single", "multi"])
+def test_the_canonical_caption_is_a_function_of_the_content(dataset, request):
+    # Needed for exact match: the same objects must always get the same training caption,
+    # and it is the first eval reference, in its short form ("a red circle on the left").
+    manifest = request.getfixturevalue(dataset)
+    for lang, parse in (("en", parse_en), ("zh", parse_zh)):
+        caption_of = {}
+        for split in SMALL:
+            for r in load(manifest, files(manifest, split, lang)["caption"]):
+                content = tuple(parse(canonical(r)))
+                assert caption_of.setdefault(content, canonical(r)) == canonical(r)
+                assert not canonical(r).startswith(("there is", "一个"))
 
 
 def test_coco_ground_truth_matches_the_eval_records(single):
@@ -214,7 +266,7 @@ def test_splits_share_no_images_or_ids(single):
         assert len(records) == SMALL[split]
         assert all(r["image"].startswith(f"images/{split}/") for r in records)
         image_ids += [r["image_id"] for r in records]
-        int_ids += [r["image_id"] for r in load(single, files(single, split, "en")["vqa"])][::5]
+        int_ids += list({q["image_id"] for q in load(single, files(single, split, "en")["vqa"])})
         for r in records:
             pixels = np.asarray(Image.open(os.path.join(single["root"], r["image"])))
             pixel_hashes.append(hashlib.sha256(pixels.tobytes()).hexdigest())
@@ -258,13 +310,12 @@ def test_vqa_answers_are_true_of_the_caption(dataset, request):
             objects, answer = captions[q_en["image"]], q_en["answer"][0]
             by_position = {p: (c, s) for c, s, p in objects}
             question = q_en["question"]
-            if m := re.fullmatch(r"what color is the shape( (.+))?\?", question):
-                expected = {c for c, _, _ in objects} if not m[1] else {by_position[EN_POSITIONS[m[2]]][0]}
-                assert len(objects) == 1 or m[1], "several objects: the question must say which"
-                assert {answer} == expected
-            elif m := re.fullmatch(r"what shape is (it|(.+))\?", question):
-                expected = {s for _, s, _ in objects} if m[1] == "it" else {by_position[EN_POSITIONS[m[2]]][1]}
-                assert {answer} == expected
+            if m := re.fullmatch(r"what color is the shape(?: (.+))?\?", question):
+                [(color, _, _)] = referenced(objects, m[1])
+                assert answer == color
+            elif m := re.fullmatch(r"what shape is (?:it|(.+))\?", question):
+                [(_, shape, _)] = referenced(objects, m[1])
+                assert answer == shape
             elif m := re.fullmatch(r"where is the (\w+) (\w+)\?", question):
                 assert by_position[answer] == (m[1], m[2])
             elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
@@ -324,12 +375,16 @@ def test_lavis_vqaeval_scores_truth_100_and_wrong_answers_0(dataset, lang, reque
     answer_list = load(manifest, manifest["files"]["answer_list"][lang])
     for split in EVAL_SPLITS:
         paths = {k: os.path.join(manifest["root"], v) for k, v in files(manifest, split, lang).items()}
-        truth = {q["question_id"]: q["answer"][0] for q in load(manifest, files(manifest, split, lang)["vqa"])}
-        wrong = {qid: answer_list[(answer_list.index(a) + 1) % len(answer_list)] for qid, a in truth.items()}
+        truth = {q["question_id"]: q["answer"][0]
+                 for q in load(manifest, files(manifest, split, lang)["vqa"])}
+        # Another answer from the list: plausible, and wrong for every question.
+        wrong = {qid: answer_list[(answer_list.index(a) + 1) % len(answer_list)]
+                 for qid, a in truth.items()}
         scores = []
         for name, predictions in (("truth", truth), ("wrong", wrong)):
             result_file = tmp_path / f"{split}_{name}.json"  # what VQATask.after_evaluation writes
-            result_file.write_text(json.dumps([{"question_id": k, "answer": v} for k, v in predictions.items()]))
+            result_file.write_text(
+                json.dumps([{"question_id": k, "answer": v} for k, v in predictions.items()]))
             vqa = VQA(paths["vqa_annotations"], paths["vqa_questions"])
             scorer = VQAEval(vqa, vqa.loadRes(str(result_file), paths["vqa_questions"]), n=2)
             scorer.evaluate()
@@ -360,6 +415,11 @@ def test_same_args_reuse_the_dataset_and_new_args_replace_it(tmp_path):
     assert {k: v for k, v in again.items() if k not in ("seconds", "reused")} == {
         k: v for k, v in first.items() if k not in ("seconds", "reused")}
 
+    image = tmp_path / "images" / "val" / "val_00000.png"
+    before = image.read_bytes()
+    reseeded = generate_shapes(tmp_path, splits={"train": 8, "val": 4}, seed=1)
+    assert not reseeded["reused"] and image.read_bytes() != before
+
     smaller = generate_shapes(tmp_path, splits={"train": 3, "test": 2}, seed=1)
     assert not smaller["reused"]
     assert sorted(p.name for p in (tmp_path / "images").rglob("*.png")) == [
@@ -374,17 +434,47 @@ def test_same_args_reuse_the_dataset_and_new_args_replace_it(tmp_path):
     assert (tmp_path / "images" / "train" / "train_00001.png").is_file()
 
 
-def test_refuses_to_overwrite_images_it_did_not_write(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "mine.png").write_bytes(b"not ours")
+def test_an_interrupted_regeneration_is_not_mistaken_for_a_finished_one(tmp_path, monkeypatch):
+    generate_shapes(tmp_path / "fresh", splits={"train": 4})
+    generate_shapes(tmp_path / "out", splits={"train": 4})
+    write_json = shapes._write_json
+
+    def crash_on_final_manifest(path, obj):
+        if path.endswith("manifest.json") and obj.get("complete"):
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    # All files of the seed-1 data are written, then the run dies before its manifest.
+    monkeypatch.setattr(shapes, "_write_json", crash_on_final_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        generate_shapes(tmp_path / "out", splits={"train": 4}, seed=1)
+    monkeypatch.undo()
+
+    again = generate_shapes(tmp_path / "out", splits={"train": 4})
+    assert not again["reused"]
+    assert all_files(tmp_path / "out") == all_files(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("foreign", ["images/mine.png", "annotations/mine.json", "manifest.json"])
+def test_refuses_to_overwrite_files_it_did_not_write(foreign, tmp_path):
+    (tmp_path / foreign).parent.mkdir(exist_ok=True)
+    (tmp_path / foreign).write_text('{"not": "ours"}')
     with pytest.raises(FileExistsError):
         generate_shapes(tmp_path, splits={"train": 2})
-    assert (tmp_path / "images" / "mine.png").read_bytes() == b"not ours"
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == [foreign]
+    assert (tmp_path / foreign).read_text() == '{"not": "ours"}'
+
+
+def test_leaves_other_files_in_out_dir_alone(tmp_path):
+    (tmp_path / "README").write_text("kept")
+    generate_shapes(tmp_path, splits={"train": 2})
+    generate_shapes(tmp_path, splits={"train": 3})
+    assert (tmp_path / "README").read_text() == "kept"
 
 
 @pytest.mark.parametrize("bad", [
     dict(splits={"dev": 3}), dict(splits={"train": -1}), dict(colors=["red", "pink"]),
-    dict(max_objects=4), dict(colors=["red"], shapes=["circle"]), dict(image_size=8),
+    dict(max_objects=4), dict(colors=["red"], shapes=["circle"]), dict(image_size=8), dict(seed=-1),
 ])
 def test_invalid_arguments_are_rejected(bad, tmp_path):
     with pytest.raises(ValueError):
@@ -399,7 +489,7 @@ def test_cli_writes_the_dataset_without_importing_torch_or_lavis(tmp_path):
         "import runpy, sys\n"
         "sys.argv = ['shapes', '--out', sys.argv[1], '--train', '6', '--val', '2', '--test', '2',"
         " '--max-objects', '2', '--seed', '5']\n"
-        "try:\n    runpy.run_path(sys.argv[0] if False else %r, run_name='__main__')\n"
+        "try:\n    runpy.run_path(%r, run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
         "heavy = {'torch', 'lavis'} & set(sys.modules)\n"
         "assert not heavy, heavy\n" % shapes.__file__

@@ -1,0 +1,32 @@
+"""Shared fixtures.  No tests/__init__.py: the LAVIS wheel installs a top-level `tests`
+package, so pytest runs with --import-mode=importlib (see pyproject.toml)."""
+
+import os
+
+import pytest
+from spec_helpers import REPO
+# generated assets and synthetic data are reused across runs unless CI says otherwise
+os.environ.setdefault("BLIP2_INTERNLM_CACHE", str(REPO / ".cache" / "blip2_internlm"))
+
+
+@pytest.fixture(scope="session")
+def lavis_ready():
+    import blip2_internlm  # noqa: F401  (applies compat, imports lavis)
+
+    return True
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_model(lavis_ready):
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    return Blip2Qformer.from_pretrained("tiny")
+
+
+@pytest.fixture
+def fresh_tiny_stage1_model(lavis_ready):
+    import torch
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    torch.manual_seed(0)
+    return Blip2Qformer.from_pretrained("tiny")

@@ -1,0 +1,59 @@
+"""Every asset is a config value; a missing one fails fast with the key, the path and a remedy."""
+
+import pytest
+
+from blip2_internlm import assets
+from blip2_internlm.assets import AssetMissingError
+
+
+def test_tiny_assets_are_generated_once_and_deterministically(tmp_path, monkeypatch):
+    import hashlib
+
+    digests = []
+    for run in ("a", "b"):
+        monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / run))
+        bert = assets.resolve_text_model("tiny")
+        vit = assets.resolve_vit_weights("tiny", "tiny", 64)
+        digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in (bert / "vocab.txt", bert / "model.safetensors", vit)])
+        assert assets.resolve_text_model("tiny") == bert  # second call reuses
+    assert digests[0] == digests[1]
+
+
+def test_tiny_vocab_covers_the_synthetic_captions():
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(assets.resolve_text_model("tiny"))
+    for caption in ("左边有一个红色的圆形", "a red circle on the left", "is there a blue square?"):
+        assert tokenizer.unk_token not in tokenizer.tokenize(caption)
+
+
+def test_a_missing_local_text_model_names_the_key_and_path(tmp_path):
+    with pytest.raises(AssetMissingError) as err:
+        assets.resolve_text_model(str(tmp_path / "bert-base-chinese"))
+    message = str(err.value)
+    assert "model.qformer_text_model" in message and str(tmp_path / "bert-base-chinese") in message
+    assert "huggingface-cli download" in message
+
+
+def test_an_uncached_hub_name_fails_fast_without_downloading(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv(assets.DOWNLOADS_ENV, raising=False)
+    started = time.monotonic()
+    with pytest.raises(AssetMissingError, match="not in the Hugging Face cache"):
+        assets.resolve_text_model("bert-base-uncased")
+    assert time.monotonic() - started < 30
+
+
+def test_a_directory_without_a_vocab_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(AssetMissingError, match="lacks \\['vocab.txt'\\]"):
+        assets.resolve_text_model(str(tmp_path))
+
+
+def test_vit_weights_are_required_for_the_real_vit(lavis_ready):
+    with pytest.raises(AssetMissingError, match="model.vit_weights.*eva_vit_g.pth"):
+        assets.resolve_vit_weights("eva_clip_g", None, 224)
+    with pytest.raises(AssetMissingError, match="only for vit_model 'tiny'"):
+        assets.resolve_vit_weights("eva_clip_g", "tiny", 224)
