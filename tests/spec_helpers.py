@@ -1,6 +1,7 @@
 """Helpers for the specs (importable because pyproject sets pytest's pythonpath to tests/)."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_python(*args, env=None, timeout=300, cwd=REPO):
-    """Run `python *args` in a fresh interpreter; return the CompletedProcess."""
+    """Run `python *args` in a fresh interpreter; return the CompletedProcess.
+
+    On timeout the whole process group is killed (torchrun's workers included), so a hung
+    run fails the test instead of outliving it.
+    """
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    with subprocess.Popen(
+        [sys.executable, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def installed_lavis_dir() -> Path:

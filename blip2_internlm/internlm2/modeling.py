@@ -18,11 +18,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration import InternLM2Config
+from .errors import InternLM2CheckpointError, describe_load_failure
 
 
 class InternLM2RMSNorm(nn.Module):
@@ -146,6 +146,42 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0
 
 
 ATTENTION_FUNCTIONS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+def build_causal_mask(
+    implementation: str,
+    attention_mask: Optional[torch.Tensor],
+    inputs_embeds: torch.Tensor,
+    cache_position: torch.LongTensor,
+    kv_length: int,
+) -> Optional[torch.Tensor]:
+    """4D mask (batch, 1, q_len, kv_len): bool "may attend" for sdpa, additive float for eager.
+
+    transformers' vmap-based ``create_causal_mask`` costs ~5 ms per decoding step on
+    CPU, several times the tiny model's own step, hence this direct construction.
+    Returns None for sdpa when causality alone suffices (no padding, and the query is
+    a single token or the whole sequence). A 4D mask passed in is used as it is.
+    """
+    dtype, device = inputs_embeds.dtype, inputs_embeds.device
+    batch, q_len = inputs_embeds.shape[:2]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if implementation == "eager" and attention_mask.dtype == torch.bool:
+            return torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(
+                ~attention_mask, torch.finfo(dtype).min
+            )
+        return attention_mask
+    padded = attention_mask is not None and not bool(attention_mask[:, :kv_length].all())
+    if implementation == "sdpa" and not padded and (q_len == 1 or q_len == kv_length):
+        return None
+    allowed = torch.arange(kv_length, device=device)[None, :] <= cache_position[:, None]
+    allowed = allowed[None, None].expand(batch, 1, q_len, kv_length)
+    if padded:
+        allowed = allowed & attention_mask[:, None, None, :kv_length].bool()
+    if implementation == "sdpa":
+        # Rows of left-padding queries would be all False and turn into NaN; their
+        # outputs are never read, so let them attend anywhere.
+        return allowed | ~allowed.any(dim=-1, keepdim=True)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class InternLM2Attention(nn.Module):
@@ -285,8 +321,6 @@ class InternLM2PreTrainedModel(PreTrainedModel):
         if local_dir is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
-        from .errors import InternLM2CheckpointError, describe_load_failure
-
         wants_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(
@@ -362,13 +396,9 @@ class InternLM2Model(InternLM2PreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            input_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache_position=cache_position,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
+        kv_length = (past_key_values.get_seq_length() if past_key_values is not None else 0) + inputs_embeds.shape[1]
+        causal_mask = build_causal_mask(
+            self.config._attn_implementation or "eager", attention_mask, inputs_embeds, cache_position, kv_length
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
