@@ -177,3 +177,35 @@ def resolve_vit_weights(vit_model: str, value, image_size: int, key: str = "mode
     if value is None:
         raise AssetMissingError(key, value, f"no weights given for vit_model {vit_model!r}", _VIT_HOW)
     return resolve_file(key, value, _VIT_HOW)
+
+
+# --- the frozen LLM ----------------------------------------------------------------------
+
+_LLM_HOW = (
+    "Point it at a local InternLM2 checkpoint directory (config.json, tokenizer.model, "
+    "*.safetensors), e.g. internlm/internlm2-1_8b fetched with `huggingface-cli download "
+    "internlm/internlm2-1_8b --local-dir DIR`, or use 'tiny' for the generated test model."
+)
+
+
+def _build_tiny_llm(out: Path) -> None:
+    """The tiny InternLM2, briefly pretrained on text: a frozen random LLM cannot be prompted."""
+    import json
+
+    from blip2_internlm.internlm2 import build_tiny_internlm2
+    from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
+
+    pairs = keyword_corpus()
+    build_tiny_internlm2(out, corpus=[f"{context} {text}" for context, text in pairs])
+    losses = pretrain_causal_lm(out, pairs)
+    (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
+
+
+def tiny_llm_dir() -> Path:
+    return generated("tiny-internlm2", _build_tiny_llm)
+
+
+def resolve_llm(value, key: str = "model.llm_model") -> Path:
+    if str(value) == TINY:
+        return tiny_llm_dir()
+    return resolve_pretrained_dir(key, value, ("config.json",), _LLM_HOW)

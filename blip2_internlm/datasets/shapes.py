@@ -432,3 +432,21 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def text_corpus(colors=DEFAULT_COLORS, shapes=DEFAULT_SHAPES, positions=DEFAULT_POSITIONS) -> list[str]:
+    """Every single-object caption, question and answer, in both languages.
+
+    Text for tokenizers and language models that must know the shapes vocabulary without
+    seeing any image (the tiny LLM's SentencePiece model is trained on it).
+    """
+    lines = []
+    for color in colors:
+        for shape in shapes:
+            for position in positions:
+                obj = {"color": color, "shape": shape, "position": position}
+                scene = {"objects": [obj], "target": obj, "exist": ((color, shape), True)}
+                for lang in LANG_CODES:
+                    lines += _captions([obj], lang)
+                    lines += [f"{q} {a}" for q, a in _questions(scene, lang)]
+    return lines

@@ -8,3 +8,5 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
 
 # LAVIS's stage-1 model at test size; absolute, so it resolves from any working directory
 Blip2Qformer.PRETRAINED_MODEL_CONFIG_DICT.setdefault("tiny", os.path.join(CONFIG_DIR, "blip2_qformer_tiny.yaml"))
+
+from blip2_internlm.models.blip2_internlm import Blip2InternLM  # noqa: E402,F401  (registers blip2_internlm)

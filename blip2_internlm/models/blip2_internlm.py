@@ -1,0 +1,345 @@
+"""BLIP-2 with a frozen decoder-only LLM (InternLM2 by default): ``arch: blip2_internlm``.
+
+image -> frozen ViT -> ``ln_vision`` -> Q-Former queries -> ``llm_proj`` -> soft prompt of
+the frozen LLM.  The LLM sees, per sample::
+
+    [query embeddings] <s> prompt text </s> [pad ...]          (training, right padding)
+    [pad ...] [query embeddings] <s> prompt                    (generation, left padding)
+
+What the original port got wrong, and how this file avoids it:
+
+* InternLM2's pad token is ``</s>``, the end-of-text marker itself.  Labels are masked by
+  the attention mask, never by ``input_ids == pad_token_id``, so ``</s>`` is learned and
+  generation can stop on it.
+* Generation stops on ``</s>`` and on the tokenizer's real newline token (a byte piece,
+  not a ``▁`` piece), and the decoded text is cut at the first newline.
+* Prompts of different lengths in one batch are left-padded *before* the queries, so every
+  sample's text starts right after its own prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Sequence
+
+import torch
+from lavis.common.registry import registry
+from lavis.models.blip2_models.blip2 import Blip2Base, disabled_train
+from torch import nn
+
+from blip2_internlm.compat.blip2 import blip2_assets
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
+
+LLM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Trailing punctuation (ASCII and full-width) that VQAEval would count against a bare answer.
+_TRAILING_PUNCT = re.compile(r"[\s.,!?;:。，！？；：、]+$")
+
+#: Keys ``from_config`` understands; anything else in ``model:`` is a typo and an error.
+CONFIG_KEYS = {
+    "arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned",
+    "vit_model", "vit_weights", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
+    "freeze_vit", "qformer_text_model", "num_query_token", "cross_attention_freq",
+    "llm_model", "llm_precision", "prompt", "max_txt_len", "apply_lemmatizer",
+}
+
+
+@registry.register_model("blip2_internlm")
+class Blip2InternLM(Blip2Base):
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        name: os.path.join(CONFIG_DIR, f"blip2_internlm_{name}.yaml")
+        for name in ("tiny", "pretrain_internlm2_1.8b", "caption_coco_internlm2_1.8b", "pretrain_internlm2_7b")
+    }
+    checkpoint_required_prefixes = ("Qformer.", "query_tokens")
+
+    def __init__(
+        self,
+        vit_model="eva_clip_g",
+        img_size=224,
+        drop_path_rate=0,
+        use_grad_checkpoint=False,
+        vit_precision="fp16",
+        freeze_vit=True,
+        num_query_token=32,
+        cross_attention_freq=2,
+        llm_model="tiny",
+        llm_precision="bf16",
+        prompt="",
+        max_txt_len=32,
+        apply_lemmatizer=False,
+    ):
+        super().__init__()
+        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
+            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision
+        )
+        if freeze_vit:
+            for param in self.visual_encoder.parameters():
+                param.requires_grad = False
+            self.visual_encoder = self.visual_encoder.eval()
+            self.visual_encoder.train = disabled_train
+
+        self.Qformer, self.query_tokens = self.init_Qformer(num_query_token, self.visual_encoder.num_features, cross_attention_freq)
+        # stage 2 uses the Q-Former's query path only
+        self.Qformer.cls = None
+        self.Qformer.bert.embeddings.word_embeddings = None
+        self.Qformer.bert.embeddings.position_embeddings = None
+        for layer in self.Qformer.bert.encoder.layer:
+            layer.output = None
+            layer.intermediate = None
+
+        self.llm_tokenizer, self.llm_model = load_frozen_llm(llm_model, llm_precision)
+        self.llm_proj = nn.Linear(self.Qformer.config.hidden_size, self.llm_model.get_input_embeddings().embedding_dim)
+
+        self.prompt = prompt
+        self.max_txt_len = max_txt_len
+        self.stop_token_ids = stop_token_ids(self.llm_tokenizer)
+        self._apply_lemmatizer = apply_lemmatizer
+        self._lemmatizer = None
+
+    # --- shared front end ---------------------------------------------------------------
+
+    def query_embeds(self, image: torch.Tensor) -> torch.Tensor:
+        """The LLM-space soft prompt for a batch of images: (B, num_query_token, llm_width)."""
+        with self.maybe_autocast():
+            image_embeds = self.ln_vision(self.visual_encoder(image))
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = self.Qformer.bert(
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+            return_dict=True,
+        )
+        return self.llm_proj(query_output.last_hidden_state).to(self.llm_model.dtype)
+
+    def prompts_for(self, samples, batch_size: int, prompt=None) -> list[str]:
+        prompts = samples.get("prompt", prompt if prompt is not None else self.prompt)
+        prompts = [prompts] * batch_size if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != batch_size:
+            raise ValueError(f"samples['prompt'] has {len(prompts)} prompts for {batch_size} images")
+        return prompts
+
+    def _ids(self, text: str) -> list[int]:
+        return self.llm_tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    # --- training ------------------------------------------------------------------------
+
+    def text_tokens(self, prompts: Sequence[str], texts: Sequence[str]):
+        """Right-padded ``<s> prompt text </s>`` ids, attention mask and labels.
+
+        Labels are -100 on ``<s>``, the prompt and padding.  A text longer than what
+        ``max_txt_len`` leaves after the prompt is cut and gets no ``</s>``, so the model is
+        never taught to stop mid-sentence; a prompt that leaves no room is an error.
+        """
+        tokenizer = self.llm_tokenizer
+        rows, labels = [], []
+        for prompt, text in zip(prompts, texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"empty or non-string text_input {text!r}: every sample needs a caption/answer")
+            head = [tokenizer.bos_token_id] + self._ids(prompt)
+            room = self.max_txt_len - len(head)
+            if room < 2:
+                raise ValueError(
+                    f"prompt {prompt!r} takes {len(head)} of max_txt_len={self.max_txt_len} tokens; "
+                    "raise model.max_txt_len or shorten the prompt"
+                )
+            body = self._ids(text) + [tokenizer.eos_token_id]
+            body = body[:room]
+            rows.append(head + body)
+            labels.append([-100] * len(head) + body)
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        targets = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (row, label) in enumerate(zip(rows, labels)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+            targets[i, : len(label)] = torch.tensor(label)
+        return input_ids, attention_mask, targets
+
+    def forward(self, samples):
+        image = samples["image"]
+        texts = samples["text_input"]
+        if len(texts) != image.size(0):
+            raise ValueError(f"batch has {image.size(0)} images but {len(texts)} texts")
+        queries = self.query_embeds(image)
+        input_ids, text_atts, text_targets = (t.to(image.device) for t in self.text_tokens(self.prompts_for(samples, len(texts)), texts))
+
+        query_atts = torch.ones(queries.shape[:-1], dtype=torch.long, device=image.device)
+        query_targets = torch.full(query_atts.shape, -100, dtype=torch.long, device=image.device)
+        inputs_embeds = torch.cat([queries, self.llm_model.get_input_embeddings()(input_ids)], dim=1)
+        with self.maybe_autocast():
+            outputs = self.llm_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.cat([query_atts, text_atts], dim=1),
+                labels=torch.cat([query_targets, text_targets], dim=1),
+                return_dict=True,
+            )
+        return {"loss": outputs.loss}
+
+    # --- inference -----------------------------------------------------------------------
+
+    def prompt_embeds(self, queries: torch.Tensor, prompts: Sequence[str]):
+        """Left-padded ``[pad] [queries] <s> prompt`` embeddings and attention mask."""
+        tokenizer = self.llm_tokenizer
+        heads = [[tokenizer.bos_token_id] + self._ids(p) for p in prompts]
+        width = max(map(len, heads))
+        batch, n_query = queries.shape[:2]
+        embed = self.llm_model.get_input_embeddings()
+        pad = embed(torch.tensor([tokenizer.pad_token_id], device=queries.device))[0]
+        rows, masks = [], []
+        for b, head in enumerate(heads):
+            n_pad = width - len(head)
+            head_embeds = embed(torch.tensor(head, device=queries.device))
+            rows.append(torch.cat([pad.expand(n_pad, -1), queries[b], head_embeds.to(queries.dtype)]))
+            masks.append(torch.tensor([0] * n_pad + [1] * (n_query + len(head)), device=queries.device))
+        return torch.stack(rows), torch.stack(masks)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        samples,
+        use_nucleus_sampling=False,
+        num_beams=5,
+        max_length=30,
+        min_length=1,
+        top_p=0.9,
+        repetition_penalty=1.0,
+        length_penalty=1.0,
+        num_captions=1,
+        temperature=1,
+        prompt=None,
+    ) -> list[str]:
+        """Captions (or answers) for ``samples["image"]``: ``num_captions`` per image, image-major."""
+        image = samples["image"]
+        prompts = self.prompts_for(samples, image.size(0), prompt)
+        inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image), prompts)
+        with self.maybe_autocast():
+            outputs = self.llm_model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                do_sample=use_nucleus_sampling,
+                top_p=top_p,
+                temperature=temperature,
+                num_beams=1 if use_nucleus_sampling else num_beams,
+                max_new_tokens=max_length,
+                min_new_tokens=min_length,
+                eos_token_id=self.stop_token_ids,
+                pad_token_id=self.llm_tokenizer.pad_token_id,
+                repetition_penalty=repetition_penalty,
+                length_penalty=length_penalty,
+                num_return_sequences=num_captions,
+                use_cache=True,
+            )
+        texts = self.llm_tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        return [first_line(text) for text in texts]
+
+    def predict_answers(
+        self,
+        samples,
+        num_beams=5,
+        inference_method="generate",
+        max_len=10,
+        min_len=1,
+        num_ans_candidates=128,
+        answer_list=None,
+        prompt="Question: {} Short answer:",
+        length_penalty=0,
+        **kwargs,
+    ) -> list[str]:
+        """LAVIS ``VQATask`` contract: one bare answer string per question."""
+        if inference_method != "generate":
+            raise ValueError(f"inference_method {inference_method!r} is not supported; use 'generate'")
+        questions = samples["text_input"]
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        prompt = prompt or "{}"
+        prompts = [prompt.format(q) if "{}" in prompt else prompt + q for q in questions]
+        answers = self.generate(
+            {"image": samples["image"], "prompt": prompts},
+            num_beams=num_beams,
+            max_length=max_len,
+            min_length=min_len,
+            length_penalty=length_penalty,
+        )
+        answers = [_TRAILING_PUNCT.sub("", answer) for answer in answers]
+        return self.lemmatize(answers) if self._apply_lemmatizer else answers
+
+    def lemmatize(self, answers: list[str]) -> list[str]:
+        if self._lemmatizer is None:
+            import spacy
+
+            try:
+                self._lemmatizer = spacy.load("en_core_web_sm")
+            except OSError as err:
+                raise RuntimeError(
+                    "model.apply_lemmatizer needs spaCy's en_core_web_sm: pip install it from a wheel, "
+                    "or set apply_lemmatizer: false"
+                ) from err
+
+        def lemma(answer):
+            words = [t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in self._lemmatizer(answer)]
+            return " ".join(words)
+
+        return [lemma(answer) for answer in answers]
+
+    # --- construction --------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg):
+        unknown = sorted(set(cfg.keys()) - CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown keys in model config for blip2_internlm: {unknown}; known: {sorted(CONFIG_KEYS)}")
+        with blip2_assets(cfg):
+            model = cls(
+                vit_model=cfg.get("vit_model", "eva_clip_g"),
+                img_size=cfg.get("image_size", 224),
+                drop_path_rate=cfg.get("drop_path_rate", 0),
+                use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
+                vit_precision=cfg.get("vit_precision", "fp16"),
+                freeze_vit=cfg.get("freeze_vit", True),
+                num_query_token=cfg.get("num_query_token", 32),
+                cross_attention_freq=cfg.get("cross_attention_freq", 2),
+                llm_model=cfg.get("llm_model", "tiny"),
+                llm_precision=cfg.get("llm_precision", "bf16"),
+                prompt=cfg.get("prompt", ""),
+                max_txt_len=cfg.get("max_txt_len", 32),
+                apply_lemmatizer=cfg.get("apply_lemmatizer", False),
+            )
+        model.load_checkpoint_from_config(cfg)
+        return model
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End of text, plus the real newline token where the tokenizer knows it."""
+    ids = [tokenizer.eos_token_id]
+    newline = getattr(tokenizer, "newline_token_id", None)
+    if newline is not None and newline not in ids:
+        ids.append(newline)
+    return ids
+
+
+def load_frozen_llm(llm_model, llm_precision: str):
+    """Tokenizer and frozen causal LM from a local checkpoint directory (or ``tiny``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blip2_internlm.assets import resolve_llm
+
+    if llm_precision not in LLM_DTYPES:
+        raise ValueError(f"model.llm_precision = {llm_precision!r}; expected one of {sorted(LLM_DTYPES)}")
+    path = resolve_llm(llm_model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=LLM_DTYPES[llm_precision], low_cpu_mem_usage=True)
+    for param in model.parameters():
+        param.requires_grad = False
+    model.eval()
+    model.train = disabled_train.__get__(model)
+    return tokenizer, model
