@@ -2,10 +2,17 @@
 
 
 def main(argv=None):
+    import json
+
+    from lavis.common.dist_utils import is_main_process
+
     from blip2_internlm._entry import build, setup
 
     cfg, job_id = setup("Evaluating", argv)
-    build(cfg, job_id).evaluate(skip_reload=True)
+    metrics = build(cfg, job_id).evaluate(skip_reload=True)
+    if is_main_process():  # LAVIS only logs them; print what a user came for
+        print(json.dumps(metrics, ensure_ascii=False, indent=2, default=str), flush=True)
+    return metrics
 
 
 if __name__ == "__main__":

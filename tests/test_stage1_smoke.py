@@ -2,24 +2,7 @@
 
 import json
 
-import pytest
 import torch
-from spec_helpers import REPO, run_python
-
-
-@pytest.fixture(scope="module")
-def stage1_run(tmp_path_factory):
-    output = tmp_path_factory.mktemp("stage1")
-    result = run_python(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "blip2_internlm.train",
-        "--cfg-path", str(REPO / "configs/tiny/pretrain_stage1.yaml"),
-        "--options", f"run.output_dir={output}",
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (job_dir,) = output.iterdir()
-    return job_dir, result
 
 
 def test_both_ranks_train_and_the_loss_goes_down(stage1_run):

@@ -46,6 +46,7 @@ def patch_lavis() -> None:
     runner.grad_scaler_only_on_cuda()
     runner.output_dir_relative_to_cwd()
     runner.prefetch_loader_only_on_cuda()
+    runner.evaluation_on_the_models_device()
     checkpoints.safe_model_checkpoint_loading()
     checkpoints.safe_runner_checkpoint_loading()
     blip2.offline_blip2_assets()

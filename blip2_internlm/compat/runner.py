@@ -105,3 +105,18 @@ def prefetch_loader_only_on_cuda():
 
     runner_base.PrefetchLoader = prefetch_loader
     runner_base.RunnerBase.create_loaders = create_loaders_on_device
+
+
+@fix
+def evaluation_on_the_models_device():
+    """RunnerBase.eval_epoch calls task.evaluation without cuda_enabled, whose default True moves every batch to CUDA."""
+    from lavis.tasks.base_task import BaseTask
+
+    evaluation = BaseTask.evaluation
+
+    def evaluation_on_device(self, model, data_loader, cuda_enabled=None):
+        if cuda_enabled is None:
+            cuda_enabled = next(model.parameters()).is_cuda
+        return evaluation(self, model, data_loader, cuda_enabled=cuda_enabled)
+
+    BaseTask.evaluation = evaluation_on_device
