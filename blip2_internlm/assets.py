@@ -184,7 +184,8 @@ def resolve_vit_weights(vit_model: str, value, image_size: int, key: str = "mode
 _LLM_HOW = (
     "Point it at a local InternLM2 checkpoint directory (config.json, tokenizer.model, "
     "*.safetensors), e.g. internlm/internlm2-1_8b fetched with `huggingface-cli download "
-    "internlm/internlm2-1_8b --local-dir DIR`, or use 'tiny' for the generated test model."
+    "internlm/internlm2-1_8b --local-dir DIR`, or use 'tiny' ('tiny-opt') for the generated "
+    "test InternLM2 (OPT)."
 )
 
 
@@ -201,11 +202,28 @@ def _build_tiny_llm(out: Path) -> None:
     (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
 
 
+def _build_tiny_opt(out: Path) -> None:
+    """The OPT baseline's tiny LLM, pretrained on the same text as the tiny InternLM2."""
+    import json
+
+    from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
+    from blip2_internlm.models.tiny_opt import build_tiny_opt
+
+    pairs = keyword_corpus()
+    build_tiny_opt(out, corpus=[f"{context} {text}" for context, text in pairs])
+    losses = pretrain_causal_lm(out, pairs)
+    (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
+
+
 def tiny_llm_dir() -> Path:
     return generated("tiny-internlm2", _build_tiny_llm)
 
 
+#: Generated LLM checkpoints by ``llm_model`` value.
+TINY_LLMS = {TINY: tiny_llm_dir, "tiny-opt": lambda: generated("tiny-opt", _build_tiny_opt)}
+
+
 def resolve_llm(value, key: str = "model.llm_model") -> Path:
-    if str(value) == TINY:
-        return tiny_llm_dir()
+    if str(value) in TINY_LLMS:
+        return TINY_LLMS[str(value)]()
     return resolve_pretrained_dir(key, value, ("config.json",), _LLM_HOW)

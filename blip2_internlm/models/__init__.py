@@ -10,3 +10,4 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
 Blip2Qformer.PRETRAINED_MODEL_CONFIG_DICT.setdefault("tiny", os.path.join(CONFIG_DIR, "blip2_qformer_tiny.yaml"))
 
 from blip2_internlm.models.blip2_internlm import Blip2InternLM  # noqa: E402,F401  (registers blip2_internlm)
+from blip2_internlm.models.blip2_opt_baseline import Blip2OPTBaseline  # noqa: E402,F401  (registers blip2_opt_baseline)

@@ -319,9 +319,18 @@ def first_line(text: str) -> str:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """End of text, plus the real newline token where the tokenizer knows it."""
+    """End of text, plus the real newline token.
+
+    InternLM2's tokenizer names it (a byte piece).  Otherwise "\n" must encode to one token
+    that decodes back to "\n" (GPT-2/OPT's "Ċ"); a SentencePiece tokenizer that gives
+    ["▁", "<0x0A>"] must not make "▁", a word start, the stop token.
+    """
     ids = [tokenizer.eos_token_id]
     newline = getattr(tokenizer, "newline_token_id", None)
+    if newline is None:
+        encoded = tokenizer("\n", add_special_tokens=False).input_ids
+        if len(encoded) == 1 and tokenizer.decode(encoded) == "\n":
+            newline = encoded[0]
     if newline is not None and newline not in ids:
         ids.append(newline)
     return ids
