@@ -4,7 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-LANG_DEMO ?= zh
+# make demo LANG=en for English; LANG is usually a locale, so only en/zh count
+DEMO_LANG := $(if $(filter en zh,$(LANG)),$(LANG),zh)
 
 .PHONY: test demo venv clean-venv bench
 
@@ -24,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m blip2_internlm.demo --lang $(LANG_DEMO)
+	$(PY) -m blip2_internlm.demo --lang $(DEMO_LANG)
 
 clean-venv:
 	rm -rf $(VENV)
