@@ -11,7 +11,7 @@ DEMO_LANG := $(if $(filter en zh,$(LANG)),$(LANG),zh)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/lock.txt
+$(STAMP): pyproject.toml setup.py requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# pip takes these two from this machine's disk; PyPI's torchvision does not import beside torch 2.13
