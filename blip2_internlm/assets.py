@@ -189,38 +189,39 @@ _LLM_HOW = (
 )
 
 
-def _build_tiny_llm(out: Path) -> None:
-    """The tiny InternLM2, briefly pretrained on text: a frozen random LLM cannot be prompted."""
-    import json
+def _pretrained_tiny_llm(build):
+    """A builder for ``generated``: ``build(out, corpus)`` writes a random tiny LLM, which is
+    then briefly pretrained on text, because a frozen random LLM cannot be prompted."""
 
+    def build_and_pretrain(out: Path) -> None:
+        from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
+
+        pairs = keyword_corpus()
+        build(out, [f"{context} {text}" for context, text in pairs])
+        losses = pretrain_causal_lm(out, pairs)
+        (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
+
+    return build_and_pretrain
+
+
+def _tiny_internlm2(out: Path, corpus: list) -> None:
     from blip2_internlm.internlm2 import build_tiny_internlm2
-    from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
 
-    pairs = keyword_corpus()
-    build_tiny_internlm2(out, corpus=[f"{context} {text}" for context, text in pairs])
-    losses = pretrain_causal_lm(out, pairs)
-    (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
+    build_tiny_internlm2(out, corpus=corpus)
 
 
-def _build_tiny_opt(out: Path) -> None:
-    """The OPT baseline's tiny LLM, pretrained on the same text as the tiny InternLM2."""
-    import json
-
-    from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
+def _tiny_opt(out: Path, corpus: list) -> None:
     from blip2_internlm.models.tiny_opt import build_tiny_opt
 
-    pairs = keyword_corpus()
-    build_tiny_opt(out, corpus=[f"{context} {text}" for context, text in pairs])
-    losses = pretrain_causal_lm(out, pairs)
-    (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
+    build_tiny_opt(out, corpus=corpus)
 
 
 def tiny_llm_dir() -> Path:
-    return generated("tiny-internlm2", _build_tiny_llm)
+    return generated("tiny-internlm2", _pretrained_tiny_llm(_tiny_internlm2))
 
 
 #: Generated LLM checkpoints by ``llm_model`` value.
-TINY_LLMS = {TINY: tiny_llm_dir, "tiny-opt": lambda: generated("tiny-opt", _build_tiny_opt)}
+TINY_LLMS = {TINY: tiny_llm_dir, "tiny-opt": lambda: generated("tiny-opt", _pretrained_tiny_llm(_tiny_opt))}
 
 
 def resolve_llm(value, key: str = "model.llm_model") -> Path:
