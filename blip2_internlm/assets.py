@@ -196,10 +196,10 @@ def _pretrained_tiny_llm(build):
     def build_and_pretrain(out: Path) -> None:
         from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
 
-        pairs = keyword_corpus()
-        build(out, [f"{context} {text}" for context, text in pairs])
-        losses = pretrain_causal_lm(out, pairs)
-        (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}))
+        rows = keyword_corpus()
+        build(out, [" ".join(row) for row in rows])
+        losses = pretrain_causal_lm(out, rows)
+        (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "losses": losses}))
 
     return build_and_pretrain
 

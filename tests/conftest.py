@@ -47,7 +47,7 @@ def stage1_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("stage1")
     result = torchrun(
         "-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage1.yaml"),
-        "--options", f"run.output_dir={output}",
+        "--options", f"run.output_dir={output}", "run.max_epoch=3",
     )
     (job_dir,) = output.iterdir()
     return job_dir, result

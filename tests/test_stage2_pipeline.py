@@ -39,6 +39,6 @@ def test_zero_shot_vqa_prints_vqav2_metrics(stage2_run, tmp_path):
         "datasets.shapes_vqa.generator.train=256",
     )
     printed = result.stdout[result.stdout.index("{"):]
-    metrics = json.loads(printed[: printed.rindex("}") + 1])["val"]
+    metrics = json.loads(printed[: printed.rindex("}") + 1])["test"]
     assert {"agg_metrics", "yes/no", "number", "other"} <= set(metrics)
     assert 0 <= metrics["agg_metrics"] <= 100

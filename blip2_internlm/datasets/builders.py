@@ -50,6 +50,11 @@ class ShapesCaptionDataset(ShapesDataset):
 
 
 class ShapesCaptionEvalDataset(ShapesDataset):
+    @property
+    def gt_file(self):
+        """COCO-format references, read by ``task: captioning_offline``."""
+        return self.ann_paths[1]
+
     def load(self, index):
         ann = self.annotation[index]
         return {"image": self.image(index), "image_id": ann["image_id_int"], "instance_id": ann["instance_id"]}
@@ -91,24 +96,32 @@ class ShapesVQAEvalDataset(ShapesDataset):
         return batch
 
 
+def generator_args(generator_cfg) -> dict:
+    """``generate_shapes`` keyword arguments from a dataset config's ``generator`` block."""
+    gen = dict(generator_cfg)
+    return {
+        "splits": {split: int(gen.get(split, default)) for split, default in (("train", 2000), ("val", 200), ("test", 200))},
+        "image_size": int(gen.get("image_size", 64)),
+        "seed": int(gen.get("seed", 0)),
+        "max_objects": int(gen.get("max_objects", 1)),
+    }
+
+
+def default_data_root(args: dict) -> str:
+    """Where data generated with ``args`` lives when no ``build_info.root`` is given."""
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
+    return str(cache_dir() / f"shapes-{digest}")
+
+
 class ShapesBuilder(BaseDatasetBuilder):
     """Generates the data if needed, then builds train/val/test datasets for ``lang``."""
 
     def generator_args(self) -> dict:
-        gen = dict(self.config.get("generator", {}) or {})
-        return {
-            "splits": {split: int(gen.get(split, default)) for split, default in (("train", 2000), ("val", 200), ("test", 200))},
-            "image_size": int(gen.get("image_size", 64)),
-            "seed": int(gen.get("seed", 0)),
-            "max_objects": int(gen.get("max_objects", 1)),
-        }
+        return generator_args(self.config.get("generator", {}) or {})
 
     def data_root(self) -> str:
         root = self.config.build_info.get("root", None)
-        if root:
-            return os.path.abspath(os.path.expanduser(str(root)))
-        digest = hashlib.sha256(json.dumps(self.generator_args(), sort_keys=True).encode()).hexdigest()[:12]
-        return str(cache_dir() / f"shapes-{digest}")
+        return os.path.abspath(os.path.expanduser(str(root))) if root else default_data_root(self.generator_args())
 
     def lang(self) -> str:
         lang = str(self.config.get("lang", "zh"))

@@ -4,10 +4,14 @@ BLIP-2 freezes a pretrained LLM and learns to prompt it.  A randomly initialised
 cannot be prompted: its near-uniform output ignores the context, and the Q-Former has
 nothing to steer.  The tiny test LLM is therefore trained briefly on text that makes it
 read its context, laid out as BLIP-2 will lay out its input: a context, then ``<s>``,
-then the text.  The contexts are short keywords that determine every caption and answer
-of the synthetic shapes task (``zh red circle left`` before ``<s>左边有一个红色的圆形``),
-so a frozen LLM that has learned to read what precedes ``<s>`` is one the Q-Former's
-soft prompt, which takes exactly that place, can steer.
+then an optional prompt, then the text.  The contexts are short keywords that determine
+every caption and answer of the synthetic shapes task (``zh red circle left`` before
+``<s>左边有一个红色的圆形``, or before ``<s>问题：图中是什么形状？ 简短回答：圆形``), so a
+frozen LLM that has learned to read what precedes ``<s>`` is one the Q-Former's soft
+prompt, which takes exactly that place, can steer, for captions and for questions.
+
+``python -m blip2_internlm.internlm2.pretrain_text --out DIR`` builds and pretrains one
+(the demo's stage 0); the ``tiny`` LLM asset is the same thing, cached.
 """
 
 from __future__ import annotations
@@ -18,28 +22,38 @@ from pathlib import Path
 import torch
 
 
-def keyword_corpus(colors=None, shapes=None, positions=None) -> list[tuple[str, str]]:
-    """(context, text) pairs: keyword-conditioned captions and answers, and plain texts."""
+#: The zero-shot VQA prompt of each language (what configs/tiny/vqa_zeroshot*.yaml use).
+VQA_PROMPTS = {"zh": "问题：{} 简短回答：", "en": "Question: {} Short answer:"}
+
+
+def keyword_corpus(colors=None, shapes=None, positions=None) -> list[tuple[str, str, str]]:
+    """(context, prompt, text) triples: keyword-conditioned captions and answers, plain texts."""
     from blip2_internlm.datasets import shapes as data
 
     colors = colors or data.DEFAULT_COLORS
     shapes_ = shapes or data.DEFAULT_SHAPES
     positions = positions or data.DEFAULT_POSITIONS
-    pairs = []
+    rows = []
     for color in colors:
         for shape in shapes_:
             for position in positions:
                 obj = {"color": color, "shape": shape, "position": position}
-                scene = {"objects": [obj], "target": obj, "exist": ((color, shape), True)}
                 for lang in ("en", "zh"):
                     keywords = f"{lang} {color} {shape} {position}"
-                    pairs.append((keywords, data._captions([obj], lang)[0]))
-                    pairs += [(f"{keywords} {q}", a) for q, a in data._questions(scene, lang)]
-    return pairs + [("", text) for text in data.text_corpus(colors, shapes_, positions)]
+                    # captions weigh as much as the ten questions: they are stage 2's task
+                    rows += [(keywords, "", data._captions([obj], lang)[0])] * 5
+                    for exists in (True, False):
+                        other = next(c for c in colors if c != color)
+                        scene = {"objects": [obj], "target": obj, "exist": ((color if exists else other, shape), exists)}
+                        rows += [(keywords, VQA_PROMPTS[lang].format(q), a) for q, a in data._questions(scene, lang)]
+    return rows + [("", "", text) for text in data.text_corpus(colors, shapes_, positions)]
 
 
-def pretrain_causal_lm(model_dir, pairs: list[tuple[str, str]], *, steps=1500, batch_size=32, lr=3e-3, seed=0) -> list[float]:
-    """Train the checkpoint in ``model_dir`` on ``context <s> text </s>`` sequences; save it back.
+def pretrain_causal_lm(model_dir, rows: list[tuple[str, str, str]], *, steps=1500, batch_size=32, lr=3e-3, seed=0) -> list[float]:
+    """Train the checkpoint in ``model_dir`` on ``context <s> prompt text </s>``; save it back.
+
+    Prompt and text are tokenized apart, as Blip2InternLM does, so the answer starts on the
+    same token boundary in pretraining and in generation.
 
     Deterministic for a given machine (fixed seeds, one thread).  Returns the loss curve.
     """
@@ -51,7 +65,7 @@ def pretrain_causal_lm(model_dir, pairs: list[tuple[str, str]], *, steps=1500, b
     def ids(text):
         return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
-    rows = [ids(context) + [tokenizer.bos_token_id] + ids(text) + [tokenizer.eos_token_id] for context, text in pairs]
+    rows = [ids(context) + [tokenizer.bos_token_id] + ids(prompt) + ids(text) + [tokenizer.eos_token_id] for context, prompt, text in rows]
     rng = random.Random(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -79,3 +93,27 @@ def pretrain_causal_lm(model_dir, pairs: list[tuple[str, str]], *, steps=1500, b
         torch.set_num_threads(threads)
     model.save_pretrained(model_dir, safe_serialization=True)
     return losses
+
+
+def main(argv=None):
+    import argparse
+    import json
+
+    from blip2_internlm.internlm2.tiny import build_tiny_internlm2
+
+    parser = argparse.ArgumentParser(description="Build a tiny InternLM2 and pretrain it on the shapes text.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rows = keyword_corpus()
+    build_tiny_internlm2(args.out, corpus=[" ".join(row) for row in rows], seed=args.seed)
+    losses = pretrain_causal_lm(args.out, rows, steps=args.steps, seed=args.seed)
+    (args.out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "losses": losses}))
+    print(f"pretrained {args.out} for {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+if __name__ == "__main__":
+    import blip2_internlm  # noqa: F401  (registers the native InternLM2 with the Auto classes)
+
+    main()

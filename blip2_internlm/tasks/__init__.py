@@ -1,0 +1,3 @@
+"""Tasks this package adds to LAVIS's registry."""
+
+from blip2_internlm.tasks import captioning  # noqa: F401  (registers captioning_offline)
