@@ -216,12 +216,24 @@ def _tiny_opt(out: Path, corpus: list) -> None:
     build_tiny_opt(out, corpus=corpus)
 
 
+def _corpus_tag() -> str:
+    """Short digest of the pretraining text, in the asset name: new text, new asset."""
+    import hashlib
+
+    from blip2_internlm.internlm2.pretrain_text import keyword_corpus
+
+    return hashlib.sha256(json.dumps(keyword_corpus(), ensure_ascii=False).encode()).hexdigest()[:8]
+
+
 def tiny_llm_dir() -> Path:
-    return generated("tiny-internlm2", _pretrained_tiny_llm(_tiny_internlm2))
+    return generated(f"tiny-internlm2-{_corpus_tag()}", _pretrained_tiny_llm(_tiny_internlm2))
 
 
 #: Generated LLM checkpoints by ``llm_model`` value.
-TINY_LLMS = {TINY: tiny_llm_dir, "tiny-opt": lambda: generated("tiny-opt", _pretrained_tiny_llm(_tiny_opt))}
+TINY_LLMS = {
+    TINY: tiny_llm_dir,
+    "tiny-opt": lambda: generated(f"tiny-opt-{_corpus_tag()}", _pretrained_tiny_llm(_tiny_opt)),
+}
 
 
 def resolve_llm(value, key: str = "model.llm_model") -> Path:

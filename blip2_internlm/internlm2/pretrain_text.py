@@ -26,26 +26,41 @@ import torch
 VQA_PROMPTS = {"zh": "问题：{} 简短回答：", "en": "Question: {} Short answer:"}
 
 
-def keyword_corpus(colors=None, shapes=None, positions=None) -> list[tuple[str, str, str]]:
-    """(context, prompt, text) triples: keyword-conditioned captions and answers, plain texts."""
+def keyword_corpus(colors=None, shapes=None, positions=None, seed=0) -> list[tuple[str, str, str]]:
+    """(context, prompt, text) triples: keyword-conditioned captions and answers, plain texts.
+
+    The keywords come in a random order in each row, so the LLM learns to find an
+    attribute by what it is rather than where it stands, for captions and answers alike:
+    a soft prompt trained for captions is then read the same way by a question.
+    """
     from blip2_internlm.datasets import shapes as data
 
     colors = colors or data.DEFAULT_COLORS
     shapes_ = shapes or data.DEFAULT_SHAPES
     positions = positions or data.DEFAULT_POSITIONS
+    rng = random.Random(seed)
+
+    def keywords(*words):
+        words = list(words)
+        rng.shuffle(words)
+        return " ".join(words)
+
     rows = []
     for color in colors:
         for shape in shapes_:
             for position in positions:
                 obj = {"color": color, "shape": shape, "position": position}
                 for lang in ("en", "zh"):
-                    keywords = f"{lang} {color} {shape} {position}"
                     # captions weigh as much as the ten questions: they are stage 2's task
-                    rows += [(keywords, "", data._captions([obj], lang)[0])] * 5
+                    caption = data._captions([obj], lang)[0]
+                    rows += [(keywords(lang, color, shape, position), "", caption) for _ in range(5)]
                     for exists in (True, False):
                         other = next(c for c in colors if c != color)
                         scene = {"objects": [obj], "target": obj, "exist": ((color if exists else other, shape), exists)}
-                        rows += [(keywords, VQA_PROMPTS[lang].format(q), a) for q, a in data._questions(scene, lang)]
+                        rows += [
+                            (keywords(lang, color, shape, position), VQA_PROMPTS[lang].format(q), a)
+                            for q, a in data._questions(scene, lang)
+                        ]
     return rows + [("", "", text) for text in data.text_corpus(colors, shapes_, positions)]
 
 

@@ -1,0 +1,883 @@
+"""GPU memory planner for this project's configs: does a run fit, and with what batch size?
+
+    python -m blip2_internlm.plan --cfg-path CFG [--gpus N] [--gpu-mem-gb G] [--options k=v ...]
+
+prints, per GPU, the parameters by module and dtype, the training state (gradients, AdamW
+moments, DDP buckets) of the trainable part, the activation memory of one training step at the
+configured ``run.batch_size_train`` (with and without gradient checkpointing of the ViT), a CUDA
+context and fragmentation allowance, and a verdict with the margin and the largest batch that
+fits.  Evaluation configs (``run.evaluate: True``) get an inference estimate instead.  The model
+is built on the ``meta`` device (``blip2_internlm.meta``): no weights, no downloads, no GPU.
+
+    python -m blip2_internlm.plan --cfg-path CFG --measure [--device cpu|cuda] [--batch B] [--options ...]
+
+builds the same model with random weights on a real device, runs LAVIS's training step (AdamW,
+fp16 autocast + GradScaler when ``run.amp`` on CUDA), and prints the measured peak next to the
+prediction as JSON: torch's CUDA allocator peak on a GPU, a tensor-level tracker
+(``torch.distributed._tools.mem_tracker.MemTracker``) on the CPU.
+
+The activation model is analytic: for every layer it lists the tensors autograd saves for the
+backward pass (and the few that are merely alive at the end of the forward pass), with their
+dtypes under the configured precision.  The method and its validation are in docs/plan.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+GiB = 1024**3
+
+#: Allowance for what PyTorch's allocator does not report: the CUDA context, cuBLAS/cuDNN
+#: workspaces and NCCL's buffers (~0.5-0.9 GiB on an RTX 4090 with two ranks).
+CUDA_CONTEXT_GIB = 0.8
+#: Caching-allocator fragmentation: reserved minus allocated at the peak, as a share of the
+#: allocated peak.  Variable caption lengths make block sizes vary from step to step.
+FRAGMENTATION = 0.08
+
+
+# --- architecture read off the (meta) model -------------------------------------------------------
+
+
+@dataclass
+class ViT:
+    depth: int
+    width: int
+    heads: int
+    mlp: int
+    tokens: int  # patches + [CLS]
+    image_size: int
+    patch: int
+    trainable: bool
+    grad_checkpoint: bool
+    weight_bytes: int  # element size of its Linear weights (fp16 after convert_weights_to_fp16)
+    linear_numel: int
+
+
+@dataclass
+class QFormer:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    cross: list  # per layer: has cross-attention
+    encoder_width: int
+    vocab: int
+    queries: int
+    max_txt_len: int
+    trainable_linear_numel: int  # fp32 Linear weights autocast copies to fp16 (Q-Former + projections)
+
+
+@dataclass
+class LLM:
+    kind: str  # "internlm2" | "opt"
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    param_bytes: int
+    linear_numel: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+
+@dataclass
+class Arch:
+    arch: str
+    model_type: str
+    stage: str  # "stage1" (blip2 Q-Former: ITC+ITM+ITG) | "stage2" (frozen LLM)
+    vit: ViT
+    qformer: QFormer
+    llm: Optional[LLM]
+    params: list  # (module, dtype name, numel, bytes, trainable numel)
+    trainable_numel: int
+    trainable_bytes: int
+    largest_trainable_numel: int
+    buffer_bytes: int
+
+
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def describe(model, model_cfg) -> Arch:
+    """Sizes, dtypes and trainable flags of a built (usually meta) model."""
+    from torch import nn
+
+    stage = "stage2" if hasattr(model, "llm_model") else "stage1"
+    vit = model.visual_encoder
+    block = vit.blocks[0]
+    vit_linear = [m.weight for m in vit.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    patch = vit.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    img = vit.patch_embed.img_size
+    img = img[0] if isinstance(img, (tuple, list)) else img
+    vit_arch = ViT(
+        depth=len(vit.blocks),
+        width=vit.num_features,
+        heads=block.attn.num_heads,
+        mlp=block.mlp.fc1.out_features,
+        tokens=vit.patch_embed.num_patches + 1,
+        image_size=img,
+        patch=patch,
+        trainable=any(p.requires_grad for p in vit.parameters()),
+        grad_checkpoint=bool(getattr(vit, "use_checkpoint", False)),
+        weight_bytes=vit_linear[-1].element_size(),
+        linear_numel=sum(w.numel() for w in vit_linear),
+    )
+    qcfg = model.Qformer.config
+    trainable_fp32_linears = [
+        m.weight for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not name.startswith(("llm_model", "visual_encoder"))
+        and m.weight.requires_grad and m.weight.dtype.is_floating_point and m.weight.element_size() == 4
+    ]
+    if vit_arch.trainable:
+        trainable_fp32_linears += [w for w in vit_linear if w.requires_grad and w.element_size() == 4]
+    seen = set()
+    linear_numel = 0
+    for w in trainable_fp32_linears:
+        if id(w) not in seen:
+            seen.add(id(w))
+            linear_numel += w.numel()
+    qformer = QFormer(
+        hidden=qcfg.hidden_size,
+        layers=qcfg.num_hidden_layers,
+        heads=qcfg.num_attention_heads,
+        intermediate=qcfg.intermediate_size,
+        cross=[bool(layer.has_cross_attention) for layer in model.Qformer.bert.encoder.layer],
+        encoder_width=qcfg.encoder_width,
+        vocab=model.Qformer.cls.predictions.decoder.out_features if model.Qformer.cls is not None else qcfg.vocab_size,
+        queries=model.query_tokens.shape[1],
+        max_txt_len=int(getattr(model, "max_txt_len", 32)),
+        trainable_linear_numel=linear_numel,
+    )
+    llm = None
+    if stage == "stage2":
+        cfg = model.llm_model.config
+        kind = cfg.model_type
+        llm_linears = [m.weight for m in model.llm_model.modules() if isinstance(m, nn.Linear)]
+        llm = LLM(
+            kind=kind,
+            hidden=cfg.hidden_size,
+            layers=cfg.num_hidden_layers,
+            heads=cfg.num_attention_heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            ffn=getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim"),
+            vocab=cfg.vocab_size,
+            param_bytes=next(model.llm_model.parameters()).element_size(),
+            linear_numel=sum(w.numel() for w in {id(w): w for w in llm_linears}.values()),
+        )
+    rows = {}
+    trainable = trainable_bytes = largest = 0
+    for name, param in model.named_parameters():  # shared (tied) parameters are listed once
+        module = name.split(".")[0]
+        dtype = _DTYPE_NAMES.get(str(param.dtype), str(param.dtype))
+        row = rows.setdefault((module, dtype), [0, 0, 0])
+        row[0] += param.numel()
+        row[1] += param.numel() * param.element_size()
+        if param.requires_grad:
+            row[2] += param.numel()
+            trainable += param.numel()
+            trainable_bytes += param.numel() * param.element_size()
+            largest = max(largest, param.numel())
+    params = [(module, dtype, *values) for (module, dtype), values in rows.items()]
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return Arch(
+        arch=str(model_cfg.get("arch")), model_type=str(model_cfg.get("model_type")), stage=stage,
+        vit=vit_arch, qformer=qformer, llm=llm, params=params, trainable_numel=trainable,
+        trainable_bytes=trainable_bytes, largest_trainable_numel=largest, buffer_bytes=buffers,
+    )
+
+
+# --- the activation model -----------------------------------------------------------------------------
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class Precision:
+    """Element sizes of one training step's tensors.
+
+    ``amp``: LAVIS's runner wraps the step in ``torch.cuda.amp.autocast`` (fp16): matmuls run in
+    fp16 and their activation inputs are cast (a new fp16 copy per call); softmax, layer_norm and
+    cross-entropy run in fp32; fp32 parameters that require grad get one cached fp16 copy per
+    step.  Without amp (CPU, or ``run.amp: False``) everything runs in the parameters' dtype.
+    """
+
+    amp: bool
+    cuda: bool = True
+
+    @property
+    def lp(self) -> int:  # element size of matmul outputs
+        return 2 if self.amp else 4
+
+    @property
+    def mask(self) -> int:
+        """Bytes per element of a dropout mask: CUDA's fused dropout keeps a bool mask; the CPU
+        path multiplies by a noise tensor of the input's dtype (fp32 here) and saves that."""
+        return 1 if self.cuda else 4
+
+
+def _qformer_layer(q: QFormer, p: Precision, rows: float, tokens: int, queries: int, keys: int,
+                   cross: bool, enc_rows_tokens: float, text_ffn_tokens: int) -> float:
+    """Saved bytes of one Q-Former layer (LAVIS's BertLayer) for ``rows`` sequences.
+
+    ``tokens``: sequence length of this pass; ``keys``: self-attention key length (longer than
+    ``tokens`` for the ITG pass, which attends to the query pass's cached keys); ``queries``:
+    how many leading tokens are queries (cross-attention + query FFN); ``text_ffn_tokens``:
+    tokens through the text FFN; ``enc_rows_tokens``: rows * image tokens for cross-attention.
+    Dropout (p=0.1 in BERT's config) is active: each dropout saves a 1-byte mask.
+    """
+    h, i, heads, w = q.hidden, q.intermediate, q.heads, q.encoder_width
+    lp = p.lp
+    t = rows * tokens
+    b = 0.0
+    # self-attention: q/k/v linear inputs, q/k/v outputs, softmax out + dropout mask + dropped probs,
+    # context (input of the output dense), output dropout mask, LayerNorm input (fp32 residual sum)
+    if p.amp:
+        b += 3 * t * h * 2  # three separate fp16 casts of the fp32 layer input
+    else:
+        b += t * h * 4  # one fp32 layer input shared by q/k/v
+    b += t * h * lp + 2 * rows * keys * h * lp  # q, k, v
+    b += rows * heads * tokens * keys * (4 + p.mask + (2 if p.amp else 4))
+    b += t * h * lp + t * h * p.mask + t * (h * 4 + 8)  # + LayerNorm mean/rstd
+    if not p.amp:
+        b += t * h * 4  # the self-attention output (LayerNorm output), saved by what reads it
+    # cross-attention of the queries over the image tokens
+    if cross and queries:
+        tq = rows * queries
+        if p.amp:
+            b += tq * h * 2 + 2 * enc_rows_tokens * w * 2  # q input cast; k and v input casts
+        b += tq * h * lp + 2 * enc_rows_tokens * h * lp  # q, k, v outputs
+        b += rows * heads * queries * (enc_rows_tokens / rows) * (4 + p.mask + (2 if p.amp else 4))
+        b += tq * h * lp + tq * h * p.mask + tq * (h * 4 + 8)
+        if not p.amp:
+            b += tq * h * 4  # cross-attention output, read by the query FFN
+    # feed-forward: query FFN on the queries, text FFN on the text tokens
+    for ffn_tokens in (queries, text_ffn_tokens):
+        if not ffn_tokens:
+            continue
+        tf = rows * ffn_tokens
+        if p.amp:
+            b += tf * h * 2  # input cast of the intermediate dense
+        b += 2 * tf * i * lp  # GELU input, output dense input
+        b += tf * h * p.mask + tf * (h * 4 + 8)  # dropout mask, LayerNorm input
+    return b
+
+
+def _qformer_pass(q: QFormer, p: Precision, rows: float, tokens: int, queries: int, keys: int = None,
+                  image_tokens: int = 0, text_ffn_tokens: int = 0, embeddings: bool = True) -> float:
+    keys = tokens if keys is None else keys
+    b = 0.0
+    if embeddings:  # BertEmbeddings: LayerNorm input + dropout mask (+ fp32 output, the first layer input)
+        b += rows * tokens * (q.hidden * (4 + p.mask) + 8)
+    for cross in q.cross:
+        b += _qformer_layer(q, p, rows, tokens, queries, keys, cross and image_tokens > 0,
+                            rows * image_tokens, text_ffn_tokens)
+    return b
+
+
+def _vit_block(v: ViT, p: Precision, rows: float) -> float:
+    """Saved bytes of one trainable EVA ViT block (attn_drop and drop_path are 0: identity)."""
+    n, d, m, heads = rows * v.tokens, v.width, v.mlp, v.heads
+    attn = rows * heads * v.tokens * v.tokens
+    if p.amp:
+        return (n * (4 * d + 2 * d + 6 * d + 2 * d + 2 * d + 4 * d + 2 * d + 2 * m + 2 * m)
+                + attn * (4 + 2))
+    return n * (4 * d + 4 * d + 12 * d + 4 * d + 4 * d + 4 * d + 4 * d + 4 * m + 4 * m) + attn * 4
+
+
+def _llm_layer_per_token(llm: LLM, p: Precision) -> float:
+    h, kv, f = llm.hidden, llm.kv_dim, llm.ffn
+    if llm.kind == "opt":
+        if p.amp:  # LN inputs (fp32 casts), q*scaling, k, v (also the KV cache), SDPA output, ReLU output
+            return 4 * h + 2 * h + 2 * h + 2 * h + 2 * h + 4 * h + 2 * f
+        return 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 4 * f
+    # InternLM2 (llama-like, GQA).  amp with bf16 weights: fp16 matmuls meet bf16 norms/rotary
+    # tables, so the residual stream and rotated q/k are fp32 (type promotion).
+    if p.amp:
+        return (4 * h  # attention_norm input (fp32 residual)
+                + 4 * kv + 2 * (h + 2 * kv)  # KV cache: rotated k (fp32) + the wqkv output (v is a view)
+                + 4 * 2 * h  # SDPA saves fp16 q, repeated k, repeated v, output
+                + 4 * h  # ffn_norm input
+                + 3 * 2 * f)  # SiLU input, SiLU output, up projection
+    return (4 * h + 4 * kv + 4 * (h + 2 * kv) + 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 3 * 4 * f)
+
+
+def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_checkpoint: Optional[bool] = None) -> list:
+    """Memory of one training step beyond the static state, at the end of the forward pass.
+
+    Saved tensors (what backward needs), tensors still referenced then (inputs, gathered image
+    features, the KV cache the LLM builds even in training), autocast's fp16 weight copies, and
+    the loss head's peak (fp16 logits, their fp32 copy and log-softmax: ~12 bytes per logit).
+    """
+    v, q = a.vit, a.qformer
+    ckpt = v.grad_checkpoint if vit_checkpoint is None else vit_checkpoint
+    B = batch
+    n_img = v.tokens
+    terms = [Term("input images", B * 3 * v.image_size**2 * 4, "fp32")]
+    # ViT
+    if v.trainable:
+        block = _vit_block(v, p, B)
+        if ckpt:
+            terms.append(Term("ViT (trainable, checkpointed)", v.depth * B * n_img * v.width * 4 + block,
+                              f"{v.depth} block inputs + one block recomputed"))
+        else:
+            terms.append(Term("ViT (trainable)", v.depth * block, f"{v.depth} blocks x {block / GiB:.3f} GiB"))
+    else:
+        terms.append(Term("ViT (frozen)", 0.0, "no graph: nothing saved"))
+    # ln_vision (trainable LayerNorm): saves the ViT output (fp32 residual stream)
+    terms.append(Term("ln_vision", B * n_img * v.width * 4, "input, fp32"))
+    tq, tt = q.queries, q.max_txt_len
+    enc = 0 if p.amp else B * n_img * v.width * 4  # fp32 image embeddings shared by all K/V linears
+    if a.stage == "stage1":
+        itm_rows = 3 * B
+        qf = _qformer_pass(q, p, B, tq, tq, image_tokens=n_img)  # image -> queries (ITC)
+        qf += _qformer_pass(q, p, B, tt, 0, text_ffn_tokens=tt)  # text (ITC)
+        qf += _qformer_pass(q, p, itm_rows, tq + tt, tq, image_tokens=n_img, text_ffn_tokens=tt)  # ITM
+        qf += _qformer_pass(q, p, B, tt, 0, keys=tq + tt, text_ffn_tokens=tt)  # ITG (cached query keys)
+        terms.append(Term("Q-Former: ITC image + text, ITM (3B rows), ITG passes", qf,
+                          f"{len(q.cross)} layers, {tq} queries, {tt} text tokens"))
+        if p.amp:  # fp16 casts of what vision_proj, text_proj ([CLS]) and itm_head read
+            heads = (B * tq + B + itm_rows * tq) * q.hidden * 2
+        else:  # the fp32 outputs they read (a slice keeps its whole tensor alive)
+            heads = (B * tq + B * tt + itm_rows * (tq + tt)) * q.hidden * 4
+        # ITG LM head: transform dense + GELU + LayerNorm inputs, decoder input
+        heads += B * tt * q.hidden * ((2 + 2 + 4 + 2) if p.amp else (4 + 4 + 4 + 4))
+        terms.append(Term("Q-Former heads (projections, ITM, LM transform)", heads))
+        # image features gathered over ranks for ITM negatives: world*B + B + 3B rows of fp32
+        gathered = ((world if world > 1 else 0) + 1 + 3) * B * n_img * v.width * 4 + (0 if p.amp else 0)
+        terms.append(Term("ITM image features (gathered, negatives, 3B concat)", gathered, "fp32"))
+        terms.append(Term("image embeddings (ln_vision output)", B * n_img * v.width * 4, "fp32"))
+        terms.append(Term("ITG loss head (vocab %d)" % q.vocab, 12 * B * tt * q.vocab,
+                          "logits, fp32 copy, log-softmax, its gradient"))
+    else:
+        qf = _qformer_pass(q, p, B, tq, tq, image_tokens=n_img)
+        terms.append(Term("Q-Former (queries only)", qf + enc, f"{len(q.cross)} layers, {tq} queries"))
+        terms.append(Term("llm_proj input", B * tq * q.hidden * (2 if p.amp else 4)))
+        llm = a.llm
+        L = tq + tt
+        n = B * L
+        per_layer = _llm_layer_per_token(llm, p) * n
+        terms.append(Term(f"LLM layers (frozen, back-propagated), {L} tokens x {B}", llm.layers * per_layer,
+                          f"{llm.layers} x {per_layer / GiB:.3f} GiB"))
+        terms.append(Term("LLM final norm input", n * llm.hidden * 4))
+        terms.append(Term(f"LLM loss head (vocab {llm.vocab})", 12 * n * llm.vocab,
+                          "fp16 logits, fp32 copy, log-softmax, its gradient"))
+        if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a):
+            terms.append(Term("LLM weights cast to fp16 by autocast (bf16 != fp16)", llm.linear_numel * 2,
+                              "saved for the backward pass through each frozen Linear"))
+        elif p.amp and llm.param_bytes == 4:
+            terms.append(Term("LLM weights cast to fp16 by autocast", llm.linear_numel * 2))
+    if p.amp:
+        terms.append(Term("trainable fp32 weights cached in fp16 by autocast", q.trainable_linear_numel * 2))
+    return terms
+
+
+def _llm_is_fp16(a: Arch) -> bool:
+    return any(module == "llm_model" and dtype == "fp16" for module, dtype, *_ in a.params)
+
+
+def vit_forward_transient(a: Arch, p: Precision, batch: int) -> float:
+    """Working memory inside one frozen ViT block (nothing is kept): residual, norm output,
+    qkv, attention scores and probabilities, MLP hidden."""
+    v = a.vit
+    n = batch * v.tokens
+    attn = batch * v.heads * v.tokens**2
+    return n * v.width * (4 + 4 + 3 * p.lp) + attn * (p.lp + 4) + n * v.mlp * p.lp * 2
+
+
+# --- the plan -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    cfg_path: str
+    arch: Arch
+    training: bool
+    batch: int
+    gpus: int
+    gpu_mem_gib: float
+    amp: bool
+    ddp: bool
+    params_bytes: float
+    state_terms: list
+    act_terms: list
+    act_terms_other_ckpt: Optional[list]
+    phases: dict
+    peak_allocated: float
+    context: float
+    fragmentation: float
+    total: float
+    fits: bool
+    margin: float
+    max_batch: int
+    extra: dict = field(default_factory=dict)
+
+
+def _run_value(run, key, default):
+    value = run.get(key, default) if run is not None else default
+    return default if value is None else value
+
+
+def static_terms(a: Arch, ddp: bool, on_cuda: bool, training: bool) -> list:
+    if not training:
+        return []
+    t = a.trainable_bytes
+    return [
+        Term("gradients (trainable, fp32)", t),
+        Term("AdamW exp_avg + exp_avg_sq (fp32)", 2 * t),
+        Term("DDP gradient buckets", t if ddp else 0.0, "gradient_as_bucket_view=False: a second copy"),
+        Term("optimizer step temporaries", t if on_cuda else a.largest_trainable_numel * 4,
+             "foreach AdamW: one trainable-sized temporary" if on_cuda else "per-tensor AdamW"),
+    ]
+
+
+def training_peak(a: Arch, p: Precision, batch: int, world: int, ddp: bool, on_cuda: bool,
+                  vit_checkpoint: Optional[bool] = None) -> tuple:
+    """(peak allocated bytes, phases, activation terms)."""
+    params = sum(row[3] for row in a.params) + a.buffer_bytes
+    st = {term.name: term.bytes for term in static_terms(a, ddp, on_cuda, True)}
+    grads, adam = st["gradients (trainable, fp32)"], st["AdamW exp_avg + exp_avg_sq (fp32)"]
+    buckets, step_tmp = st["DDP gradient buckets"], st["optimizer step temporaries"]
+    acts = activation_terms(a, p, batch, world, vit_checkpoint)
+    act = sum(t.bytes for t in acts)
+    resident = params + adam + buckets
+    images = batch * 3 * a.vit.image_size**2 * 4
+    phases = {
+        "ViT forward": resident + images + vit_forward_transient(a, p, batch),
+        "end of forward / start of backward": resident + act,
+        "optimizer step": resident + grads + step_tmp,
+    }
+    return max(phases.values()), phases, acts
+
+
+def inference_peak(a: Arch, p: Precision, batch: int, run) -> tuple:
+    """A rough estimate for evaluation: weights, ViT working set, and generation (beam search KV
+    cache and logits).  Not validated like the training model."""
+    params = sum(row[3] for row in a.params) + a.buffer_bytes
+    beams = int(_run_value(run, "num_beams", 5))
+    max_len = int(_run_value(run, "max_len", 30))
+    terms = [Term("ViT forward working set", vit_forward_transient(a, p, batch))]
+    if a.llm is not None:
+        llm = a.llm
+        prompt = 16
+        seq = a.qformer.queries + prompt + max_len
+        rows = batch * beams
+        kv = rows * seq * llm.layers * 2 * llm.kv_dim * 2
+        terms.append(Term(f"KV cache ({rows} beams x {seq} tokens)", kv))
+        terms.append(Term("prefill working set (one layer)", rows * (a.qformer.queries + prompt) * (4 * llm.hidden * 4 + 3 * llm.ffn * 2)))
+        terms.append(Term("logits and beam scores (fp32)", 3 * rows * llm.vocab * 4))
+        if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a):
+            terms.append(Term("one layer's weights cast to fp16", llm.linear_numel / max(llm.layers, 1) * 2))
+    else:
+        terms.append(Term("Q-Former working set", _qformer_pass(a.qformer, p, batch * 3, a.qformer.queries + a.qformer.max_txt_len,
+                                                                a.qformer.queries, image_tokens=a.vit.tokens)))
+    act = sum(t.bytes for t in terms)
+    return params + act, {"inference": params + act}, terms
+
+
+def make_plan(cfg_path, gpus: Optional[int] = None, gpu_mem_gb: float = 24.0, options=(), batch: Optional[int] = None) -> Plan:
+    """Plan ``cfg_path`` (+ ``--options``) for ``gpus`` GPUs of ``gpu_mem_gb`` GiB each."""
+    from blip2_internlm.meta import build_on_meta
+
+    cfg = load_config(cfg_path, options)
+    model_cfg, run = cfg.model, cfg.run
+    model = build_on_meta(model_cfg)
+    a = describe(model, model_cfg)
+    device = str(_run_value(run, "device", "cuda"))
+    on_cuda = device.startswith("cuda")
+    amp = bool(_run_value(run, "amp", False)) and on_cuda
+    p = Precision(amp=amp, cuda=on_cuda)
+    training = not bool(_run_value(run, "evaluate", False))
+    gpus = int(gpus if gpus is not None else _run_value(run, "world_size", 1))
+    ddp = training and bool(_run_value(run, "distributed", False))
+    key = "batch_size_train" if training else "batch_size_eval"
+    batch = int(batch if batch is not None else _run_value(run, key, 1))
+    capacity = gpu_mem_gb * GiB
+
+    def peak(b, ckpt=None):
+        if training:
+            return training_peak(a, p, b, gpus, ddp, on_cuda, ckpt)
+        return inference_peak(a, p, b, run)
+
+    def total(alloc):
+        return alloc * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GiB if on_cuda else alloc
+
+    alloc, phases, acts = peak(batch)
+    other = None
+    if training and a.vit.trainable:
+        other = peak(batch, not a.vit.grad_checkpoint)[2]
+    elif training:
+        other = acts  # frozen ViT: checkpointing changes nothing
+    tot = total(alloc)
+    max_batch = 0
+    lo, hi = 0, 1
+    while hi <= 4096 and total(peak(hi)[0]) <= capacity:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(peak(mid)[0]) <= capacity else (lo, mid)
+    max_batch = lo
+    params_bytes = sum(row[3] for row in a.params)
+    return Plan(
+        cfg_path=str(cfg_path), arch=a, training=training, batch=batch, gpus=gpus, gpu_mem_gib=gpu_mem_gb,
+        amp=amp, ddp=ddp, params_bytes=params_bytes, state_terms=static_terms(a, ddp, on_cuda, training),
+        act_terms=acts, act_terms_other_ckpt=other, phases=phases, peak_allocated=alloc,
+        context=CUDA_CONTEXT_GIB * GiB if on_cuda else 0.0, fragmentation=alloc * FRAGMENTATION if on_cuda else 0.0,
+        total=tot, fits=tot <= capacity, margin=capacity - tot, max_batch=max_batch,
+        extra={"device": device},
+    )
+
+
+def load_config(cfg_path, options=()):
+    """The config LAVIS's ``Config`` builds (run + model with its type's defaults + datasets)."""
+    from types import SimpleNamespace
+
+    import blip2_internlm  # noqa: F401
+    from lavis.common.config import Config
+
+    return Config(SimpleNamespace(cfg_path=str(cfg_path), options=list(options) or None)).config
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:8.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    a = plan.arch
+    v, q = a.vit, a.qformer
+    lines = []
+    mode = "training" if plan.training else "evaluation"
+    prec = "amp (fp16 autocast)" if plan.amp else "no autocast"
+    lines.append(f"Memory plan for {plan.cfg_path}")
+    lines.append(f"  {a.arch} / {a.model_type}: {mode}, batch {plan.batch} per GPU x {plan.gpus} GPU(s) of "
+                 f"{plan.gpu_mem_gib:g} GiB, {prec}{', DDP' if plan.ddp else ''}, device {plan.extra['device']}")
+    seq = f"  ViT {v.depth}x{v.width} on {v.tokens} tokens ({v.image_size} px / {v.patch}), Q-Former {q.layers}x{q.hidden}, {q.queries} queries"
+    if a.llm is not None:
+        seq += f", LLM {a.llm.kind} {a.llm.layers}x{a.llm.hidden} on {q.queries} + {q.max_txt_len} tokens (max_txt_len)"
+    else:
+        seq += f", {q.max_txt_len} text tokens"
+    lines.append(seq)
+    lines.append("")
+    lines.append("Parameters (per GPU)             count  dtype       GiB  trainable")
+    for module, dtype, numel, nbytes, trainable in a.params:
+        lines.append(f"  {module:<24}{numel:>14,}  {dtype:<5} {_g(nbytes)}  {trainable:>12,}")
+    lines.append(f"  {'total':<24}{sum(r[2] for r in a.params):>14,}        {_g(plan.params_bytes)}  {a.trainable_numel:>12,}")
+    if plan.training:
+        lines.append("")
+        lines.append(f"Training state of the {a.trainable_numel:,} trainable parameters      GiB")
+        for term in plan.state_terms:
+            lines.append(f"  {term.name:<44}{_g(term.bytes)}  {term.note}")
+        lines.append("")
+        other_name = "with" if not v.grad_checkpoint else "without"
+        cur_name = "without" if not v.grad_checkpoint else "with"
+        lines.append(f"Activations at batch {plan.batch} ({cur_name} ViT gradient checkpointing)        GiB")
+        for term in plan.act_terms:
+            lines.append(f"  {term.name:<52}{_g(term.bytes)}  {term.note}")
+        act = sum(t.bytes for t in plan.act_terms)
+        lines.append(f"  {'total':<52}{_g(act)}")
+        if plan.act_terms_other_ckpt is not None:
+            other = sum(t.bytes for t in plan.act_terms_other_ckpt)
+            why = "" if v.trainable else " (the ViT is frozen: it saves nothing either way)"
+            lines.append(f"  {other_name} ViT gradient checkpointing (use_grad_checkpoint): {other / GiB:.2f} GiB{why}")
+    else:
+        lines.append("")
+        lines.append(f"Inference at batch {plan.batch} (estimate)                        GiB")
+        for term in plan.act_terms:
+            lines.append(f"  {term.name:<52}{_g(term.bytes)}")
+    lines.append("")
+    lines.append("Peak (per GPU)                                           GiB")
+    for name, value in plan.phases.items():
+        lines.append(f"  {name:<52}{_g(value)}")
+    lines.append(f"  {'peak allocated by PyTorch':<52}{_g(plan.peak_allocated)}")
+    if plan.context:
+        lines.append(f"  {'CUDA context, cuBLAS, NCCL':<52}{_g(plan.context)}")
+        lines.append(f"  {f'allocator fragmentation ({FRAGMENTATION:.0%})':<52}{_g(plan.fragmentation)}")
+    lines.append(f"  {'total':<52}{_g(plan.total)}")
+    lines.append("")
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    share = plan.margin / (plan.gpu_mem_gib * GiB)
+    lines.append(f"Verdict: {verdict} in {plan.gpu_mem_gib:g} GiB: margin {plan.margin / GiB:+.2f} GiB ({share:+.0%}); "
+                 f"largest batch that fits: {plan.max_batch} per GPU")
+    return "\n".join(lines)
+
+
+# --- measurement (validation) ----------------------------------------------------------------------------
+
+
+def synthetic_samples(a: Arch, batch: int, device):
+    """A batch that fills ``max_txt_len``: every word is one token for the stub tokenizers."""
+    import torch
+
+    words = " ".join(f"w{i}" for i in range(a.qformer.max_txt_len + 8))
+    return {
+        "image": torch.randn(batch, 3, a.vit.image_size, a.vit.image_size, device=device),
+        "text_input": [words] * batch,
+    }
+
+
+class LiveTensorBytes:
+    """Peak bytes of live tensor storages on the CPU, counted at the dispatcher.
+
+    A ``TorchDispatchMode`` sees every tensor an op returns (forward, backward and optimizer);
+    each new storage is counted until Python frees it (a finalizer).  Views share their base's
+    storage and are counted once.  This is what the CUDA caching allocator's
+    ``max_memory_allocated`` reports on a GPU, without the allocator's rounding.
+    """
+
+    def __init__(self):
+        self.current = 0
+        self.peak = 0
+        self._live = set()
+
+    def _count(self, tensor) -> None:
+        import weakref
+
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(storage)
+        if key in self._live or storage.device.type == "meta":
+            return
+        nbytes = storage.nbytes()
+        self._live.add(key)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key, nbytes) -> None:
+        if key in self._live:
+            self._live.discard(key)
+            self.current -= nbytes
+
+    def add(self, *tensor_iterables) -> None:
+        for tensors in tensor_iterables:
+            for tensor in tensors:
+                self._count(tensor)
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for item in tree_flatten(out)[0]:
+                    if isinstance(item, torch.Tensor):
+                        tracker._count(item)
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cpu", steps: int = 2) -> dict:
+    """Run LAVIS's training step with random weights and return measured and predicted peaks."""
+    import torch
+
+    from blip2_internlm.meta import build_on_meta
+
+    cfg = load_config(cfg_path, options)
+    model_cfg, run = cfg.model, cfg.run
+    torch.manual_seed(0)
+    model = build_on_meta(model_cfg, device=device)
+    a = describe(model, model_cfg)
+    on_cuda = device.startswith("cuda")
+    amp = bool(_run_value(run, "amp", False)) and on_cuda
+    batch = int(batch if batch is not None else _run_value(run, "batch_size_train", 1))
+    model.train()
+    p_wd, p_non_wd = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (p_non_wd if param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name else p_wd).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": p_wd, "weight_decay": 0.05}, {"params": p_non_wd, "weight_decay": 0}], lr=1e-5, betas=(0.9, 0.999)
+    )
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if amp else None
+
+    marks = {}
+
+    def step():
+        samples = synthetic_samples(a, batch, device)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            loss = model(samples)["loss"]
+        marks["end of forward"] = torch.cuda.memory_allocated() if on_cuda else getattr(marks.get("tracker"), "current", 0)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad()
+        return float(loss.detach())
+
+    warm = 0
+    while not optimizer.state and warm < 6:  # GradScaler skips steps with inf gradients
+        step()
+        warm += 1
+    result = {"cfg_path": str(cfg_path), "options": list(options), "batch": batch, "device": device, "amp": amp}
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        result.update(
+            measured_peak=torch.cuda.max_memory_allocated(), measured_reserved=torch.cuda.max_memory_reserved(),
+            resident=base,
+        )
+        try:
+            free, total = torch.cuda.mem_get_info()
+            result.update(device_used=total - free, device_total=total)
+        except Exception:  # pragma: no cover
+            pass
+    else:
+        tracker = marks["tracker"] = LiveTensorBytes()
+        tracker.add(model.parameters(), model.buffers(),
+                    (t for state in optimizer.state.values() for t in state.values() if hasattr(t, "untyped_storage")))
+        resident = tracker.current
+        with tracker:
+            for _ in range(steps):
+                step()
+        result.update(measured_peak=tracker.peak, resident=resident)
+    result["measured_end_of_forward"] = marks["end of forward"]
+    p = Precision(amp=amp, cuda=on_cuda)
+    predicted, phases, acts = training_peak(a, p, batch, 1, False, on_cuda)
+    result.update(predicted_peak=predicted, predicted_phases=phases,
+                  predicted_activations={t.name: t.bytes for t in acts},
+                  error=(predicted - result["measured_peak"]) / result["measured_peak"])
+    return result
+
+
+# --- calibration set ---------------------------------------------------------------------------------------------
+
+#: Small architectures for validating the activation model on the CPU: the real model code at
+#: sizes where the activations dominate as they do at full size (257 ViT tokens as for ViT-g at
+#: 224 px, a 4-layer Q-Former, 4-layer LLMs with vocabularies large enough that the loss head
+#: matters).  Only config.json files are written: measure() initialises weights randomly.
+CALIBRATION_BERT = dict(vocab_size=2000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024, max_position_embeddings=128)
+CALIBRATION_INTERNLM2 = dict(vocab_size=4000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=688, max_position_embeddings=512)
+CALIBRATION_OPT = dict(vocab_size=4000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
+                       word_embed_proj_dim=256, max_position_embeddings=512, dropout=0.0, attention_dropout=0.0)
+
+
+def write_calibration_assets(directory) -> dict:
+    """config.json files of the calibration BERT / InternLM2 / OPT under ``directory``."""
+    from pathlib import Path
+
+    from transformers import BertConfig, OPTConfig
+
+    from blip2_internlm.internlm2.configuration import InternLM2Config
+
+    directory = Path(directory)
+    paths = {}
+    for name, config in (("bert", BertConfig(**CALIBRATION_BERT)), ("internlm2", InternLM2Config(**CALIBRATION_INTERNLM2)),
+                         ("opt", OPTConfig(**CALIBRATION_OPT))):
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        config.to_json_file(str(directory / name / "config.json"))
+        paths[name] = str(directory / name)
+    return paths
+
+
+def calibration_cases(directory) -> list:
+    """(name, cfg_path, options, batch) of the CPU validation runs."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    paths = write_calibration_assets(directory)
+    small = [f"model.qformer_text_model={paths['bert']}", "model.num_query_token=16", "model.image_size=128",
+             "model.max_txt_len=24"]
+    stage1, stage2 = str(root / "pretrain_stage1.yaml"), str(root / "pretrain_stage2.yaml")
+    return [
+        ("tiny stage 2 (InternLM2)", stage2, [], 8),
+        ("tiny stage 1", stage1, [], 8),
+        ("small stage 2, InternLM2 4x256", stage2, small + [f"model.llm_model={paths['internlm2']}"], 8),
+        ("small stage 2, OPT 4x256", stage2, small + ["model.arch=blip2_opt_baseline", f"model.llm_model={paths['opt']}"], 8),
+        ("small stage 1", stage1, small, 8),
+        ("small stage 2, trainable ViT", stage2, small + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False"], 4),
+        ("small stage 2, trainable ViT + checkpointing", stage2,
+         small + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False", "model.use_grad_checkpoint=True"], 4),
+    ]
+
+
+def calibrate(directory, device="cpu") -> list:
+    rows = []
+    for name, cfg_path, options, batch in calibration_cases(directory):
+        result = measure(cfg_path, options, batch, device)
+        result["name"] = name
+        rows.append(result)
+    return rows
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg-path")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs (DDP ranks); default run.world_size")
+    parser.add_argument("--gpu-mem-gb", type=float, default=24.0, help="memory per GPU in GiB (default 24: RTX 4090)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size per GPU (default: the config's)")
+    parser.add_argument("--options", nargs="+", default=[], help="config overrides, key=value, as for train/evaluate")
+    parser.add_argument("--measure", action="store_true", help="run a training step with random weights and compare")
+    parser.add_argument("--device", default="cpu", help="device for --measure (cpu or cuda)")
+    parser.add_argument("--calibrate", action="store_true", help="measure the small calibration configs on --device")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.calibrate:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            rows = calibrate(directory, args.device)
+        print(f"{'calibration run':<46}{'batch':>6}{'measured MiB':>14}{'predicted MiB':>15}{'error':>8}")
+        for row in rows:
+            print(f"{row['name']:<46}{row['batch']:>6}{row['measured_peak'] / 2**20:>14.1f}"
+                  f"{row['predicted_peak'] / 2**20:>15.1f}{row['error']:>+8.1%}")
+        return 0
+    if not args.cfg_path:
+        parser.error("--cfg-path is required")
+    if args.measure:
+        result = measure(args.cfg_path, args.options, args.batch, args.device)
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    plan = make_plan(args.cfg_path, args.gpus, args.gpu_mem_gb, args.options, args.batch)
+    if args.json:
+        print(json.dumps({
+            "cfg_path": plan.cfg_path, "batch": plan.batch, "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib,
+            "peak_allocated_gib": plan.peak_allocated / GiB, "total_gib": plan.total / GiB, "fits": plan.fits,
+            "margin_gib": plan.margin / GiB, "max_batch": plan.max_batch,
+        }, indent=1))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
