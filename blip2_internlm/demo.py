@@ -95,7 +95,8 @@ def main(argv=None):
         ("caption_eval", "blip2_internlm.evaluate", "caption_eval.yaml", "shapes_caption",
          [f"model.llm_model={llm_dir}", "run.caption_tokenizer=" + ("char" if lang == "zh" else "words")]),
         ("vqa_eval", "blip2_internlm.evaluate", "vqa_zeroshot.yaml", "shapes_vqa",
-         [f"model.llm_model={llm_dir}", "run.prompt=" + VQA_PROMPTS[lang]]),
+         # quoted: LAVIS parses --options values as YAML, and "Question: {}" is a mapping
+         [f"model.llm_model={llm_dir}", "run.prompt=" + json.dumps(VQA_PROMPTS[lang], ensure_ascii=False)]),
     ]
     for name, module, cfg, dataset, extra in plan:
         stage_out = output / name

@@ -765,6 +765,10 @@ def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cp
                 step()
         result.update(measured_peak=tracker.peak, resident=resident)
     result["measured_end_of_forward"] = marks["end of forward"]
+    result["optimizer_states"] = len(optimizer.state)
+    result["torch"] = torch.__version__
+    if on_cuda:
+        result["gpu"] = torch.cuda.get_device_name()
     p = Precision(amp=amp, cuda=on_cuda)
     predicted, phases, acts = training_peak(a, p, batch, 1, False, on_cuda)
     result.update(predicted_peak=predicted, predicted_phases=phases,

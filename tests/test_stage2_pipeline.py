@@ -1,4 +1,4 @@
-"""Stage 2 through LAVIS's runner from the stage-1 checkpoint, then zero-shot VQA scored by
+"""Stage 2 through LAVIS's runner from the stage-1 checkpoint, then caption evaluation and zero-shot VQA scored by
 LAVIS's own VQATask and VQAEval, each with two gloo processes."""
 
 import json
@@ -42,3 +42,17 @@ def test_zero_shot_vqa_prints_vqav2_metrics(stage2_run, tmp_path):
     metrics = json.loads(printed[: printed.rindex("}") + 1])["test"]
     assert {"agg_metrics", "yes/no", "number", "other"} <= set(metrics)
     assert 0 <= metrics["agg_metrics"] <= 100
+
+
+def test_caption_evaluation_scores_offline(stage2_run, tmp_path):
+    job_dir, _ = stage2_run
+    result = torchrun(
+        "-m", "blip2_internlm.evaluate", "--cfg-path", str(REPO / "configs/tiny/caption_eval.yaml"),
+        "--options", f"model.finetuned={job_dir / 'checkpoint_0.pth'}", f"run.output_dir={tmp_path}",
+        SMALL_DATA.format("shapes_caption"),
+    )
+    (job,) = tmp_path.iterdir()
+    scores = json.loads((job / "evaluate.txt").read_text().splitlines()[-1])["test"]
+    assert scores["tokenizer"] == "char"
+    assert {"exact_match", "Bleu_4", "CIDEr", "agg_metrics"} <= set(scores)
+    assert "exact_match" in result.stdout

@@ -75,7 +75,12 @@ class _PassThroughLoader:
         return len(self.loader)
 
     def __getattr__(self, name):  # sampler, dataset, batch_size: the runner reads them
+        if name == "loader":
+            raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+_LOADER_SETTINGS = None  # a ContextVar, created by prefetch_loader_only_on_cuda
 
 
 @fix
@@ -87,24 +92,67 @@ def prefetch_loader_only_on_cuda():
     from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
     from lavis.runners import runner_base
 
-    loader_device = contextvars.ContextVar("loader_device", default=None)
+    global _LOADER_SETTINGS
+    _LOADER_SETTINGS = contextvars.ContextVar("loader_settings", default={})
 
     def prefetch_loader(loader):
-        device = loader_device.get()
+        device = _LOADER_SETTINGS.get().get("device")
         return PrefetchLoader(loader) if device is not None and device.type == "cuda" else _PassThroughLoader(loader)
 
     create_loaders = runner_base.RunnerBase.create_loaders
 
     @functools.wraps(create_loaders)
     def create_loaders_on_device(self, *args, **kwargs):
-        token = loader_device.set(self.device)
+        settings = {"device": self.device, "epoch_sleep": float(self.config.run_cfg.get("epoch_transition_sleep", 2.0))}
+        token = _LOADER_SETTINGS.set(settings)
         try:
             return create_loaders(self, *args, **kwargs)
         finally:
-            loader_device.reset(token)
+            _LOADER_SETTINGS.reset(token)
 
     runner_base.PrefetchLoader = prefetch_loader
     runner_base.RunnerBase.create_loaders = create_loaders_on_device
+
+
+@fix
+def epoch_reshuffle_behind_prefetch_loader():
+    """IterLoader calls sampler.set_epoch only if its loader has a sampler; PrefetchLoader hides it, so GPU runs see one shuffle for all epochs."""
+    from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+
+    def __getattr__(self, name):  # only for attributes PrefetchLoader lacks: sampler, dataset, ...
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    PrefetchLoader.__getattr__ = __getattr__
+
+
+@fix
+def configurable_epoch_transition_sleep():
+    """IterLoader sleeps 2 s at every epoch boundary ("prevent possible deadlock"); run.epoch_transition_sleep sets it, 0 on CPU runs."""
+    import time
+
+    from lavis.datasets.datasets.dataloader_utils import IterLoader
+
+    init = IterLoader.__init__
+
+    def init_with_sleep(self, dataloader, use_distributed=False):
+        init(self, dataloader, use_distributed)
+        self.epoch_sleep = _LOADER_SETTINGS.get().get("epoch_sleep", 2.0) if _LOADER_SETTINGS else 2.0
+
+    def next_batch(self):
+        try:
+            return next(self.iter_loader)
+        except StopIteration:
+            self._epoch += 1
+            if hasattr(self._dataloader.sampler, "set_epoch") and self._use_distributed:
+                self._dataloader.sampler.set_epoch(self._epoch)
+            time.sleep(self.epoch_sleep)
+            self.iter_loader = iter(self._dataloader)
+            return next(self.iter_loader)
+
+    IterLoader.__init__ = init_with_sleep
+    IterLoader.__next__ = next_batch
 
 
 @fix
@@ -120,3 +168,24 @@ def evaluation_on_the_models_device():
         return evaluation(self, model, data_loader, cuda_enabled=cuda_enabled)
 
     BaseTask.evaluation = evaluation_on_device
+
+
+@fix
+def reseed_every_epoch():
+    """LAVIS seeds once per run, so a run resumed at epoch k draws other dropout masks than one that got there itself."""
+    import random
+
+    import numpy as np
+    from lavis.common.dist_utils import get_rank
+    from lavis.runners.runner_base import RunnerBase
+
+    train_epoch = RunnerBase.train_epoch
+
+    def train_epoch_reseeded(self, epoch):
+        seed = int(self.config.run_cfg.get("seed", 42)) + get_rank() + 1000 * int(epoch)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return train_epoch(self, epoch)
+
+    RunnerBase.train_epoch = train_epoch_reseeded

@@ -90,3 +90,28 @@ def test_same_image_positives_are_found_across_ranks():
     # global batch: [img_a, img_b | img_c, img_a]
     assert results[0] == [[True, False, False, True], [False, True, False, False]]
     assert results[1] == [[False, False, True, False], [True, False, False, True]]
+
+
+def test_the_sampler_is_reachable_through_the_prefetch_loader(lavis_ready):
+    # IterLoader reshuffles only if `loader.sampler` has set_epoch; LAVIS's PrefetchLoader hid it
+    from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(range(4)), batch_size=2)
+    prefetch = PrefetchLoader.__new__(PrefetchLoader)  # no CUDA stream needed to look at attributes
+    prefetch.loader = loader
+    assert prefetch.sampler is loader.sampler
+
+
+def test_epoch_transition_sleep_follows_the_run_config(lavis_ready):
+    import time
+
+    from lavis.datasets.datasets.dataloader_utils import IterLoader
+    from torch.utils.data import DataLoader
+
+    loader = IterLoader(DataLoader(list(range(2)), batch_size=2))
+    assert loader.epoch_sleep == 2.0  # LAVIS's default outside a runner
+    loader.epoch_sleep = 0.0
+    started = time.monotonic()
+    batches = [next(loader) for _ in range(3)]
+    assert time.monotonic() - started < 1.0 and len(batches) == 3 and loader.epoch == 2
