@@ -197,18 +197,18 @@ def _params_on(device):
     device = torch.device(device)
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
-    def to_meta_parameter(module, name, param):
+    def to_device_parameter(module, name, param):
         if param is not None and param.device != device:
             param = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
         return register_parameter(module, name, param)
 
-    def to_meta_buffer(module, name, tensor, persistent=True):
+    def to_device_buffer(module, name, tensor, persistent=True):
         if tensor is not None and tensor.device != device:
             tensor = tensor.to(device)
         return register_buffer(module, name, tensor, persistent=persistent)
 
-    with mock.patch.object(nn.Module, "register_parameter", to_meta_parameter), mock.patch.object(
-        nn.Module, "register_buffer", to_meta_buffer
+    with mock.patch.object(nn.Module, "register_parameter", to_device_parameter), mock.patch.object(
+        nn.Module, "register_buffer", to_device_buffer
     ), torch.device("cpu"):
         yield
 

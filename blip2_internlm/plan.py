@@ -33,12 +33,19 @@ from typing import Optional
 
 GiB = 1024**3
 
-#: Allowance for what PyTorch's allocator does not report: the CUDA context, cuBLAS/cuDNN
-#: workspaces and NCCL's buffers (~0.5-0.9 GiB on an RTX 4090 with two ranks).
-CUDA_CONTEXT_GIB = 0.8
+#: Allowance for what PyTorch's allocator does not report: the CUDA context with cuBLAS/cuDNN
+#: workspaces (measured: 0.75 GiB on an H200 with torch 2.11, device used minus reserved) and,
+#: with DDP, NCCL's buffers.
+CUDA_CONTEXT_GIB = 0.75
+NCCL_GIB = 0.25
 #: Caching-allocator fragmentation: reserved minus allocated at the peak, as a share of the
-#: allocated peak.  Variable caption lengths make block sizes vary from step to step.
+#: allocated peak (measured 2-6% with fixed-length batches; variable caption lengths vary the
+#: block sizes from step to step, hence more).
 FRAGMENTATION = 0.08
+
+#: Order of the modules in the printed parameter table.
+MODULE_ORDER = ("visual_encoder", "ln_vision", "Qformer", "query_tokens", "vision_proj", "text_proj", "itm_head",
+                "temp", "llm_proj", "llm_model")
 
 
 # --- architecture read off the (meta) model -------------------------------------------------------
@@ -188,7 +195,9 @@ def describe(model, model_cfg) -> Arch:
             trainable += param.numel()
             trainable_bytes += param.numel() * param.element_size()
             largest = max(largest, param.numel())
-    params = [(module, dtype, *values) for (module, dtype), values in rows.items()]
+    order = {name: i for i, name in enumerate(MODULE_ORDER)}
+    params = sorted(((module, dtype, *values) for (module, dtype), values in rows.items()),
+                    key=lambda row: (order.get(row[0], len(order)), row[0], row[1] != "fp32"))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return Arch(
         arch=str(model_cfg.get("arch")), model_type=str(model_cfg.get("model_type")), stage=stage,
@@ -239,7 +248,7 @@ def _qformer_layer(q: QFormer, p: Precision, rows: float, tokens: int, queries: 
     ``tokens`` for the ITG pass, which attends to the query pass's cached keys); ``queries``:
     how many leading tokens are queries (cross-attention + query FFN); ``text_ffn_tokens``:
     tokens through the text FFN; ``enc_rows_tokens``: rows * image tokens for cross-attention.
-    Dropout (p=0.1 in BERT's config) is active: each dropout saves a 1-byte mask.
+    Dropout (p=0.1 in BERT's config) is active: each dropout saves a mask (``Precision.mask``).
     """
     h, i, heads, w = q.hidden, q.intermediate, q.heads, q.encoder_width
     lp = p.lp
@@ -305,7 +314,7 @@ def _llm_layer_per_token(llm: LLM, p: Precision) -> float:
     if llm.kind == "opt":
         if p.amp:  # LN inputs (fp32 casts), q*scaling, k, v (also the KV cache), SDPA output, ReLU output
             return 4 * h + 2 * h + 2 * h + 2 * h + 2 * h + 4 * h + 2 * f
-        return 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 4 * f
+        return 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 4 * f  # the same, all fp32 (LN input = residual)
     # InternLM2 (llama-like, GQA).  amp with bf16 weights: fp16 matmuls meet bf16 norms/rotary
     # tables, so the residual stream and rotated q/k are fp32 (type promotion).
     if p.amp:
@@ -314,7 +323,11 @@ def _llm_layer_per_token(llm: LLM, p: Precision) -> float:
                 + 4 * 2 * h  # SDPA saves fp16 q, repeated k, repeated v, output
                 + 4 * h  # ffn_norm input
                 + 3 * 2 * f)  # SiLU input, SiLU output, up projection
-    return (4 * h + 4 * kv + 4 * (h + 2 * kv) + 4 * h + 4 * h + 4 * h + 4 * h + 4 * h + 3 * 4 * f)
+    return (4 * h  # attention_norm input (the residual itself)
+            + 4 * kv + 4 * (h + 2 * kv)  # KV cache: rotated k + the wqkv output
+            + 4 * h + 4 * h + 4 * h + 4 * h  # SDPA saves rotated q, repeated k, repeated v, output
+            + 4 * h  # ffn_norm input
+            + 3 * 4 * f)  # SiLU input, SiLU output, up projection
 
 
 def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_checkpoint: Optional[bool] = None) -> list:
@@ -359,7 +372,7 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
         heads += B * tt * q.hidden * ((2 + 2 + 4 + 2) if p.amp else (4 + 4 + 4 + 4))
         terms.append(Term("Q-Former heads (projections, ITM, LM transform)", heads))
         # image features gathered over ranks for ITM negatives: world*B + B + 3B rows of fp32
-        gathered = ((world if world > 1 else 0) + 1 + 3) * B * n_img * v.width * 4 + (0 if p.amp else 0)
+        gathered = ((world if world > 1 else 0) + 1 + 3) * B * n_img * v.width * 4
         terms.append(Term("ITM image features (gathered, negatives, 3B concat)", gathered, "fp32"))
         terms.append(Term("image embeddings (ln_vision output)", B * n_img * v.width * 4, "fp32"))
         terms.append(Term("ITG loss head (vocab %d)" % q.vocab, 12 * B * tt * q.vocab,
@@ -514,8 +527,10 @@ def make_plan(cfg_path, gpus: Optional[int] = None, gpu_mem_gb: float = 24.0, op
             return training_peak(a, p, b, gpus, ddp, on_cuda, ckpt)
         return inference_peak(a, p, b, run)
 
+    context = (CUDA_CONTEXT_GIB + (NCCL_GIB if ddp and gpus > 1 else 0.0)) * GiB if on_cuda else 0.0
+
     def total(alloc):
-        return alloc * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GiB if on_cuda else alloc
+        return alloc * (1 + FRAGMENTATION) + context if on_cuda else alloc
 
     alloc, phases, acts = peak(batch)
     other = None
@@ -537,7 +552,7 @@ def make_plan(cfg_path, gpus: Optional[int] = None, gpu_mem_gb: float = 24.0, op
         cfg_path=str(cfg_path), arch=a, training=training, batch=batch, gpus=gpus, gpu_mem_gib=gpu_mem_gb,
         amp=amp, ddp=ddp, params_bytes=params_bytes, state_terms=static_terms(a, ddp, on_cuda, training),
         act_terms=acts, act_terms_other_ckpt=other, phases=phases, peak_allocated=alloc,
-        context=CUDA_CONTEXT_GIB * GiB if on_cuda else 0.0, fragmentation=alloc * FRAGMENTATION if on_cuda else 0.0,
+        context=context, fragmentation=alloc * FRAGMENTATION if on_cuda else 0.0,
         total=tot, fits=tot <= capacity, margin=capacity - tot, max_batch=max_batch,
         extra={"device": device},
     )
@@ -573,21 +588,21 @@ def format_plan(plan: Plan) -> str:
         seq += f", {q.max_txt_len} text tokens"
     lines.append(seq)
     lines.append("")
-    lines.append("Parameters (per GPU)             count  dtype       GiB  trainable")
+    lines.append(f"{'Parameters per GPU':<26}{'count':>14}  {'dtype':<5} {'GiB':>8}  {'trainable':>12}")
     for module, dtype, numel, nbytes, trainable in a.params:
         lines.append(f"  {module:<24}{numel:>14,}  {dtype:<5} {_g(nbytes)}  {trainable:>12,}")
     lines.append(f"  {'total':<24}{sum(r[2] for r in a.params):>14,}        {_g(plan.params_bytes)}  {a.trainable_numel:>12,}")
     if plan.training:
         lines.append("")
-        lines.append(f"Training state of the {a.trainable_numel:,} trainable parameters      GiB")
+        lines.append(f"Training state of the {a.trainable_numel:,} trainable parameters (GiB)")
         for term in plan.state_terms:
-            lines.append(f"  {term.name:<44}{_g(term.bytes)}  {term.note}")
+            lines.append(f"  {term.name:<52}{_g(term.bytes)}  {term.note}".rstrip())
         lines.append("")
         other_name = "with" if not v.grad_checkpoint else "without"
         cur_name = "without" if not v.grad_checkpoint else "with"
-        lines.append(f"Activations at batch {plan.batch} ({cur_name} ViT gradient checkpointing)        GiB")
+        lines.append(f"Activations at batch {plan.batch}, {cur_name} ViT gradient checkpointing (GiB)")
         for term in plan.act_terms:
-            lines.append(f"  {term.name:<52}{_g(term.bytes)}  {term.note}")
+            lines.append(f"  {term.name:<52}{_g(term.bytes)}  {term.note}".rstrip())
         act = sum(t.bytes for t in plan.act_terms)
         lines.append(f"  {'total':<52}{_g(act)}")
         if plan.act_terms_other_ckpt is not None:
@@ -596,23 +611,24 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  {other_name} ViT gradient checkpointing (use_grad_checkpoint): {other / GiB:.2f} GiB{why}")
     else:
         lines.append("")
-        lines.append(f"Inference at batch {plan.batch} (estimate)                        GiB")
+        lines.append(f"Inference at batch {plan.batch}, a rough estimate (GiB)")
         for term in plan.act_terms:
             lines.append(f"  {term.name:<52}{_g(term.bytes)}")
     lines.append("")
-    lines.append("Peak (per GPU)                                           GiB")
+    lines.append("Peak per GPU (GiB)")
     for name, value in plan.phases.items():
         lines.append(f"  {name:<52}{_g(value)}")
     lines.append(f"  {'peak allocated by PyTorch':<52}{_g(plan.peak_allocated)}")
     if plan.context:
-        lines.append(f"  {'CUDA context, cuBLAS, NCCL':<52}{_g(plan.context)}")
+        lines.append(f"  {'CUDA context, cuBLAS' + (', NCCL' if plan.ddp and plan.gpus > 1 else ''):<52}{_g(plan.context)}")
         lines.append(f"  {f'allocator fragmentation ({FRAGMENTATION:.0%})':<52}{_g(plan.fragmentation)}")
     lines.append(f"  {'total':<52}{_g(plan.total)}")
     lines.append("")
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     share = plan.margin / (plan.gpu_mem_gib * GiB)
+    largest = f"{plan.max_batch} per GPU" if plan.max_batch else "none, not even 1"
     lines.append(f"Verdict: {verdict} in {plan.gpu_mem_gib:g} GiB: margin {plan.margin / GiB:+.2f} GiB ({share:+.0%}); "
-                 f"largest batch that fits: {plan.max_batch} per GPU")
+                 f"largest batch that fits: {largest}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,242 @@
+"""The real-size project configs (configs/blip2_internlm, configs/blip2_opt) and their run scripts.
+
+Every config is merged with its model type's defaults as LAVIS's ``Config`` does and built on the
+``meta`` device (blip2_internlm.meta: no weights, no files), then checked against the published
+architecture sizes; the expected trainable parameter count is computed here from those sizes.
+"""
+
+import os
+import re
+import stat
+import subprocess
+
+import pytest
+from spec_helpers import REPO
+
+CONFIGS = sorted((REPO / "configs" / "blip2_internlm").glob("*.yaml")) + sorted((REPO / "configs" / "blip2_opt").glob("*.yaml"))
+SCRIPTS = sorted((REPO / "run_scripts").rglob("*.sh"))
+CONFIG_IDS = [f"{path.parent.name}/{path.name}" for path in CONFIGS]
+
+# Published sizes, written independently of the code under test.
+VIT_G = dict(depth=39, width=1408, mlp=6144)  # EVA ViT-g/14: mlp_ratio 4.3637 -> 6144
+BERT = dict(hidden=768, layers=12, intermediate=3072, vocab=30522, positions=512)
+LLMS = {  # llm_model -> (layers, hidden)
+    "internlm/internlm2-1_8b": (24, 2048),
+    "internlm/internlm2-7b": (32, 4096),
+    "facebook/opt-2.7b": (32, 2560),
+}
+PATH_ENV = ("DATA_ROOT", "COCO_ROOT", "VG_ROOT", "VQAV2_ROOT", "OKVQA_ROOT", "GQA_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED",
+            "INTERNLM2_1_8B", "INTERNLM2_7B", "OPT_2_7B", "STAGE1_CHECKPOINT", "STAGE2_CHECKPOINT",
+            "STAGE2_OPT_CHECKPOINT", "CAPTION_CHECKPOINT", "CAPTION_OPT_CHECKPOINT")
+
+
+@pytest.fixture(autouse=True)
+def _default_paths(monkeypatch):
+    """The configs' defaults, whatever the machine's environment says."""
+    for name in PATH_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def lavis_config(path, options=()):
+    from types import SimpleNamespace
+
+    from lavis.common.config import Config
+
+    return Config(SimpleNamespace(cfg_path=str(path), options=list(options) or None)).config
+
+
+def linear(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+def layernorm(width):
+    return 2 * width
+
+
+def qformer_layer(h, inter, vision, cross, text_path):
+    n = 4 * linear(h, h) + layernorm(h)  # q, k, v, output dense + LayerNorm
+    if cross:
+        n += linear(h, h) + 2 * linear(vision, h) + linear(h, h) + layernorm(h)
+    ffn = linear(h, inter) + linear(inter, h) + layernorm(h)
+    return n + ffn * (2 if text_path else 1)  # query FFN (+ text FFN)
+
+
+def expected_trainable(stage, llm_hidden=None, queries=32):
+    h, inter, vocab = BERT["hidden"], BERT["intermediate"], BERT["vocab"] + 1  # + [DEC]
+    cross = [i % 2 == 0 for i in range(BERT["layers"])]
+    ln_vision = layernorm(VIT_G["width"])
+    query_tokens = queries * h
+    if stage == "stage2":  # Q-Former query path only: no word/position embeddings, no text FFN, no LM head
+        qformer = layernorm(h) + sum(qformer_layer(h, inter, VIT_G["width"], c, False) for c in cross)
+        return qformer + query_tokens + linear(h, llm_hidden) + ln_vision
+    embeddings = vocab * h + BERT["positions"] * h + layernorm(h)
+    layers = sum(qformer_layer(h, inter, VIT_G["width"], c, True) for c in cross)
+    lm_head = linear(h, h) + layernorm(h) + vocab  # transform + bias; decoder weight tied to word embeddings
+    heads = 2 * linear(h, 256) + linear(h, 2) + 1  # vision_proj, text_proj, itm_head, temp
+    return embeddings + layers + lm_head + heads + query_tokens + ln_vision
+
+
+@pytest.fixture(scope="module")
+def built(lavis_ready):
+    """(config, meta model) per config file, built once."""
+    from blip2_internlm.meta import build_on_meta
+
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cfg = lavis_config(path)
+            cache[path] = (cfg, build_on_meta(cfg.model))
+        return cache[path]
+
+    return get
+
+
+def test_the_config_set_is_complete():
+    names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS}
+    for llm, directory in (("internlm2_1.8b", "blip2_internlm"), ("opt2.7b", "blip2_opt")):
+        for kind in ("caption_coco_ft", "caption_coco_eval"):
+            assert f"{directory}/{kind}_{llm}" in names
+        for task in ("vqav2", "okvqa", "gqa"):
+            assert f"{directory}/{task}_zeroshot_{llm}_eval" in names
+        assert f"{directory}/pretrain_stage2_{llm}" in names
+    assert {"blip2_internlm/pretrain_stage1", "blip2_internlm/pretrain_stage2_internlm2_7b"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
+def test_real_size_model_on_meta(built, path):
+    import torch
+
+    cfg, model = built(path)
+    assert all(p.device == torch.device("meta") for p in model.parameters())
+    vit = model.visual_encoder
+    assert len(vit.blocks) == VIT_G["depth"] and vit.num_features == VIT_G["width"]
+    assert vit.blocks[0].mlp.fc1.out_features == VIT_G["mlp"]
+    assert not any(p.requires_grad for p in vit.parameters()), "the ViT is frozen in every project config"
+    # LAVIS's convert_weights_to_fp16: Linear/Conv weights fp16, LayerNorms and embeddings fp32
+    assert vit.blocks[0].attn.qkv.weight.dtype == torch.float16 and vit.blocks[0].norm1.weight.dtype == torch.float32
+    qformer = model.Qformer.config
+    assert (qformer.num_hidden_layers, qformer.hidden_size) == (BERT["layers"], BERT["hidden"])
+    assert model.query_tokens.shape[1] == 32
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.model.arch == "blip2":
+        assert cfg.model.model_type == "pretrain" and not cfg.model.load_pretrained
+        assert trainable == expected_trainable("stage1")
+        return
+    layers, hidden = LLMS[cfg.model.llm_model]
+    llm = model.llm_model.config
+    assert (llm.num_hidden_layers, llm.hidden_size) == (layers, hidden)
+    assert not any(p.requires_grad for p in model.llm_model.parameters())
+    assert trainable == expected_trainable("stage2", hidden)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
+def test_datasets_tasks_and_run_settings(lavis_ready, path):
+    from lavis.common.registry import registry
+
+    import lavis.tasks  # noqa: F401  (registers the tasks)
+
+    cfg = lavis_config(path)
+    for name in cfg.datasets:
+        assert registry.get_builder_class(name) is not None, f"{name} is not a registered LAVIS builder"
+    assert registry.get_task_class(cfg.run.task) is not None, f"{cfg.run.task} is not a registered LAVIS task"
+    run = cfg.run
+    assert (run.device, run.amp, run.dist_url, run.distributed) == ("cuda", True, "env://", True)
+    if run.evaluate:
+        assert run.get("num_beams") == 5 and run.get("test_splits")
+        if run.task in ("vqa", "gqa"):
+            assert run.inference_method == "generate" and run.prompt == "Question: {} Short answer:"
+    else:
+        assert run.lr_sched == "linear_warmup_cosine_lr" and run.train_splits == ["train"]
+        expected_batch = {"image_text_pretrain": 60 if cfg.model.arch == "blip2" else 32, "captioning": 16}[run.task]
+        assert run.batch_size_train == expected_batch
+    if cfg.model.arch != "blip2":
+        # every checkpoint is an env var; none is a URL (the offline loader would refuse it anyway)
+        key = "finetuned" if cfg.model.load_finetuned else "pretrained"
+        assert cfg.model[key] is None
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(OmegaConf.load(path).model, resolve=False)
+        assert raw[key].startswith("${oc.env:") and raw[key].endswith(",null}"), raw[key]
+
+
+def test_paths_follow_environment_variables_and_options(lavis_ready, monkeypatch):
+    from omegaconf import OmegaConf
+
+    path = REPO / "configs" / "blip2_internlm" / "pretrain_stage2_internlm2_1.8b.yaml"
+    cfg = OmegaConf.to_container(lavis_config(path), resolve=True)
+    coco = cfg["datasets"]["coco_caption"]["build_info"]
+    assert coco["images"]["storage"] == "./coco/images/"  # LAVIS's layout under its cache_root
+    assert cfg["model"]["vit_weights"] == "eva_vit_g.pth" and cfg["model"]["qformer_text_model"] == "bert-base-uncased"
+    monkeypatch.setenv("DATA_ROOT", "/data")
+    monkeypatch.setenv("VG_ROOT", "/vg")
+    monkeypatch.setenv("EVA_VIT_G", "/w/eva_vit_g.pth")
+    monkeypatch.setenv("INTERNLM2_1_8B", "/w/internlm2-1_8b")
+    monkeypatch.setenv("STAGE1_CHECKPOINT", "/ckpt/stage1.pth")
+    cfg = OmegaConf.to_container(lavis_config(path, ["datasets.coco_caption.build_info.images.storage=/fast/coco/"]), resolve=True)
+    build = cfg["datasets"]["coco_caption"]["build_info"]
+    assert build["annotations"]["train"]["storage"] == "/data/coco/annotations/coco_karpathy_train.json"
+    assert build["images"]["storage"] == "/fast/coco/"
+    assert cfg["datasets"]["vg_caption"]["build_info"]["images"]["storage"] == "/vg/images/"
+    assert cfg["model"]["vit_weights"] == "/w/eva_vit_g.pth" and cfg["model"]["llm_model"] == "/w/internlm2-1_8b"
+    assert cfg["model"]["pretrained"] == "/ckpt/stage1.pth"
+    # VQAv2 annotations default to the COCO root (LAVIS's layout) unless VQAV2_ROOT says otherwise
+    vqa = OmegaConf.to_container(lavis_config(REPO / "configs/blip2_opt/vqav2_zeroshot_opt2.7b_eval.yaml"), resolve=True)
+    assert vqa["datasets"]["coco_vqa"]["build_info"]["annotations"]["val"]["storage"][0] == "/data/coco/annotations/vqa_val_eval.json"
+
+
+def test_meta_build_sizes_the_llm_from_a_local_config_json(lavis_ready, tmp_path):
+    from transformers import OPTConfig
+
+    from blip2_internlm.meta import llm_config
+
+    OPTConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=96).save_pretrained(tmp_path)
+    assert llm_config(str(tmp_path)).num_hidden_layers == 3
+    assert llm_config("/no/such/dir/internlm2-7b").hidden_size == 4096  # a path's name picks the preset
+    with pytest.raises(ValueError, match="cannot size it"):
+        llm_config("some/unknown-llm")
+
+
+def test_run_scripts():
+    assert SCRIPTS, "no run scripts"
+    referenced = set()
+    for script in SCRIPTS:
+        text = script.read_text()
+        assert script.stat().st_mode & stat.S_IXUSR, f"{script} is not executable"
+        assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+        configs = re.findall(r"configs/[\w./-]+\.yaml", text.split("set -euo pipefail", 1)[1])
+        assert len(configs) == 1, (script, configs)
+        config = REPO / configs[0]
+        assert config.is_file(), f"{script} names {configs[0]}, which does not exist"
+        referenced.add(config)
+        assert text.rstrip().endswith('"$@"'), f"{script} must pass extra arguments through"
+        assert "--nproc_per_node=${GPUS:-2}" in text and "--master_port=${MASTER_PORT:-29500}" in text
+        entry = "evaluate" if "evaluate: True" in config.read_text() else "train"
+        assert f"-m blip2_internlm.{entry} " in text, f"{script} should run blip2_internlm.{entry} for {config.name}"
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    assert referenced == set(CONFIGS), set(CONFIGS) - referenced
+
+
+def test_run_script_passes_options_through(tmp_path):
+    """The script's command line, with python replaced by an echo: extra arguments arrive intact."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    script = REPO / "run_scripts" / "blip2_internlm" / "pretrain_stage2_internlm2_1.8b.sh"
+    env = {**os.environ, "PYTHON": str(fake), "GPUS": "1"}
+    out = subprocess.run([str(script), "--options", "run.batch_size_train=16", "a b"], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[:2] == ["-m", "torch.distributed.run"] and "--nproc_per_node=1" in out
+    assert out[-3:] == ["--options", "run.batch_size_train=16", "a b"]
+    assert str(REPO / "configs/blip2_internlm/pretrain_stage2_internlm2_1.8b.yaml") in out
+
+
+def test_every_environment_variable_is_documented():
+    names = set()
+    for path in CONFIGS + sorted((REPO / "blip2_internlm" / "configs" / "models").glob("*.yaml")):
+        names |= set(re.findall(r"oc\.env:(\w+)", path.read_text()))
+    doc = (REPO / "docs" / "plan.md").read_text()
+    section = doc.split("## Real-size configs", 1)[1].split("\n## ", 1)[0]
+    assert {"DATA_ROOT", "COCO_ROOT", "VG_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED", "INTERNLM2_1_8B", "INTERNLM2_7B",
+            "OPT_2_7B", "STAGE1_CHECKPOINT", "STAGE2_CHECKPOINT"} <= names
+    assert not {name for name in names if f"`{name}`" not in section}
