@@ -83,3 +83,14 @@ def build(cfg, job_id):
     if runner_cls is None:
         raise SystemExit(f"run.runner = {runner_name!r} is not a registered LAVIS runner")
     return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+
+
+def shutdown() -> None:
+    """Tear the process group down before exit: a gloo group left to the interpreter's
+    shutdown can abort a rank ("terminate called without an active exception") after a
+    successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -26,8 +26,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 LOSS_LINE = re.compile(r"Train: data epoch: \[(\d+)\].*?\[\s*(\d+)/(\d+)\].*?loss: ([0-9.]+)")
 
 #: The data every stage sees: same generator settings, hence the same generated files.
-GENERATOR = {"seed": 0, "train": 2000, "val": 100, "test": 200, "image_size": 64, "max_objects": 1}
-VQA_PROMPTS = {"zh": "问题：{} 简短回答：", "en": "Question: {} Short answer:"}
+GENERATOR = {"seed": 0, "train": 4000, "val": 100, "test": 200, "image_size": 64, "max_objects": 1}
+from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS  # noqa: E402
 
 
 def run_logged(command: list[str], log: Path) -> str:
@@ -89,13 +89,14 @@ def main(argv=None):
     del text
 
     checkpoint = None
+    # quoted: LAVIS parses --options values as YAML, and "Question: {}" would be a mapping
+    caption_prompt = "model.prompt=" + json.dumps(CAPTION_PROMPTS[lang], ensure_ascii=False)
     plan = [
         ("stage1", "blip2_internlm.train", "pretrain_stage1.yaml", "shapes_caption", []),
-        ("stage2", "blip2_internlm.train", "pretrain_stage2.yaml", "shapes_caption", [f"model.llm_model={llm_dir}"]),
+        ("stage2", "blip2_internlm.train", "pretrain_stage2.yaml", "shapes_caption", [f"model.llm_model={llm_dir}", caption_prompt]),
         ("caption_eval", "blip2_internlm.evaluate", "caption_eval.yaml", "shapes_caption",
-         [f"model.llm_model={llm_dir}", "run.caption_tokenizer=" + ("char" if lang == "zh" else "words")]),
+         [f"model.llm_model={llm_dir}", caption_prompt, "run.caption_tokenizer=" + ("char" if lang == "zh" else "words")]),
         ("vqa_eval", "blip2_internlm.evaluate", "vqa_zeroshot.yaml", "shapes_vqa",
-         # quoted: LAVIS parses --options values as YAML, and "Question: {}" is a mapping
          [f"model.llm_model={llm_dir}", "run.prompt=" + json.dumps(VQA_PROMPTS[lang], ensure_ascii=False)]),
     ]
     for name, module, cfg, dataset, extra in plan:

@@ -2,10 +2,11 @@
 
 
 def main(argv=None):
-    from blip2_internlm._entry import build, setup
+    from blip2_internlm._entry import build, setup, shutdown
 
     cfg, job_id = setup("Training", argv)
     build(cfg, job_id).train()
+    shutdown()
 
 
 if __name__ == "__main__":
