@@ -24,6 +24,10 @@ import torch
 
 #: The zero-shot VQA prompt of each language (what configs/tiny/vqa_zeroshot*.yaml use).
 VQA_PROMPTS = {"zh": "问题：{} 简短回答：", "en": "Question: {} Short answer:"}
+#: The caption prompt of each language (stage 2 and caption evaluation), as LAVIS's BLIP-2
+#: captions with "a photo of".  With the task named in the text, the soft prompt only has
+#: to carry what is in the image, and a question reads it as a caption does.
+CAPTION_PROMPTS = {"zh": "图片描述：", "en": "A short caption:"}
 
 
 def keyword_corpus(colors=None, shapes=None, positions=None, seed=0) -> list[tuple[str, str, str]]:
@@ -53,22 +57,32 @@ def keyword_corpus(colors=None, shapes=None, positions=None, seed=0) -> list[tup
                 for lang in ("en", "zh"):
                     # captions weigh as much as the ten questions: they are stage 2's task
                     caption = data._captions([obj], lang)[0]
-                    rows += [(keywords(lang, color, shape, position), "", caption) for _ in range(5)]
-                    for exists in (True, False):
-                        other = next(c for c in colors if c != color)
-                        scene = {"objects": [obj], "target": obj, "exist": ((color if exists else other, shape), exists)}
-                        rows += [
-                            (keywords(lang, color, shape, position), VQA_PROMPTS[lang].format(q), a)
-                            for q, a in data._questions(scene, lang)
-                        ]
+                    rows += [(keywords(lang, color, shape, position), CAPTION_PROMPTS[lang], caption) for _ in range(5)]
+                    scene = {"objects": [obj], "target": obj, "exist": ((color, shape), True)}
+                    qa = data._questions(scene, lang)
+                    # "is there a ...?": as many yes as no, and every kind of no (other colour,
+                    # other shape, both), so no shortcut answers it without reading the context
+                    asked = [(color, shape)] * 2 + [  # plus the yes already in qa
+                        (rng.choice([c for c in colors if c != color]), shape),
+                        (color, rng.choice([h for h in shapes_ if h != shape])),
+                        (rng.choice([c for c in colors if c != color]), rng.choice([h for h in shapes_ if h != shape])),
+                    ]
+                    for ask in asked:
+                        exist_scene = {**scene, "exist": (ask, ask == (color, shape))}
+                        qa.append(data._questions(exist_scene, lang)[3])
+                    rows += [(keywords(lang, color, shape, position), VQA_PROMPTS[lang].format(q), a) for q, a in qa]
     return rows + [("", "", text) for text in data.text_corpus(colors, shapes_, positions)]
 
 
-def pretrain_causal_lm(model_dir, rows: list[tuple[str, str, str]], *, steps=1500, batch_size=32, lr=3e-3, seed=0) -> list[float]:
+def pretrain_causal_lm(model_dir, rows: list[tuple[str, str, str]], *, steps=1500, batch_size=32, lr=3e-3, seed=0,
+                       context_noise=0.5) -> list[float]:
     """Train the checkpoint in ``model_dir`` on ``context <s> prompt text </s>``; save it back.
 
     Prompt and text are tokenized apart, as Blip2InternLM does, so the answer starts on the
-    same token boundary in pretraining and in generation.
+    same token boundary in pretraining and in generation.  Gaussian noise (``context_noise``
+    times the embedding table's spread) is added to the context's embeddings: the LLM learns
+    to read a neighbourhood of each keyword, not one point, and a soft prompt that lands
+    near it is read the same way by every continuation.
 
     Deterministic for a given machine (fixed seeds, one thread).  Returns the loss curve.
     """
@@ -80,7 +94,7 @@ def pretrain_causal_lm(model_dir, rows: list[tuple[str, str, str]], *, steps=150
     def ids(text):
         return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
-    rows = [ids(context) + [tokenizer.bos_token_id] + ids(prompt) + ids(text) + [tokenizer.eos_token_id] for context, prompt, text in rows]
+    rows = [(ids(context), [tokenizer.bos_token_id] + ids(prompt) + ids(text) + [tokenizer.eos_token_id]) for context, prompt, text in rows]
     rng = random.Random(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -92,13 +106,19 @@ def pretrain_causal_lm(model_dir, rows: list[tuple[str, str, str]], *, steps=150
     try:
         for _ in range(steps):
             batch = rng.sample(rows, min(batch_size, len(rows)))
-            width = max(map(len, batch))
+            width = max(len(c) + len(t) for c, t in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for i, row in enumerate(batch):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            context = torch.zeros_like(ids, dtype=torch.bool)
+            for i, (c, t) in enumerate(batch):
+                ids[i, : len(c) + len(t)] = torch.tensor(c + t)
+                mask[i, : len(c) + len(t)] = 1
+                context[i, : len(c)] = True
+            table = model.get_input_embeddings()
+            embeds = table(ids)
+            spread = table.weight.detach().std()
+            embeds = embeds + context_noise * spread * torch.randn_like(embeds) * context.unsqueeze(-1)
+            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
