@@ -49,7 +49,7 @@ def patch_lavis() -> None:
     runner.epoch_reshuffle_behind_prefetch_loader()
     runner.configurable_epoch_transition_sleep()
     runner.evaluation_on_the_models_device()
-    runner.reseed_every_epoch()
+    runner.resumable_epochs()
     checkpoints.safe_model_checkpoint_loading()
     checkpoints.safe_runner_checkpoint_loading()
     blip2.offline_blip2_assets()

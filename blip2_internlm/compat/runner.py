@@ -171,21 +171,32 @@ def evaluation_on_the_models_device():
 
 
 @fix
-def reseed_every_epoch():
-    """LAVIS seeds once per run, so a run resumed at epoch k draws other dropout masks than one that got there itself."""
+def resumable_epochs():
+    """LAVIS seeds once per run and advances the sampler epoch by counting passes, so a run resumed at epoch k draws other batches and dropout masks than one that got there itself."""
     import random
 
     import numpy as np
     from lavis.common.dist_utils import get_rank
+    from lavis.datasets.datasets.dataloader_utils import IterLoader
     from lavis.runners.runner_base import RunnerBase
 
     train_epoch = RunnerBase.train_epoch
 
-    def train_epoch_reseeded(self, epoch):
+    def start_epoch(loader, epoch):
+        for inner in getattr(loader, "loaders", [loader]):  # MultiIterLoader holds several
+            if isinstance(inner, IterLoader):
+                inner._epoch = epoch
+                if inner._use_distributed and hasattr(inner._dataloader.sampler, "set_epoch"):
+                    inner._dataloader.sampler.set_epoch(epoch)
+                inner.iter_loader = iter(inner._dataloader)
+
+    def train_epoch_from_its_number(self, epoch):
+        loader = self.train_loader  # built lazily, drawing random numbers: before seeding
         seed = int(self.config.run_cfg.get("seed", 42)) + get_rank() + 1000 * int(epoch)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+        start_epoch(loader, int(epoch))
         return train_epoch(self, epoch)
 
-    RunnerBase.train_epoch = train_epoch_reseeded
+    RunnerBase.train_epoch = train_epoch_from_its_number
