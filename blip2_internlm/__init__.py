@@ -9,7 +9,7 @@ from blip2_internlm import compat
 
 compat.prepare_imports()
 
-import lavis  # noqa: E402  (must follow prepare_imports)
+import lavis  # noqa: E402,F401  (must follow prepare_imports)
 
 compat.patch_lavis()
 

@@ -3,8 +3,6 @@
 import importlib.util
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from spec_helpers import REPO, installed_lavis_dir

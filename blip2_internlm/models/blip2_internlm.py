@@ -19,7 +19,6 @@ What the original port got wrong, and how this file avoids it:
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Sequence
@@ -31,7 +30,6 @@ from torch import nn
 
 from blip2_internlm.compat.blip2 import blip2_assets
 
-logger = logging.getLogger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
 

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 from omegaconf import OmegaConf
-from PIL import Image
 
 from blip2_internlm.datasets.records import BadRecordError
 
