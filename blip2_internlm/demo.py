@@ -71,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, default=Path("output/demo"))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--llm", default="64x2", help="tiny LLM size, HIDDENxLAYERS")
     args = parser.parse_args(argv)
     output = args.output.absolute()
     output.mkdir(parents=True, exist_ok=True)
@@ -82,11 +83,12 @@ def main(argv=None):
     # (0) the LLM: a tiny InternLM2, pretrained on text, then frozen for good
     started = time.time()
     llm_dir = output / "llm"
-    text = run_logged([sys.executable, "-m", "blip2_internlm.internlm2.pretrain_text", "--out", str(llm_dir)], output / "logs" / "llm.log")
+    hidden, layers = args.llm.split("x")
+    run_logged([sys.executable, "-m", "blip2_internlm.internlm2.pretrain_text", "--out", str(llm_dir),
+                       "--hidden", hidden, "--layers", layers], output / "logs" / "llm.log")
     losses = json.loads((llm_dir / "pretraining.json").read_text())["losses"]
     result["stages"]["llm_pretraining"] = {"seconds": round(time.time() - started, 1), "final_loss": losses[-1],
                                            "curve": [(i / len(losses), l) for i, l in enumerate(losses)][::10]}
-    del text
 
     checkpoint = None
     # quoted: LAVIS parses --options values as YAML, and "Question: {}" would be a mapping

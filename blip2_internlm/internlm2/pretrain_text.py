@@ -140,9 +140,12 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (intermediate = 2x)")
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
     rows = keyword_corpus()
-    build_tiny_internlm2(args.out, corpus=[" ".join(row) for row in rows], seed=args.seed)
+    build_tiny_internlm2(args.out, corpus=[" ".join(row) for row in rows], seed=args.seed,
+                         hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers)
     losses = pretrain_causal_lm(args.out, rows, steps=args.steps, seed=args.seed)
     (args.out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "losses": losses}))
     print(f"pretrained {args.out} for {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
