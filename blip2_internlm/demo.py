@@ -71,7 +71,7 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, default=Path("output/demo"))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--llm", default="64x2", help="tiny LLM size, HIDDENxLAYERS")
+    parser.add_argument("--llm", default="128x3", help="tiny LLM size, HIDDENxLAYERS")
     args = parser.parse_args(argv)
     output = args.output.absolute()
     output.mkdir(parents=True, exist_ok=True)
