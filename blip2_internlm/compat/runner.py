@@ -1,4 +1,6 @@
-"""LAVIS's runner on CPU: no CUDA-only DDP arguments and no GradScaler."""
+"""LAVIS's runner: CPU runs (DDP, GradScaler, prefetching, evaluation), loader epochs, resumable epochs."""
+
+import contextvars
 
 import torch
 
@@ -62,6 +64,13 @@ def output_dir_relative_to_cwd():
     RunnerBase.setup_output_dir = setup_output_dir
 
 
+def _delegate_to_loader(self, name):
+    """``__getattr__`` of loader wrappers: sampler, dataset, batch_size come from the wrapped loader."""
+    if name == "loader":  # not set yet (unpickling, copying): no recursion
+        raise AttributeError(name)
+    return getattr(self.loader, name)
+
+
 class _PassThroughLoader:
     """What PrefetchLoader offers the runner, minus the CUDA stream and the copy to CUDA."""
 
@@ -74,26 +83,20 @@ class _PassThroughLoader:
     def __len__(self):
         return len(self.loader)
 
-    def __getattr__(self, name):  # sampler, dataset, batch_size: the runner reads them
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
+    __getattr__ = _delegate_to_loader
 
 
-_LOADER_SETTINGS = None  # a ContextVar, created by prefetch_loader_only_on_cuda
+#: Set by RunnerBase.create_loaders (patched below) for the loaders it builds.
+_LOADER_SETTINGS = contextvars.ContextVar("loader_settings", default={})
 
 
 @fix
 def prefetch_loader_only_on_cuda():
     """RunnerBase wraps every loader in PrefetchLoader, which creates a CUDA stream and copies batches to CUDA even for run.device: cpu."""
-    import contextvars
     import functools
 
     from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
     from lavis.runners import runner_base
-
-    global _LOADER_SETTINGS
-    _LOADER_SETTINGS = contextvars.ContextVar("loader_settings", default={})
 
     def prefetch_loader(loader):
         device = _LOADER_SETTINGS.get().get("device")
@@ -119,12 +122,7 @@ def epoch_reshuffle_behind_prefetch_loader():
     """IterLoader calls sampler.set_epoch only if its loader has a sampler; PrefetchLoader hides it, so GPU runs see one shuffle for all epochs."""
     from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 
-    def __getattr__(self, name):  # only for attributes PrefetchLoader lacks: sampler, dataset, ...
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    PrefetchLoader.__getattr__ = __getattr__
+    PrefetchLoader.__getattr__ = _delegate_to_loader
 
 
 @fix
@@ -138,7 +136,7 @@ def configurable_epoch_transition_sleep():
 
     def init_with_sleep(self, dataloader, use_distributed=False):
         init(self, dataloader, use_distributed)
-        self.epoch_sleep = _LOADER_SETTINGS.get().get("epoch_sleep", 2.0) if _LOADER_SETTINGS else 2.0
+        self.epoch_sleep = _LOADER_SETTINGS.get().get("epoch_sleep", 2.0)
 
     def next_batch(self):
         try:
