@@ -17,6 +17,6 @@ from blip2_internlm.internlm2 import register_auto_classes  # noqa: E402
 
 register_auto_classes()
 
-from blip2_internlm import datasets, models, tasks  # noqa: E402,F401  (registration)
+from blip2_internlm import datasets, models, processors, tasks  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"
