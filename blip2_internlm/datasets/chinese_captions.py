@@ -1,0 +1,452 @@
+"""Chinese caption corpora, read from their files as distributed, and their LAVIS builders.
+
+Builders: ``coco_cn_caption``, ``flickr8k_cn_caption``, ``flickr30k_cn_caption``, ``aic_caption``
+(AI Challenger 2017), ``zh_caption_json`` (LAVIS caption JSON, the generic format that
+``python -m blip2_internlm.data.convert`` writes) and ``zh_caption_wds`` (webdataset shards,
+Wukong/LAION style).  The file formats, with their sources, are in docs/chinese_data.md.
+
+Every corpus reader turns its files into *items* ``(where, record, problem)``: ``record`` is
+``{"image": path relative to the image root, "caption": str | list[str], "image_id": str}``,
+``where`` names the file and line (or JSON record) it came from, and ``problem`` is a parse
+problem found while reading (or None).  The same readers feed the builders and the converter.
+``checked`` then applies the project's rule for bad records (``datasets/records.py``): an error
+naming file and record, or, with ``skip_invalid: true``, a counted skip.
+
+Each split's ``build_info.annotations.<split>.storage`` is a list of files (which ones depends on
+the corpus: a split list, then caption files); ``build_info.images.storage`` is the image root.
+Relative paths resolve under LAVIS's ``cache_root``, as for LAVIS's own datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict
+
+import webdataset as wds
+from lavis.common import utils
+from lavis.common.registry import registry
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+from lavis.datasets.datasets.base_dataset import BaseDataset
+from lavis.datasets.datasets.laion_dataset import LaionDataset
+
+from blip2_internlm.compat.datasets import builder_name
+from blip2_internlm.datasets.records import BadRecordError, CheckedMixin, load_annotation_file, open_rgb, record_problem
+from blip2_internlm.ids import stable_image_id
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets")
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------- file readers
+
+
+def _lines(path):
+    """(line number, stripped line) of a UTF-8 text file, blank lines left out."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                line = line.strip()
+                if line:
+                    yield number, line
+    except FileNotFoundError:
+        raise BadRecordError(f"annotation file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise BadRecordError(f"{path} is not UTF-8 text: {err}") from None
+
+
+def read_split_ids(path) -> list[tuple[str, str]]:
+    """``(image key, where)`` per line of a split list (one image id or file name a line)."""
+    seen, ids = set(), []
+    for number, line in _lines(path):
+        key = line.split()[0]
+        if key not in seen:
+            seen.add(key)
+            ids.append((key, f"{path}, line {number}"))
+    return ids
+
+
+def read_hash_captions(path, key_of=lambda head: head.split("#", 1)[0], text_of=lambda text: text):
+    """``image key -> [(caption, where, problem)]`` from ``<image>#...<TAB or space><caption>`` lines.
+
+    COCO-CN, Flickr8k-CN and Flickr30k-CN all write one caption a line, its id first (the image
+    id or file name, ``#``, a caption number, sometimes a language tag between), then the text.
+    """
+    captions: dict[str, list] = {}
+    for number, line in _lines(path):
+        where = f"{path}, line {number}"
+        head, _, text = line.partition("\t") if "\t" in line else line.partition(" ")
+        if "#" not in head:
+            captions.setdefault(f"?{number}", []).append(("", where, f"is not '<image id>#<n><TAB><caption>': {line[:80]!r}"))
+            continue
+        captions.setdefault(key_of(head), []).append((text_of(text.strip()), f"{where} ({head})", None))
+    return captions
+
+
+def _split_items(split_file, caption_files, image_of, id_of=lambda key: key, **caption_kw):
+    """Items for the images a split list names, with their captions from ``caption_files``.
+
+    ``image_of``/``id_of`` map a split-list entry to the image path and id; ``caption_kw`` goes
+    to ``read_hash_captions`` (its ``key_of`` must map caption ids to ``id_of``'s keys).
+    """
+    by_key: dict[str, list] = {}
+    for path in caption_files:
+        for key, caps in read_hash_captions(path, **caption_kw).items():
+            by_key.setdefault(key, []).extend(caps)
+    items = [
+        (where, {"image": "", "caption": "", "image_id": ""}, problem)
+        for key, caps in by_key.items() if key.startswith("?")
+        for _, where, problem in caps
+    ]
+    for key, split_where in read_split_ids(split_file):
+        caps = by_key.get(id_of(key), [])
+        record = {"image": image_of(key), "image_id": id_of(key)}
+        if not caps:
+            items.append((split_where, {**record, "caption": None}, f"image {key} has no caption in {list(map(str, caption_files))}"))
+        for text, where, problem in caps:
+            items.append((where, {**record, "caption": text}, problem))
+    return items
+
+
+_COCO_ID = re.compile(r"COCO_(train|val)2014_\d{12}")
+
+
+def coco_cn_image(key: str) -> str:
+    """COCO-CN ids name the COCO 2014 file: ``COCO_val2014_000000000042`` -> ``val2014/<id>.jpg``."""
+    match = _COCO_ID.fullmatch(key)
+    if not match:
+        return f"<not a COCO 2014 id: {key}>"  # record_problem reports it as a missing image
+    return f"{match.group(1)}2014/{key}.jpg"
+
+
+def read_coco_cn(files, image_root=None):
+    """COCO-CN: ``[coco-cn_<split>.txt, caption file, ...]`` (human-written and/or manually translated)."""
+    split_file, *caption_files = files
+    return _split_items(split_file, caption_files, coco_cn_image)
+
+
+def _flickr_key(name: str) -> str:
+    return name[:-4] if name.lower().endswith(".jpg") else name
+
+
+def read_flickr8k_cn(files, image_root=None):
+    """Flickr8k-CN: ``[Flickr_8k.<split>Images.txt, flickr8kzhc.caption.txt, ...]``; ids ``<file>.jpg#zhc#<n>``."""
+    split_file, *caption_files = files
+    return _split_items(split_file, caption_files, lambda key: f"{_flickr_key(key)}.jpg", _flickr_key,
+                        key_of=lambda head: _flickr_key(head.split("#", 1)[0]))
+
+
+# Some copies of the Flickr30k-CN release tag every token with its part of speech (``警车:n``).
+_POS_TAGGED = re.compile(r"(\S+):[a-z]{1,3}")
+
+
+def _drop_pos_tags(text: str) -> str:
+    tokens = text.split()
+    if tokens and all(_POS_TAGGED.fullmatch(t) for t in tokens):
+        return " ".join(_POS_TAGGED.fullmatch(t).group(1) for t in tokens)
+    return text
+
+
+def read_flickr30k_cn(files, image_root=None):
+    """Flickr30k-CN: ``[<set>/ImageSets/<set>.txt, <set>/TextData/seg.<set>.caption.txt]``; ids ``<n>#zhb#<i>``."""
+    split_file, *caption_files = files
+    return _split_items(split_file, caption_files, lambda key: f"{_flickr_key(key)}.jpg", _flickr_key,
+                        key_of=lambda head: _flickr_key(head.split("#", 1)[0]), text_of=_drop_pos_tags)
+
+
+def aic_image_dir(annotation_file) -> str:
+    """The image folder that the AI Challenger zip unpacks next to a split's annotation file."""
+    folder, name = os.path.split(str(annotation_file))
+    return os.path.join(folder, os.path.splitext(name)[0].replace("_annotations_", "_images_"))
+
+
+def read_aic(files, image_root=None):
+    """AI Challenger 2017: a JSON list of ``{"url", "image_id": "<sha>.jpg", "caption": [5 strings]}``.
+
+    ``image`` is the file name, relative to ``image_root`` or, with none, to the folder the zip
+    unpacks next to the annotation file (``aic_image_dir``).
+    """
+    items = []
+    for path in files:
+        for index, obj in enumerate(load_annotation_file(path)):
+            where = f"{path}, record {index}"
+            if not isinstance(obj, dict):
+                items.append((where, {"image": "", "caption": None}, f"is a {type(obj).__name__}, not an object"))
+                continue
+            name = obj.get("image_id")
+            if not isinstance(name, str) or not name:
+                items.append((where, {"image": "", "caption": None}, "has no 'image_id' file name"))
+                continue
+            record = {"image": name, "caption": obj.get("caption"), "image_id": os.path.splitext(name)[0]}
+            items.append((f"{where} ({name})", record, None))
+    return items
+
+
+def read_caption_json(files, image_root=None):
+    """LAVIS caption JSON: a list of ``{"image", "caption": str or list, "image_id"}`` (``image_id``
+    defaults to ``image``)."""
+    items = []
+    for path in files:
+        for index, obj in enumerate(load_annotation_file(path)):
+            where = f"{path}, record {index}"
+            if not isinstance(obj, dict):
+                items.append((where, {"image": "", "caption": None}, f"is a {type(obj).__name__}, not an object"))
+                continue
+            image_id = obj.get("image_id", obj.get("image"))
+            record = {"image": obj.get("image"), "caption": obj.get("caption"), "image_id": str(image_id)}
+            items.append((where, record, None))
+    return items
+
+
+READERS = {
+    "coco_cn_caption": read_coco_cn,
+    "flickr8k_cn_caption": read_flickr8k_cn,
+    "flickr30k_cn_caption": read_flickr30k_cn,
+    "aic_caption": read_aic,
+    "zh_caption_json": read_caption_json,
+}
+
+
+# ----------------------------------------------------------------------------- checks, records
+
+
+def checked(items, vis_root: str, skip_invalid: bool, what: str = "annotations"):
+    """The usable records of ``items``, each with its ``where``; bad ones raise or are counted.
+
+    Returns ``(records, skipped)``.
+    """
+    kept, skipped = [], 0
+    for where, record, problem in items:
+        problem = problem or record_problem(record, vis_root, "caption")
+        if problem is None:
+            kept.append({**record, "where": where})
+        elif skip_invalid:
+            skipped += 1
+        else:
+            raise BadRecordError(f"{where}: {problem} (set skip_invalid: true to skip such records)")
+    if skipped:
+        logger.warning("Skipped %d invalid caption records of %s (skip_invalid: true)", skipped, what)
+    if not kept:
+        raise BadRecordError(f"no usable caption records in {what}")
+    return kept, skipped
+
+
+def per_caption(records) -> list[dict]:
+    """Training records: one per caption."""
+    out = []
+    for record in records:
+        captions = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
+        out.extend({**record, "caption": caption} for caption in captions)
+    return out
+
+
+def per_image(records) -> list[dict]:
+    """Evaluation records: one per image (first-seen order), with all its captions as a list."""
+    images: OrderedDict[str, dict] = OrderedDict()
+    for record in records:
+        captions = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
+        entry = images.setdefault(record["image_id"], {**record, "caption": []})
+        entry["caption"].extend(captions)
+    return list(images.values())
+
+
+class ZhCaptionDataset(CheckedMixin, BaseDataset):
+    """Training samples ``{"image", "text_input", "image_id"}``, one per caption."""
+
+    def __init__(self, vis_processor, text_processor, vis_root, records, skip_invalid=False, skipped=0):
+        super().__init__(vis_processor, text_processor, vis_root, ann_paths=[])
+        self.annotation = per_caption(records)
+        self.skip_invalid, self.skipped_records = skip_invalid, skipped
+        self._add_instance_ids()
+
+    def image(self, index):
+        ann = self.annotation[index]
+        return self.vis_processor(open_rgb(os.path.join(self.vis_root, ann["image"]), ann["where"]))
+
+    def load(self, index):
+        ann = self.annotation[index]
+        return {"image": self.image(index), "text_input": self.text_processor(ann["caption"]), "image_id": ann["image_id"]}
+
+
+class ZhCaptionEvalDataset(ZhCaptionDataset):
+    """Evaluation samples ``{"image", "image_id", "instance_id"}``, one per image (as LAVIS's
+    ``COCOCapEvalDataset``), and ``references()`` for ``task: captioning_offline``."""
+
+    def __init__(self, vis_processor, text_processor, vis_root, records, skip_invalid=False, skipped=0):
+        BaseDataset.__init__(self, vis_processor, text_processor, vis_root, ann_paths=[])
+        self.annotation = per_image(records)
+        self.skip_invalid, self.skipped_records = skip_invalid, skipped
+        self._add_instance_ids()
+
+    def load(self, index):
+        ann = self.annotation[index]
+        return {"image": self.image(index), "image_id": stable_image_id(ann["image_id"]), "instance_id": ann["instance_id"]}
+
+    def references(self) -> dict[int, list[str]]:
+        """Reference captions by the integer ``image_id`` of the samples, normalised as the eval
+        text processor does but without its prompt."""
+        normalize = getattr(self.text_processor, "normalize", self.text_processor)
+        return {stable_image_id(ann["image_id"]): [normalize(c) for c in ann["caption"]] for ann in self.annotation}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def resolve(path) -> str:
+    """A config path: absolute as given, relative under LAVIS's ``cache_root`` (as LAVIS does)."""
+    path = os.path.expanduser(str(path))
+    return path if os.path.isabs(path) else utils.get_cache_path(path)
+
+
+class ZhCaptionBuilder(BaseDatasetBuilder):
+    """Builds each split named under ``build_info.annotations`` with the corpus's reader."""
+
+    train_dataset_cls = ZhCaptionDataset
+    eval_dataset_cls = ZhCaptionEvalDataset
+    images_required = True
+
+    def _download_data(self):
+        """Nothing to fetch: the corpora are downloaded by hand (docs/chinese_data.md); ``build``
+        reports missing files by config key."""
+
+    def image_root(self):
+        images = self.config.build_info.get("images", None) or {}
+        storage = images.get("storage", None)
+        if storage is None:
+            if self.images_required:
+                raise ValueError(f"datasets.{builder_name(self)}.build_info.images.storage is not set")
+            return None
+        return resolve(storage)
+
+    def split_files(self, split) -> list[str]:
+        storage = self.config.build_info.annotations[split].storage
+        return [resolve(p) for p in ([storage] if isinstance(storage, str) else list(storage))]
+
+    def build(self):
+        self.build_processors()
+        name = builder_name(self)
+        reader = READERS[name]
+        skip_invalid = bool(self.config.get("skip_invalid", False))
+        image_root = self.image_root()
+        datasets = {}
+        for split, info in self.config.build_info.annotations.items():
+            if split not in SPLITS or info is None:  # a split set to null is left out
+                continue
+            files = self.split_files(split)
+            for path in files:
+                if not os.path.exists(path):
+                    raise BadRecordError(f"datasets.{name}.build_info.annotations.{split}.storage: no file at {path} "
+                                         "(see docs/chinese_data.md for where each corpus's files go)")
+            items = reader(files, image_root)
+            vis_root = image_root or aic_image_dir(files[0])
+            records, skipped = checked(items, vis_root, skip_invalid, what=f"datasets.{name} {split} ({files})")
+            is_train = split == "train"
+            kind = "train" if is_train else "eval"
+            datasets[split] = (self.train_dataset_cls if is_train else self.eval_dataset_cls)(
+                vis_processor=self.vis_processors[kind], text_processor=self.text_processors[kind],
+                vis_root=vis_root, records=records, skip_invalid=skip_invalid, skipped=skipped,
+            )
+        return datasets
+
+
+def _defaults(name):
+    return {"default": os.path.join(CONFIG_DIR, name, "defaults.yaml")}
+
+
+@registry.register_builder("coco_cn_caption")
+class CocoCnCaptionBuilder(ZhCaptionBuilder):
+    DATASET_CONFIG_DICT = _defaults("coco_cn_caption")
+
+
+@registry.register_builder("flickr8k_cn_caption")
+class Flickr8kCnCaptionBuilder(ZhCaptionBuilder):
+    DATASET_CONFIG_DICT = _defaults("flickr8k_cn_caption")
+
+
+@registry.register_builder("flickr30k_cn_caption")
+class Flickr30kCnCaptionBuilder(ZhCaptionBuilder):
+    DATASET_CONFIG_DICT = _defaults("flickr30k_cn_caption")
+
+
+@registry.register_builder("aic_caption")
+class AicCaptionBuilder(ZhCaptionBuilder):
+    """``images.storage`` null: each split's images sit where the zip put them, next to its
+    annotation file; set it to one folder that holds the images of every split."""
+
+    DATASET_CONFIG_DICT = _defaults("aic_caption")
+    images_required = False
+
+
+@registry.register_builder("zh_caption_json")
+class ZhCaptionJsonBuilder(ZhCaptionBuilder):
+    DATASET_CONFIG_DICT = _defaults("zh_caption_json")
+
+
+# ----------------------------------------------------------------------------- webdataset
+
+
+class ZhCaptionWdsDataset(LaionDataset):
+    """LAVIS's ``LaionDataset`` pipeline for Chinese pairs: shards of ``<key>.jpg`` (or png/webp)
+    with ``<key>.txt`` or ``<key>.json`` (``caption_key``, default ``caption``), as img2dataset
+    writes Wukong/LAION-style data.  A sample that cannot be decoded or has no usable caption is
+    an error naming shard and key, or with ``skip_invalid`` a logged skip."""
+
+    def __init__(self, vis_processor, text_processor, location, caption_key="caption", skip_invalid=False,
+                 shuffle=1000, resampled=True):
+        BaseDataset.__init__(self, vis_processor=vis_processor, text_processor=text_processor)
+        self.caption_key, self.skip_invalid = caption_key, skip_invalid
+        handler = wds.warn_and_continue if skip_invalid else wds.reraise_exception
+        shards = wds.ResampledShards(location) if resampled else wds.SimpleShardList(location)
+        stages = [shards, wds.tarfile_to_samples(handler=handler)]
+        if shuffle:
+            stages.append(wds.shuffle(shuffle, handler=handler))
+        stages += [wds.decode("pilrgb", handler=handler), wds.map(self.to_dict, handler=handler)]
+        self.inner_dataset = wds.DataPipeline(*stages)
+
+    def caption(self, sample) -> str:
+        where = f"{sample.get('__url__')}, sample {sample.get('__key__')}"
+        if "txt" in sample:
+            text = sample["txt"]
+        elif "json" in sample:
+            meta = sample["json"]
+            text = meta.get(self.caption_key) if isinstance(meta, dict) else None
+        else:
+            raise BadRecordError(f"{where}: has no .txt or .json caption")
+        if not isinstance(text, str):
+            raise BadRecordError(f"{where}: caption is not a string")
+        if not text.strip():
+            raise BadRecordError(f"{where}: caption is empty")
+        return text
+
+    def to_dict(self, sample):
+        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if image is None:
+            raise BadRecordError(f"{sample.get('__url__')}, sample {sample.get('__key__')}: has no jpg/png/webp image")
+        return {"image": self.vis_processor(image), "text_input": self.text_processor(self.caption(sample)),
+                "image_id": sample["__key__"]}
+
+
+@registry.register_builder("zh_caption_wds")
+class ZhCaptionWdsBuilder(BaseDatasetBuilder):
+    """Like LAVIS's ``laion2B_multi``: ``build_info.storage`` is a brace pattern of shards; the
+    train split is the (infinite, resampled) ``wds.DataPipeline``."""
+
+    train_dataset_cls = ZhCaptionWdsDataset
+    DATASET_CONFIG_DICT = _defaults("zh_caption_wds")
+
+    def _download_data(self):
+        pass
+
+    def build(self):
+        self.build_processors()
+        location = str(self.config.build_info.storage)
+        return {"train": self.train_dataset_cls(
+            vis_processor=self.vis_processors["train"], text_processor=self.text_processors["train"],
+            location=location if "://" in location or location.startswith("pipe:") else resolve(location),
+            caption_key=str(self.config.get("caption_key", "caption")),
+            skip_invalid=bool(self.config.get("skip_invalid", False)),
+            shuffle=int(self.config.get("shuffle_buffer", 1000)),
+        ).inner_dataset}
