@@ -148,7 +148,7 @@ def test_datasets_tasks_and_run_settings(lavis_ready, path):
             assert run.inference_method == "generate" and run.prompt == "Question: {} Short answer:"
     else:
         assert run.lr_sched == "linear_warmup_cosine_lr" and run.train_splits == ["train"]
-        expected_batch = {"image_text_pretrain": 60 if cfg.model.arch == "blip2" else 32, "captioning": 16}[run.task]
+        expected_batch = {"image_text_pretrain": 60 if cfg.model.arch == "blip2" else 32, "captioning": 16, "captioning_offline": 16}[run.task]
         assert run.batch_size_train == expected_batch
     if cfg.model.arch != "blip2":
         # every checkpoint is an env var; none is a URL (the offline loader would refuse it anyway)
