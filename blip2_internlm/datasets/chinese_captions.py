@@ -14,7 +14,9 @@ naming file and record, or, with ``skip_invalid: true``, a counted skip.
 
 Each split's ``build_info.annotations.<split>.storage`` is a list of files (which ones depends on
 the corpus: a split list, then caption files); ``build_info.images.storage`` is the image root.
-Relative paths resolve under LAVIS's ``cache_root``, as for LAVIS's own datasets.
+Relative paths resolve under LAVIS's ``cache_root``, as for LAVIS's own datasets.  A corpus
+builder also reads its splits already converted to the generic format: a split whose files are
+all ``.json`` (text corpora), or AI Challenger records that carry ``image`` (convert.py output).
 """
 
 from __future__ import annotations
@@ -176,6 +178,9 @@ def read_aic(files, image_root=None):
             if not isinstance(obj, dict):
                 items.append((where, {"image": "", "caption": None}, f"is a {type(obj).__name__}, not an object"))
                 continue
+            if "image" in obj:  # already converted to the generic format (convert.py output)
+                items.append((where, _generic_record(obj), None))
+                continue
             name = obj.get("image_id")
             if not isinstance(name, str) or not name:
                 items.append((where, {"image": "", "caption": None}, "has no 'image_id' file name"))
@@ -195,12 +200,15 @@ def read_caption_json(files, image_root=None):
             if not isinstance(obj, dict):
                 items.append((where, {"image": "", "caption": None}, f"is a {type(obj).__name__}, not an object"))
                 continue
-            image_id = obj.get("image_id", obj.get("image"))
-            record = {"image": obj.get("image"), "caption": obj.get("caption"), "image_id": str(image_id)}
-            items.append((where, record, None))
+            items.append((where, _generic_record(obj), None))
     return items
 
 
+def _generic_record(obj) -> dict:
+    return {"image": obj.get("image"), "caption": obj.get("caption"), "image_id": str(obj.get("image_id", obj.get("image")))}
+
+
+_TEXT_READERS = (read_coco_cn, read_flickr8k_cn, read_flickr30k_cn)
 READERS = {
     "coco_cn_caption": read_coco_cn,
     "flickr8k_cn_caption": read_flickr8k_cn,
@@ -340,7 +348,9 @@ class ZhCaptionBuilder(BaseDatasetBuilder):
                 if not os.path.exists(path):
                     raise BadRecordError(f"datasets.{name}.build_info.annotations.{split}.storage: no file at {path} "
                                          "(see docs/chinese_data.md for where each corpus's files go)")
-            items = reader(files, image_root)
+            # A split given as converter output (.json files) is read as the generic format.
+            use = read_caption_json if reader in _TEXT_READERS and all(f.endswith(".json") for f in files) else reader
+            items = use(files, image_root)
             vis_root = image_root or aic_image_dir(files[0])
             records, skipped = checked(items, vis_root, skip_invalid, what=f"datasets.{name} {split} ({files})")
             is_train = split == "train"

@@ -216,6 +216,10 @@ def test_converter_output_round_trips_through_zh_caption_json(lavis_ready, tmp_p
             assert {k: v for k, v in a[i].items() if k != "image"} == {k: v for k, v in b[i].items() if k != "image"}
             assert torch.equal(a[i]["image"], b[i]["image"])
     assert original["val"].references() == generic["val"].references()
+    # the corpus builder itself also takes converted splits
+    converted = builder("coco_cn_caption", tmp_path, build_info={"annotations": {
+        "train": {"storage": [str(out / "train.json")]}, "val": None, "test": None}}).build_datasets()["train"]
+    assert [converted[i]["text_input"] for i in range(len(converted))] == [original["train"][i]["text_input"] for i in range(3)]
 
 
 def test_converter_cli_writes_ai_challenger_images_relative_to_the_root(lavis_ready, tmp_path, monkeypatch):
@@ -229,9 +233,13 @@ def test_converter_cli_writes_ai_challenger_images_relative_to_the_root(lavis_re
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("blip2_internlm.data.convert", run_name="__main__")
     assert exit_.value.code == 0
-    assert json.loads(out.read_text(encoding="utf-8")) == [{
+    converted = json.loads(out.read_text(encoding="utf-8"))
+    assert converted == [{
         "image": "aic/ai_challenger_caption_validation_20170910/caption_validation_images_20170910/3cc4f7dd0b1d1d0a4b1b1a5e.jpg",
         "caption": AIC_CAPTIONS[:2], "image_id": "3cc4f7dd0b1d1d0a4b1b1a5e"}]
+    val = builder("aic_caption", tmp_path, build_info={"annotations": {"train": None, "val": {"storage": [str(out)]}},
+                                                       "images": {"storage": str(tmp_path)}}).build_datasets()["val"]
+    assert list(val.references().values()) == [["一个穿着红色衣服的女人在草地上奔跑", "草地上有一个女人"]]
     monkeypatch.setattr("sys.argv", ["convert", "--from", "aic", "--root", str(tmp_path), "--split", "test", "--out", str(out)])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("blip2_internlm.data.convert", run_name="__main__")
@@ -343,3 +351,29 @@ def test_a_collated_batch_passes_through_the_tiny_model(lavis_ready, tmp_path):
     model = load_model_and_preprocess("blip2_internlm", "tiny", is_eval=True)[0]
     loss = model({**batch, "prompt": "图片描述："})["loss"]
     assert torch.isfinite(loss) and loss > 0
+
+
+# ---------------------------------------------------------------- the real-size Chinese configs
+
+ZH_CONFIGS = ["pretrain_stage2_zh_internlm2_1.8b", "pretrain_stage2_wukong_wds_internlm2_1.8b",
+              "caption_coco_cn_zh_ft_internlm2_1.8b", "caption_coco_cn_zh_eval_internlm2_1.8b",
+              "caption_aic_zh_ft_internlm2_1.8b", "caption_aic_zh_eval_internlm2_1.8b"]
+
+
+@pytest.mark.parametrize("name", ZH_CONFIGS)
+def test_chinese_configs_use_the_chinese_prompt_processor_and_offline_scoring(lavis_ready, name):
+    from types import SimpleNamespace
+
+    from lavis.common.config import Config
+    from lavis.common.registry import registry
+    from spec_helpers import REPO
+
+    cfg = Config(SimpleNamespace(cfg_path=str(REPO / "configs" / "blip2_internlm" / f"{name}.yaml"), options=None)).config
+    assert cfg.model.prompt == "图片描述："
+    for dataset, dataset_cfg in cfg.datasets.items():
+        builder = registry.get_builder_class(dataset)(dataset_cfg)
+        builder.build_processors()  # the processors the run would use, from the merged config
+        used = [p for p in builder.text_processors.values() if p is not None and type(p).__name__ != "BaseProcessor"]
+        assert used and all(type(p).__name__ == "ChineseCaptionProcessor" and p.prompt == "" for p in used)
+    if "caption_" in name:
+        assert cfg.run.task == "captioning_offline" and cfg.run.caption_tokenizer == "char"
