@@ -145,16 +145,96 @@ def tiny_bert_dir() -> Path:
     return generated("tiny-bert", _build_tiny_bert)
 
 
+# --- the tiny bert-base-chinese-style Q-Former text model ----------------------------------
+
+TINY_ZH = "tiny-zh"
+#: Chinese punctuation bert-base-chinese keeps as single tokens; the shapes captions join
+#: several objects with "，".
+_TINY_ZH_PUNCT = "，。？！：；、“”（）《》"
+
+
+def tiny_zh_vocab() -> list[str]:
+    """vocab.txt of ``tiny-zh`` in bert-base-chinese's layout, ids of the specials included.
+
+    Its text is derived from the shapes generator (every colour, shape and position, both
+    languages) and the prompts, so new caption words cannot fall out of it unnoticed.
+    """
+    from transformers.models.bert.tokenization_bert import BasicTokenizer
+
+    from blip2_internlm.datasets import shapes
+    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+
+    text = shapes.text_corpus(tuple(shapes.PALETTE), tuple(shapes.SHAPE_NAMES_ZH), tuple(shapes.POSITION_SLOTS))
+    text += [*CAPTION_PROMPTS.values(), *VQA_PROMPTS.values(), _TINY_ZH_PUNCT]
+    text += [word for words in shapes.YES_NO.values() for word in words]  # the corpus answers only "yes"
+    # Cased like bert-base-chinese's tokenizer, so the prompts' capitals stay whole words.
+    basic = BasicTokenizer(do_lower_case=False)
+    words = {w for line in text for w in basic.tokenize(line)}
+    cjk = sorted(w for w in words if len(w) == 1 and basic._is_chinese_char(ord(w)))
+    other = sorted(words - set(cjk) - set(_TINY_ZH_PUNCT))
+    ascii_chars = [chr(c) for c in range(33, 127)]
+    alnum = [c for c in ascii_chars if c.isalnum()]
+    # bert-base-chinese: [PAD], [unused1..99], [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103,
+    # <S>, <T>, ASCII, then single characters, words, and "##" continuation pieces last.
+    vocab = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<S>", "<T>"]
+    vocab += ascii_chars + list(_TINY_ZH_PUNCT) + cjk + other
+    vocab += [f"##{c}" for c in alnum] + [f"##{c}" for c in cjk]
+    return list(dict.fromkeys(vocab))
+
+
+def _build_tiny_bert_zh(out: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    vocab = tiny_zh_vocab()
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        architectures=["BertForMaskedLM"],  # what bert-base-chinese's config.json names
+    )
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config)
+    with torch.no_grad():  # a pretrained head's bias is not zero; make loading it observable
+        model.cls.predictions.bias.normal_(0.0, 0.02)
+    model.save_pretrained(out, safe_serialization=True)
+    # bert-base-chinese's tokenizer_config.json is {"do_lower_case": false}
+    # (https://huggingface.co/google-bert/bert-base-chinese/blob/main/tokenizer_config.json);
+    # tokenize_chinese_chars is BertTokenizer's default there, spelled out here.
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({
+            "do_lower_case": False,
+            "tokenize_chinese_chars": True,
+            "model_max_length": 128,
+            "tokenizer_class": "BertTokenizer",
+        })
+    )
+
+
+def tiny_bert_zh_dir() -> Path:
+    import hashlib
+
+    tag = hashlib.sha256("\n".join(tiny_zh_vocab()).encode()).hexdigest()[:8]
+    return generated(f"tiny-bert-zh-{tag}", _build_tiny_bert_zh)
+
+
 _TEXT_MODEL_HOW = (
     "Point it at a local BERT directory (config.json, vocab.txt, weights), e.g. a copy of "
     "bert-base-uncased or bert-base-chinese fetched with `huggingface-cli download NAME "
-    "--local-dir DIR`, or use 'tiny' for the generated test model."
+    "--local-dir DIR`, or use 'tiny' ('tiny-zh': bert-base-chinese-style) for the generated "
+    "test model."
 )
 
 
 def resolve_text_model(value, key: str = "model.qformer_text_model") -> Path:
     if str(value) == TINY:
         return tiny_bert_dir()
+    if str(value) == TINY_ZH:
+        return tiny_bert_zh_dir()
     return resolve_pretrained_dir(key, value, ("config.json", "vocab.txt"), _TEXT_MODEL_HOW)
 
 

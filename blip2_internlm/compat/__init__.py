@@ -56,6 +56,7 @@ def patch_lavis() -> None:
     blip2.itc_positives_from_image_ids()
     blip2.qformer_lm_head_generation()
     blip2.qformer_lm_head_bias_tied()
+    blip2.qformer_captions_without_cjk_spaces()
     datasets.no_hidden_annotation_downloads()
     datasets.caption_samples_keep_image_ids()
     datasets.vg_caption_images_in_download_layout()

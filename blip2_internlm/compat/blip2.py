@@ -3,6 +3,7 @@
 import contextlib
 import contextvars
 import functools
+import re
 
 import torch
 
@@ -167,3 +168,28 @@ def qformer_lm_head_bias_tied():
 
     BertLMPredictionHead._tie_weights = _tie_weights
     BertPreTrainedModel._init_weights = _init_weights
+
+
+# CJK ideographs, CJK symbols and full-width forms: Chinese text puts no spaces between
+# them, and BERT's BasicTokenizer makes each ideograph and punctuation mark its own token.
+_CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f"
+_SPACE_BETWEEN_CJK = re.compile(f"(?<=[{_CJK}]) +(?=[{_CJK}])")
+
+
+def join_cjk(text: str) -> str:
+    """``"左 边 有 一 个 red 圆"`` -> ``"左边有一个 red 圆"``: spaces next to Latin words or digits stay."""
+    return _SPACE_BETWEEN_CJK.sub("", text)
+
+
+@fix
+def qformer_captions_without_cjk_spaces():
+    """Blip2Qformer.generate decodes with BertTokenizer, which joins every token with a space: Chinese captions come out as '红 色 的 圆'."""
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    generate = Blip2Qformer.generate
+
+    @functools.wraps(generate)
+    def generate_joined(self, *args, **kwargs):
+        return [join_cjk(caption) for caption in generate(self, *args, **kwargs)]
+
+    Blip2Qformer.generate = generate_joined

@@ -92,3 +92,18 @@ def test_qformer_generates_with_beam_search_and_sampling(tiny_stage1_model):
     images = {"image": torch.randn(2, 3, 64, 64)}
     assert len(model.generate(images, num_beams=3, max_length=8, min_length=2)) == 2
     assert len(model.generate(images, use_nucleus_sampling=True, max_length=8, min_length=2)) == 2
+
+
+def test_qformer_captions_join_chinese_characters_without_spaces(lavis_ready, monkeypatch):
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    cfg = OmegaConf.load(Blip2Qformer.default_config_path("tiny")).model
+    cfg.qformer_text_model = "tiny-zh"
+    model = Blip2Qformer.from_config(cfg).eval()
+    caption = "左边有一个红色的圆形，中间有 2 个 blue 三角形"
+    ids = model.tokenizer([caption], return_tensors="pt").input_ids
+    ids[:, 0] = model.tokenizer.bos_token_id  # what generation starts from
+    monkeypatch.setattr(model.Qformer, "generate", lambda **kwargs: ids)
+    samples = {"image": torch.randn(1, 3, 64, 64)}
+    assert Blip2Qformer.generate.__wrapped__(model, samples) == ["左 边 有 一 个 红 色 的 圆 形 ， 中 间 有 2 个 blue 三 角 形"]
+    assert model.generate(samples) == [caption]  # spaces next to digits and Latin words stay
