@@ -27,5 +27,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m blip2_internlm.demo --lang $(DEMO_LANG)
 
+bench: $(STAMP)
+	$(PY) -m blip2_internlm.bench --size small
+
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,901 @@
+"""Benchmark: ``blip2_internlm`` against LAVIS 1.0.2's own ``blip2_opt`` at matched sizes.
+
+    python -m blip2_internlm.bench --size {tiny,small,real} [--device cpu|cuda] [--repeats N]
+                                   [--batch-size B] [--out-dir output/bench] [--skip-toggles]
+
+A script, not a test.  In one process, on identical inputs (same images, captions, questions,
+seeds), it times
+
+* one stage-2 training step (forward + backward + ``AdamW.step`` over the trainable parameters,
+  as LAVIS's runner builds its optimizer),
+* caption generation (beam 5) and VQA answering (LAVIS's VQA defaults: beam 5, ``max_len`` 10,
+  ``min_len`` 1) in images/s, with the generated length forced equal on both sides (random
+  weights end at random lengths otherwise),
+* each optimisation of ours switched off/on one at a time from our default; an optimisation
+  whose switch is not in this checkout yet is printed as "not available" and skipped,
+
+and reports medians over ``--repeats`` runs after a warm-up, ratios against the baseline,
+achieved FLOP/s (``torch.utils.flop_counter.FlopCounterMode`` counts / median time) against the
+peak matmul FLOP/s measured on the same machine, and peak memory (CPU: peak RSS growth; CUDA:
+``max_memory_allocated``).  The table is printed and written with the machine's description to
+``<out-dir>/<size>-<device>-<timestamp>.json``.
+
+The models.  Sizes are YAML files in ``blip2_internlm/configs/bench``.  Both sides share the
+EVA ViT (``blip2_internlm.models.vision.VIT_ARCHS``), the Q-Former (a BERT config of the size),
+the LLM's width, depth, heads and vocabulary size; the InternLM2 SwiGLU width is chosen so its
+MLP has OPT's MLP parameter count.  The baseline is ``lavis.models.blip2_models.blip2_opt.Blip2OPT``
+as shipped: its vendored ``modeling_opt.OPTForCausalLM`` loaded in fp16 (LAVIS hard-codes
+``torch_dtype=torch.float16``), its hand-written attention, its ``maybe_autocast`` (off on CPU),
+its ``forward``/``generate``.  Weights are random: every ``from_pretrained`` in model
+construction becomes the class's own random initialisation (:func:`random_weights`), so no
+weights are written or read and the ``real`` size needs no downloads.  ``Blip2OPTFair`` rows are
+the same baseline with the OPT in our LLM's dtype (on CPU, fp16 is what LAVIS picks, not what
+a CPU user would pick).
+
+Fixes the baseline needs to run on this stack (transformers 4.57 vs code written for 4.26),
+applied only while the bench runs, none changing its arithmetic: :func:`lavis_opt_generation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as _dt
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from unittest import mock
+
+import torch
+
+SIZES_DIR = Path(__file__).resolve().parent / "configs" / "bench"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: LAVIS's VQA defaults (``VQATask`` / ``predict_answers``) and caption default prompt.
+VQA_PROMPT = "Question: {} Short answer:"
+CAPTIONS = [
+    "a red circle on the left and a blue square on the right",
+    "two green triangles in the middle",
+    "a yellow square at the top",
+    "three purple circles and one orange triangle",
+]
+QUESTIONS = [
+    "what color is the circle?",
+    "how many shapes are there?",
+    "is there a red square on the left of the blue triangle in the picture?",
+    "what shape is at the top?",
+    "which color is the shape in the middle of the image?",
+    "are there two circles?",
+]
+NUM_BEAMS = 5
+
+
+# --- sizes -----------------------------------------------------------------------------------
+
+
+def size_names() -> list[str]:
+    return sorted(p.stem for p in SIZES_DIR.glob("*.yaml"))
+
+
+def load_size(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    path = SIZES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"--size {name!r}: no {path}; sizes: {size_names()}")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    required = {"image_size", "batch_size", "vit_model", "qformer", "num_query_token", "cross_attention_freq",
+                "llm", "caption_tokens", "vqa_tokens", "precision"}
+    missing = sorted(required - set(cfg))
+    if missing:
+        raise ValueError(f"{path} lacks keys {missing}")
+    return cfg
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --- model directories: configs and tokenizers, no weights --------------------------------------
+
+
+def qformer_dir(size: dict) -> Path:
+    """A BERT directory (config + the tiny BERT's vocab) of the size's Q-Former."""
+    from transformers import BertConfig
+
+    from blip2_internlm.assets import generated, tiny_bert_dir
+
+    def build(out: Path) -> None:
+        source = tiny_bert_dir()
+        for name in ("vocab.txt", "tokenizer_config.json"):
+            shutil.copy(source / name, out / name)
+        vocab = len((out / "vocab.txt").read_text(encoding="utf-8").splitlines())
+        BertConfig(vocab_size=vocab, max_position_embeddings=512, **size["qformer"]).to_json_file(out / "config.json")
+
+    return generated(f"bench-bert-{_digest(size['qformer'])}", build)
+
+
+def internlm2_config(size: dict):
+    from blip2_internlm.internlm2.configuration import InternLM2Config
+
+    llm = size["llm"]
+    return InternLM2Config.preset(
+        "internlm2-1_8b",
+        hidden_size=llm["hidden_size"],
+        num_hidden_layers=llm["num_hidden_layers"],
+        num_attention_heads=llm["num_attention_heads"],
+        num_key_value_heads=llm.get("num_key_value_heads", llm["num_attention_heads"]),
+        intermediate_size=llm["internlm2_intermediate_size"],
+        vocab_size=llm["vocab_size"],
+        max_position_embeddings=llm.get("max_position_embeddings", 512),
+    )
+
+
+def opt_config(size: dict):
+    from transformers import OPTConfig
+
+    from blip2_internlm.meta import OPT_COMMON
+
+    llm = size["llm"]
+    return OPTConfig(
+        **{
+            **OPT_COMMON,  # facebook/opt-* settings (ReLU, pre-LN, dropout 0.1, tied embeddings)
+            "vocab_size": llm["vocab_size"],
+            "hidden_size": llm["hidden_size"],
+            "word_embed_proj_dim": llm["hidden_size"],
+            "num_hidden_layers": llm["num_hidden_layers"],
+            "num_attention_heads": llm["num_attention_heads"],
+            "ffn_dim": llm["opt_ffn_dim"],
+            "max_position_embeddings": llm.get("max_position_embeddings", 2048),
+        }
+    )
+
+
+def _llm_dir(kind: str, config, tokenizer_source: str, files: tuple) -> Path:
+    from blip2_internlm.assets import generated, resolve_llm
+
+    def build(out: Path) -> None:
+        source = resolve_llm(tokenizer_source)
+        for name in files:
+            if (source / name).exists():
+                shutil.copy(source / name, out / name)
+        config.save_pretrained(out)
+
+    return generated(f"bench-{kind}-{_digest(config.to_dict())}", build)
+
+
+def internlm2_dir(size: dict) -> Path:
+    """An InternLM2 directory: the size's config and the generated tiny InternLM2's tokenizer."""
+    return _llm_dir("internlm2", internlm2_config(size), "tiny",
+                    ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"))
+
+
+def opt_dir(size: dict) -> Path:
+    """An OPT directory: the size's config and the generated tiny OPT's tokenizer (ids < vocab_size)."""
+    return _llm_dir("opt", opt_config(size), "tiny-opt", ("vocab.json", "merges.txt", "tokenizer_config.json"))
+
+
+# --- construction with random weights ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def random_weights(dtype_override: dict | None = None):
+    """Inside: model constructors initialise their own random weights instead of reading files.
+
+    ``PreTrainedModel.from_pretrained`` (Q-Former BERT, InternLM2, LAVIS's vendored OPT) becomes
+    ``_from_config`` with the same config and dtype, in eval mode as ``from_pretrained`` leaves it;
+    the EVA ViT keeps the random initialisation of its constructor.  ``dtype_override`` maps a
+    model class to the dtype to build it in instead of the one its caller asked for.
+    """
+    from transformers import PreTrainedModel
+
+    from blip2_internlm import assets
+    from blip2_internlm.models import vision
+
+    overrides = dtype_override or {}
+
+    def from_config(cls, path, *args, config=None, torch_dtype=None, dtype=None, output_loading_info=False, **kwargs):
+        if config is None:
+            config = cls.config_class.from_pretrained(path)
+        chosen = overrides.get(cls) or torch_dtype or dtype or torch.float32
+        model = cls._from_config(config, torch_dtype=chosen).eval()
+        # InternLM2's own from_pretrained asks for the loading report to check for missing keys
+        nothing_missing = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return (model, nothing_missing) if output_loading_info else model
+
+    with mock.patch.object(PreTrainedModel, "from_pretrained", classmethod(from_config)), mock.patch.object(
+        assets, "resolve_vit_weights", lambda *args, **kwargs: None
+    ), mock.patch.object(vision, "load_vit_weights", lambda model, path: None):
+        yield
+
+
+@contextlib.contextmanager
+def lavis_opt_generation():
+    """LAVIS 1.0.2's vendored OPT under transformers 4.57, for the bench's duration only.
+
+    * ``PreTrainedModel`` no longer derives from ``GenerationMixin`` (transformers >= 4.50), so
+      the vendored ``OPTForCausalLM`` has no ``generate``: add the mixin, as transformers' own
+      OPT does.
+    * Its ``prepare_inputs_for_generation`` reads the cache from ``past=``, the keyword of the
+      transformers it was written for; today's ``generate`` passes ``past_key_values=``.  Without
+      the rename every step would silently recompute the whole sequence, a slowdown that is
+      not LAVIS's; it is translated, the function itself runs unchanged.
+    * ``Blip2OPT.generate`` repeats ``query_embeds`` per beam itself, as transformers < 4.27
+      required; today's ``generate`` expands every tensor argument per beam again.  Expanded
+      here: ``input_ids`` and ``attention_mask`` only, what transformers 4.26 expanded.
+    """
+    from lavis.models.blip2_models import modeling_opt
+    from transformers import GenerationMixin
+
+    cls = modeling_opt.OPTForCausalLM
+    original_bases = cls.__bases__
+    original_prepare = cls.prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(self, input_ids=None, query_embeds=None, past_key_values=None, **kwargs):
+        kwargs.pop("past", None)
+        # transformers >= 4.5x hands an empty Cache object on the first step; LAVIS tests ``if past:``
+        past = past_key_values
+        if past is not None and hasattr(past, "get_seq_length"):
+            past = past if past.get_seq_length() > 0 else None
+        inputs = original_prepare(self, input_ids=input_ids, query_embeds=query_embeds, past=past, **kwargs)
+        return inputs
+
+    def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        if input_ids is not None:
+            input_ids = input_ids.repeat_interleave(expand_size, dim=0)
+        if model_kwargs.get("attention_mask") is not None:
+            model_kwargs["attention_mask"] = model_kwargs["attention_mask"].repeat_interleave(expand_size, dim=0)
+        return input_ids, model_kwargs
+
+    had_expand = "_expand_inputs_for_generation" in vars(cls)
+    if GenerationMixin not in cls.__mro__:
+        cls.__bases__ = original_bases + (GenerationMixin,)
+    cls.prepare_inputs_for_generation = prepare_inputs_for_generation
+    cls._expand_inputs_for_generation = staticmethod(expand_inputs_for_generation)
+    try:
+        yield
+    finally:
+        cls.prepare_inputs_for_generation = original_prepare
+        if not had_expand:
+            del cls._expand_inputs_for_generation
+        cls.__bases__ = original_bases
+
+
+def _precision(size: dict, device: str) -> dict:
+    """The size's dtypes on ``device``; ``meta`` (a shape-only build) stands for the GPU."""
+    return size["precision"]["cpu" if torch.device(device).type == "cpu" else "cuda"]
+
+
+@contextlib.contextmanager
+def _on(device: str):
+    if torch.device(device).type == "meta":
+        from blip2_internlm.meta import _params_on
+
+        # LAVIS's EVA ViT reads numbers (drop-path rates) while it is built: build on the CPU,
+        # each tensor moved to meta as it is registered
+        with _params_on("meta"):
+            yield
+    else:
+        with torch.device(device):
+            yield
+
+
+def _model_cfg(size: dict, device: str) -> dict:
+    """The model-config keys both architectures read, at ``size``."""
+    precision = _precision(size, device)
+    return dict(
+        load_finetuned=False,
+        load_pretrained=False,
+        vit_model=size["vit_model"],
+        vit_weights="random",
+        image_size=size["image_size"],
+        drop_path_rate=0,
+        use_grad_checkpoint=False,
+        vit_precision=precision["vit"],
+        freeze_vit=True,
+        qformer_text_model=str(qformer_dir(size)),
+        num_query_token=size["num_query_token"],
+        cross_attention_freq=size["cross_attention_freq"],
+        prompt="",
+        max_txt_len=32,
+    )
+
+
+def build_ours(size: dict, device: str, seed: int = 0, **overrides):
+    """``Blip2InternLM`` at ``size`` through its own ``from_config``; ``overrides``: model-config keys."""
+    from omegaconf import OmegaConf
+
+    from blip2_internlm.models.blip2_internlm import Blip2InternLM
+
+    precision = _precision(size, device)
+    cfg = {**_model_cfg(size, device), "arch": "blip2_internlm", "llm_model": str(internlm2_dir(size)),
+           "llm_precision": precision["internlm2"], **overrides}
+    torch.manual_seed(seed)
+    with random_weights(), _on(device):
+        model = Blip2InternLM.from_config(OmegaConf.create(cfg))
+    return model.to(device)
+
+
+def build_baseline(size: dict, device: str, seed: int = 0, opt_dtype: str | None = None):
+    """LAVIS's ``Blip2OPT`` at ``size`` through its own ``from_config``.
+
+    ``opt_dtype``: build the OPT in this dtype instead of LAVIS's hard-coded fp16 (the "fair"
+    variant); ``None`` is LAVIS as shipped.
+    """
+    from lavis.models.blip2_models import modeling_opt
+    from lavis.models.blip2_models.blip2_opt import Blip2OPT
+    from omegaconf import OmegaConf
+
+    cfg = {**_model_cfg(size, device), "arch": "blip2_opt", "opt_model": str(opt_dir(size))}
+    override = {modeling_opt.OPTForCausalLM: DTYPES[opt_dtype]} if opt_dtype else {}
+    torch.manual_seed(seed)
+    with random_weights(override), _on(device):
+        model = Blip2OPT.from_config(OmegaConf.create(cfg))
+    if getattr(model.opt_model, "generation_config", None) is None:
+        # part of lavis_opt_generation(): a class without GenerationMixin gets no generation
+        # config at construction; this is the one from_pretrained would derive from its config
+        from transformers import GenerationConfig
+
+        model.opt_model.generation_config = GenerationConfig.from_model_config(model.opt_model.config)
+    return model.to(device)
+
+
+def lavis_eager_attention(model) -> str:
+    """Keep the baseline on LAVIS's own attention code.
+
+    ``blip2_internlm.compat.attention`` (where present) routes LAVIS's EVA ViT and Q-Former
+    attention classes through SDPA by default, for every model in the process; the baseline's
+    modules are switched back to LAVIS's original forwards.  Its vendored OPT has only its own
+    hand-written attention.
+    """
+    try:
+        from blip2_internlm.compat.attention import set_attn_implementation
+    except ImportError:
+        return "LAVIS's own (no SDPA switch in this checkout)"
+    set_attn_implementation(model, "eager", llm=False)
+    return "LAVIS's own (eager)"
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def make_inputs(size: dict, device: str, batch_size: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, size["image_size"], size["image_size"], generator=generator)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]
+    # a pool of 4 batches of questions of mixed lengths, for the length-sorted batching toggle
+    pool = [QUESTIONS[(i * 5) % len(QUESTIONS)] for i in range(4 * batch_size)]
+    return dict(images=images.to(device), captions=captions, question=QUESTIONS[0], question_pool=pool)
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak_memory(device: str) -> int | None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    gc.collect()
+    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status("VmRSS")
+
+
+def _peak_memory_growth(device: str, base: int | None) -> int | None:
+    if base is None:
+        return None
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() - base
+    peak = _proc_status("VmHWM")
+    return None if peak is None else peak - base
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one ``fn()`` by ``torch.utils.flop_counter``'s per-op formulas (matmuls, convolutions,
+    attention; forward and backward).
+
+    ``FlopCounterMode`` itself also tracks modules with hooks that assert on outputs without a
+    gradient function, which ``generate`` (``no_grad``, trainable Q-Former) produces; the same
+    formulas are applied here by a plain dispatch mode.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    counter = Counter()
+    with counter:
+        fn()
+    return int(counter.total)
+
+
+def measure(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, its FLOPs, its peak memory."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    base = _reset_peak_memory(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    memory = _peak_memory_growth(device, base)
+    flops = count_flops(fn)
+    return dict(times_s=[round(t, 5) for t in times], median_s=statistics.median(times), flops=flops,
+                peak_memory_growth_bytes=memory)
+
+
+def peak_matmul_flops(device: str, sizes=None) -> dict:
+    """Best square-matmul FLOP/s per dtype on this machine: the limit the achieved FLOP/s is read against."""
+    cuda = torch.device(device).type == "cuda"
+    sizes = sizes or ((2048, 4096, 8192) if cuda else (512, 1024, 2048))
+    peaks = {}
+    for name in ("fp32", "bf16", "fp16"):
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n, device=device).to(DTYPES[name])
+            b = torch.randn(n, n, device=device).to(DTYPES[name])
+            a @ b
+            _sync(device)
+            for _ in range(3):
+                start = time.perf_counter()
+                a @ b
+                _sync(device)
+                best = max(best, 2 * n**3 / (time.perf_counter() - start))
+        peaks[name] = best
+    return peaks
+
+
+@contextlib.contextmanager
+def counting_new_tokens(llm, prompt_tokens: int, record: list):
+    """Record how many tokens each ``llm.generate`` call produced (rows are equal length)."""
+    generate = llm.generate
+
+    def counted(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        # with input_ids, transformers returns prompt + new tokens; with only inputs_embeds, new tokens
+        record.append(int(out.shape[1]) - (prompt_tokens if kwargs.get("input_ids") is not None else 0))
+        return out
+
+    llm.generate = counted
+    try:
+        yield
+    finally:
+        del llm.generate
+
+
+@dataclass
+class Side:
+    """One model under test and how to drive it."""
+
+    label: str
+    model: torch.nn.Module
+    is_baseline: bool
+    notes: dict = field(default_factory=dict)
+    scaler: object = None
+
+    @property
+    def llm(self):
+        return self.model.opt_model if self.is_baseline else self.model.llm_model
+
+    def train_step(self, samples) -> Callable[[], None]:
+        model = self.model
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
+        scaler = self.scaler
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(samples)["loss"]
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+
+        return step
+
+    def caption(self, images, new_tokens: int, record: list) -> Callable[[], list]:
+        model = self.model
+        model.eval()
+        if self.is_baseline:
+            # LAVIS's min_length counts the prompt ids (its queries enter as query_embeds)
+            prompt_tokens = len(model.opt_tokenizer(model.prompt).input_ids)
+            kwargs = dict(max_length=new_tokens, min_length=prompt_tokens + new_tokens)
+        else:
+            prompt_tokens, kwargs = 0, dict(max_length=new_tokens, min_length=new_tokens)
+
+        def run():
+            with counting_new_tokens(self.llm, prompt_tokens, record):
+                return model.generate({"image": images}, num_beams=NUM_BEAMS, **kwargs)
+
+        return run
+
+    def vqa(self, images, questions: list, new_tokens: int, record: list) -> Callable[[], list]:
+        model = self.model
+        model.eval()
+        if self.is_baseline:
+            # LAVIS 1.0.2's Blip2OPT has no predict_answers and its generate takes one prompt
+            # string per batch: the VQA prompt of VQATask's blip2 configs, one question per batch
+            if len(set(questions)) != 1:
+                raise ValueError("LAVIS 1.0.2's Blip2OPT.generate takes one prompt per batch")
+            prompt = VQA_PROMPT.format(questions[0])
+            prompt_tokens = len(model.opt_tokenizer(prompt).input_ids)
+
+            def run():
+                with counting_new_tokens(self.llm, prompt_tokens, record):
+                    return model.generate({"image": images, "prompt": prompt}, num_beams=NUM_BEAMS,
+                                          max_length=new_tokens, min_length=prompt_tokens + new_tokens)
+
+            return run
+
+        def run():
+            with counting_new_tokens(self.llm, 0, record):
+                return model.predict_answers({"image": images, "text_input": questions}, num_beams=NUM_BEAMS,
+                                             max_len=new_tokens, min_len=new_tokens, prompt=VQA_PROMPT)
+
+        return run
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version(), platform=platform.platform(), load_average=os.getloadavg())
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def available_switches() -> dict:
+    """Which of our optimisations this checkout has, found by feature, not by version."""
+    from blip2_internlm.models import blip2_internlm as ours
+
+    keys = getattr(ours, "CONFIG_KEYS", set())
+    found = {}
+    try:
+        from blip2_internlm.compat.attention import set_attn_implementation  # noqa: F401
+
+        found["attention"] = True
+    except ImportError:
+        found["attention"] = False
+    try:
+        from blip2_internlm.feature_cache import vit_features  # noqa: F401
+
+        found["feature_cache"] = True
+    except ImportError:
+        found["feature_cache"] = False
+    found["autocast"] = "autocast_dtype" in keys
+    found["llm_grad_checkpoint"] = "llm_grad_checkpoint" in keys
+    try:
+        from blip2_internlm.models.llm_inputs import sort_by_question_length  # noqa: F401
+
+        found["length_sorted_vqa"] = True
+    except ImportError:
+        found["length_sorted_vqa"] = False
+    return found
+
+
+class Bench:
+    def __init__(self, size_name: str, device: str, repeats: int, batch_size: int | None = None):
+        self.size_name, self.device, self.repeats = size_name, device, repeats
+        self.size = load_size(size_name)
+        self.batch_size = batch_size or self.size["batch_size"]
+        self.inputs = make_inputs(self.size, device, self.batch_size)
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+        self.peaks = {}
+
+    def note(self, text: str) -> None:
+        print(f"  note: {text}", flush=True)
+        self.notes.append(text)
+
+    def row(self, task: str, variant: str, side: Side | None, make_fn: Callable[[], Callable], images: int,
+            tokens: list | None = None, status: str | None = None) -> dict:
+        row = dict(task=task, variant=variant, model=side.label if side else None, images=images, status="ok")
+        if status is not None:
+            row["status"] = status
+        else:
+            try:
+                row.update(measure(make_fn(), self.device, self.repeats))
+            except Exception as err:  # a variant that cannot run is a result, not a crash
+                row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if row["status"] == "ok":
+            row["images_per_s"] = images / row["median_s"]
+            row["gflops_per_s"] = row["flops"] / row["median_s"] / 1e9
+            for dtype, peak in self.peaks.items():
+                row[f"pct_of_{dtype}_peak"] = 100 * row["flops"] / row["median_s"] / peak
+            if tokens:
+                row["new_tokens"] = sorted(set(tokens))
+        if side is not None:
+            row["side_notes"] = side.notes
+        self.rows.append(row)
+        shown = f"{row['median_s'] * 1e3:9.1f} ms" if row["status"] == "ok" else row["status"]
+        print(f"  {task:10s} {variant:44s} {shown}", flush=True)
+        return row
+
+    def measure_side(self, side: Side, variant: str, tasks=("train", "caption", "vqa")) -> None:
+        inputs, size, batch = self.inputs, self.size, self.batch_size
+        if "train" in tasks:
+            samples = {"image": inputs["images"], "text_input": inputs["captions"]}
+            self.row("train_step", variant, side, lambda: side.train_step(samples), batch)
+        if "caption" in tasks:
+            tokens = []
+            self.row("caption", variant, side, lambda: side.caption(inputs["images"], size["caption_tokens"], tokens),
+                     batch, tokens)
+        if "vqa" in tasks:
+            tokens = []
+            questions = [inputs["question"]] * batch
+            self.row("vqa", variant, side, lambda: side.vqa(inputs["images"], questions, size["vqa_tokens"], tokens),
+                     batch, tokens)
+
+    def baselines(self) -> None:
+        variants = [("LAVIS blip2_opt as shipped (OPT fp16)", None)]
+        if torch.device(self.device).type == "cpu":
+            variants.append(("LAVIS blip2_opt, OPT fp32", "fp32"))
+        for label, opt_dtype in variants:
+            try:
+                model = build_baseline(self.size, self.device, opt_dtype=opt_dtype)
+            except Exception as err:
+                for task in ("train_step", "caption", "vqa"):
+                    self.row(task, label, None, None, self.batch_size, status=f"error: cannot build: {err}")
+                continue
+            side = Side(label, model, True, notes={"attention": lavis_eager_attention(model),
+                                                   "class": f"{type(model).__module__}.{type(model).__qualname__}"})
+            self.measure_side(side, label)
+            del side, model
+            gc.collect()
+
+    def ours(self, **overrides) -> Side:
+        model = build_ours(self.size, self.device, **overrides)
+        label = "blip2_internlm" + (f" {overrides}" if overrides else "")
+        return Side(label, model, False, notes={"overrides": overrides})
+
+    def ours_and_toggles(self, skip_toggles: bool) -> None:
+        switches = available_switches()
+        self.switches = switches
+        default = self.ours()
+        self.measure_side(default, "ours: default")
+        if skip_toggles:
+            return
+        inputs, batch = self.inputs, self.batch_size
+
+        # 2. attention: SDPA (default) vs LAVIS's hand-written attention, ViT + Q-Former + LLM
+        if switches["attention"]:
+            from blip2_internlm.compat.attention import set_attn_implementation
+
+            set_attn_implementation(default.model, "eager")
+            self.measure_side(default, "ours: attention eager (default sdpa)")
+            set_attn_implementation(default.model, "sdpa")
+        else:
+            self.note("attention sdpa/eager switch: not available")
+
+        # 3. frozen-ViT feature cache: the step reads the ViT's output instead of running it
+        if switches["feature_cache"]:
+            from blip2_internlm.feature_cache import vit_features
+
+            cached = {"vit_embeds": vit_features(default.model, inputs["images"]), "text_input": inputs["captions"],
+                      "image": inputs["images"]}
+            cached.pop("image")
+            self.row("train_step", "ours: feature cache on", default, lambda: default.train_step(cached), batch)
+        else:
+            self.note("feature cache: not available")
+
+        # 5. length-sorted VQA batching: 4 batches of mixed questions, dataset order vs sorted
+        if switches["length_sorted_vqa"]:
+            self.length_sorted_vqa(default)
+        else:
+            self.note("length-sorted VQA batching: not available")
+        del default
+        gc.collect()
+
+        # 4. precision and memory: each a model built with one config key changed
+        builds = []
+        cuda = torch.device(self.device).type == "cuda"
+        if switches["autocast"]:
+            builds.append((dict(autocast_dtype="bf16"), ("train", "caption", "vqa"), None))
+            builds.append((dict(autocast_dtype="off"), ("train", "caption", "vqa"), None))
+            if cuda:
+                builds.append((dict(autocast_dtype="fp16"), ("train",), "scaler"))
+            else:
+                self.note("fp16 autocast + loss scaling: not measured on CPU (autocast_dtype fp16 means no autocast on CPU)")
+        else:
+            self.note("autocast_dtype: not available")
+        other = "fp32" if _precision(self.size, self.device)["internlm2"] != "fp32" else "bf16"
+        builds.append((dict(llm_precision=other), ("train", "caption", "vqa"), None))
+        if switches["llm_grad_checkpoint"]:
+            builds.append((dict(llm_grad_checkpoint=True), ("train",), None))
+        else:
+            self.note("llm_grad_checkpoint: not available")
+        for overrides, tasks, extra in builds:
+            variant = "ours: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+            try:
+                side = self.ours(**overrides)
+            except Exception as err:
+                self.row("train_step", variant, None, None, batch, status=f"error: cannot build: {err}")
+                continue
+            if extra == "scaler":
+                side.scaler = torch.amp.GradScaler(torch.device(self.device).type)
+                variant += " + GradScaler"
+            self.measure_side(side, variant, tasks)
+            del side
+            gc.collect()
+
+    def length_sorted_vqa(self, side: Side) -> None:
+        from blip2_internlm.models.llm_inputs import sort_by_question_length
+
+        pool = self.inputs["question_pool"]
+        batch = self.batch_size
+
+        class Questions:  # what sort_by_question_length reads from a LAVIS VQA dataset
+            annotation = [{"question": q} for q in pool]
+
+        ordered = Questions()
+        sort_by_question_length(ordered)
+        orders = {"dataset order": pool, "length-sorted": [a["question"] for a in ordered.annotation]}
+        images = self.inputs["images"]
+        for name, questions in orders.items():
+            tokens = []
+
+            def make(questions=questions, tokens=tokens):
+                runs = [side.vqa(images, questions[i : i + batch], self.size["vqa_tokens"], tokens)
+                        for i in range(0, len(questions), batch)]
+                return lambda: [run() for run in runs]
+
+            self.row("vqa_mixed", f"ours: mixed questions, {name}", side, make, len(questions), tokens)
+
+    def ratios(self) -> None:
+        """Each row's time against each baseline variant's, same task."""
+        bases = {}
+        for row in self.rows:
+            if row["variant"].startswith("LAVIS") and row["status"] == "ok":
+                bases.setdefault(row["task"], {})[row["variant"]] = row["median_s"]
+        for row in self.rows:
+            if row["status"] != "ok":
+                continue
+            if row["task"] == "vqa_mixed":
+                ref = next((r for r in self.rows if r["task"] == "vqa_mixed" and "dataset order" in r["variant"]
+                            and r["status"] == "ok"), None)
+                if ref:
+                    row["time_vs"] = {"ours: dataset order": row["median_s"] / ref["median_s"]}
+                continue
+            row["time_vs"] = {name: row["median_s"] / t for name, t in bases.get(row["task"], {}).items()}
+
+    def targets(self) -> dict:
+        def find(task, variant):
+            return next((r for r in self.rows if r["task"] == task and r["variant"] == variant and r["status"] == "ok"), None)
+
+        out = {}
+        train = find("train_step", "ours: default")
+        for row in self.rows:
+            if row["task"] == "train_step" and row["status"] == "ok" and not row["variant"].startswith("LAVIS"):
+                for base, ratio in row.get("time_vs", {}).items():
+                    out.setdefault("train_step_time_vs_lavis (target <= 0.7)", {})[f"{row['variant']} / {base}"] = round(ratio, 3)
+        cached = find("train_step", "ours: feature cache on")
+        if train and cached:
+            out["cached_step_vs_uncached (target <= 0.5)"] = round(cached["median_s"] / train["median_s"], 3)
+        for row in self.rows:
+            if row["task"] == "vqa" and row["status"] == "ok" and not row["variant"].startswith("LAVIS"):
+                for base, ratio in row.get("time_vs", {}).items():
+                    out.setdefault("vqa_throughput_vs_lavis (target >= 1.5)", {})[f"{row['variant']} / {base}"] = round(1 / ratio, 3)
+        return out
+
+    def run(self, skip_toggles: bool = False) -> dict:
+        print(f"bench size={self.size_name} device={self.device} batch={self.batch_size} repeats={self.repeats}", flush=True)
+        self.peaks = peak_matmul_flops(self.device)
+        print("  peak matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peaks.items()), flush=True)
+        with lavis_opt_generation():
+            self.baselines()
+            self.ours_and_toggles(skip_toggles)
+        self.ratios()
+        return dict(
+            size=self.size_name, device=self.device, batch_size=self.batch_size, repeats=self.repeats,
+            size_config=self.size, machine=machine_info(self.device), peak_matmul_flops=self.peaks,
+            switches=getattr(self, "switches", {}), notes=self.notes, rows=self.rows, targets=self.targets(),
+            generation=dict(num_beams=NUM_BEAMS, caption_new_tokens=self.size["caption_tokens"],
+                            vqa_new_tokens=self.size["vqa_tokens"], vqa_prompt=VQA_PROMPT,
+                            forced_length="min length = max length on both sides (LAVIS: min_length counts its prompt ids)"),
+        )
+
+
+def format_table(result: dict) -> str:
+    bases = sorted({b for r in result["rows"] for b in r.get("time_vs", {}) if b.startswith("LAVIS")})
+    head = ["task", "variant", "median ms", "img/s"] + [f"time / [{i}]" for i in range(len(bases))] + [
+        "GFLOP/s", "% fp32 peak", "% bf16 peak", "peak mem MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            cells = [r["task"], r["variant"], r["status"]] + [""] * (len(head) - 3)
+        else:
+            mem = r.get("peak_memory_growth_bytes")
+            cells = [r["task"], r["variant"], f"{r['median_s'] * 1e3:.1f}", f"{r['images_per_s']:.2f}"]
+            cells += [f"{r['time_vs'][b]:.3f}" if b in r.get("time_vs", {}) else "" for b in bases]
+            cells += [f"{r['gflops_per_s']:.1f}", f"{r.get('pct_of_fp32_peak', 0):.1f}", f"{r.get('pct_of_bf16_peak', 0):.1f}",
+                      "" if mem is None else f"{mem / 2**20:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    legend = [f"[{i}] = {b}" for i, b in enumerate(bases)]
+    return "\n".join(lines + [""] + legend)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="small", choices=size_names())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median), after one warm-up")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the size's)")
+    parser.add_argument("--skip-toggles", action="store_true", help="baseline vs our default only")
+    parser.add_argument("--out-dir", type=Path, default=Path("output/bench"))
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
+
+    import blip2_internlm  # noqa: F401  (compat fixes, registration)
+
+    result = Bench(args.size, args.device, args.repeats, args.batch_size).run(args.skip_toggles)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"{args.size}-{torch.device(args.device).type}-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print()
+    print(format_table(result))
+    print("\ntargets: " + json.dumps(result["targets"], indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

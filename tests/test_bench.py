@@ -1,0 +1,128 @@
+"""The benchmark harness ``python -m blip2_internlm.bench``: it runs, it writes its JSON, and it
+compares like with like (LAVIS's own Blip2OPT against Blip2InternLM at matched sizes).
+
+No test here checks a timing: the harness measures, these specs check what it measures.
+"""
+
+import json
+
+import pytest
+import torch
+
+from blip2_internlm import bench
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    size = bench.load_size("tiny")
+    return size, bench.build_ours(size, "cpu"), bench.build_baseline(size, "cpu", opt_dtype="fp32")
+
+
+def _mlp_params(module_names_params, words):
+    return sum(p.numel() for name, p in module_names_params if any(w in name for w in words))
+
+
+def test_the_baseline_is_lavis_own_blip2_opt_with_its_vendored_opt(tiny_pair):
+    from lavis.models.blip2_models.blip2_opt import Blip2OPT
+    from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
+
+    _, ours, baseline = tiny_pair
+    assert type(baseline) is Blip2OPT
+    assert type(baseline.opt_model) is OPTForCausalLM
+    assert type(ours).__name__ == "Blip2InternLM"
+
+
+def test_as_shipped_the_baseline_loads_its_opt_in_fp16():
+    from lavis.models.blip2_models.blip2_opt import Blip2OPT
+
+    size = bench.load_size("tiny")
+    model = bench.build_baseline(size, "cpu")
+    assert isinstance(model, Blip2OPT) and model.opt_model.dtype == torch.float16
+
+
+def test_both_sides_share_the_same_vit_and_qformer(tiny_pair):
+    _, ours, baseline = tiny_pair
+    ours_vit, base_vit = ours.visual_encoder.state_dict(), baseline.visual_encoder.state_dict()
+    assert ours_vit.keys() == base_vit.keys()
+    assert all(torch.equal(ours_vit[k], base_vit[k]) for k in ours_vit), "same seed, same ViT weights"
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours.Qformer) == count(baseline.Qformer)
+    assert ours.query_tokens.shape == baseline.query_tokens.shape
+
+
+@pytest.mark.parametrize("size_name", ["tiny", "small", "real"])
+def test_llms_match_in_width_depth_heads_vocab_and_mlp_parameters(size_name):
+    size = bench.load_size(size_name)
+    internlm2, opt = bench.internlm2_config(size), bench.opt_config(size)
+    assert (internlm2.hidden_size, internlm2.num_hidden_layers, internlm2.num_attention_heads) == (
+        opt.hidden_size, opt.num_hidden_layers, opt.num_attention_heads)
+    assert internlm2.vocab_size == opt.vocab_size
+    swiglu = 3 * internlm2.hidden_size * internlm2.intermediate_size
+    relu = 2 * opt.hidden_size * opt.ffn_dim
+    if size_name != "real":  # real: InternLM2-1.8B's own SwiGLU width against OPT's 4x
+        assert abs(swiglu - relu) / relu < 0.01
+
+
+def test_built_models_have_the_configured_llm_shapes(tiny_pair):
+    size, ours, baseline = tiny_pair
+    llm = size["llm"]
+    ours_layers = ours.llm_model.model.layers if hasattr(ours.llm_model.model, "layers") else None
+    assert len(ours_layers) == len(baseline.opt_model.model.decoder.layers) == llm["num_hidden_layers"]
+    assert ours.llm_model.get_input_embeddings().weight.shape == baseline.opt_model.get_input_embeddings().weight.shape
+    ours_mlp = _mlp_params(ours.llm_model.named_parameters(), ("feed_forward", "mlp"))
+    base_mlp = _mlp_params(baseline.opt_model.named_parameters(), ("fc1", "fc2"))
+    assert abs(ours_mlp - base_mlp) / base_mlp < 0.01
+
+
+def test_small_size_is_vit_12x384_at_224_qformer_4x256_llm_8x512():
+    from blip2_internlm.models.vision import VIT_ARCHS
+
+    size = bench.load_size("small")
+    vit = VIT_ARCHS[size["vit_model"]]
+    assert (vit["depth"], vit["embed_dim"], size["image_size"]) == (12, 384, 224)
+    assert (size["qformer"]["num_hidden_layers"], size["qformer"]["hidden_size"]) == (4, 256)
+    assert (size["llm"]["num_hidden_layers"], size["llm"]["hidden_size"]) == (8, 512)
+
+
+def test_real_size_wiring_builds_on_meta():
+    size = bench.load_size("real")
+    ours = bench.build_ours(size, "meta")
+    baseline = bench.build_baseline(size, "meta")
+    assert ours.visual_encoder.embed_dim == baseline.visual_encoder.embed_dim == 1408
+    assert ours.llm_model.config.hidden_size == baseline.opt_model.config.hidden_size == 2048
+    assert ours.llm_model.dtype == torch.bfloat16 and baseline.opt_model.dtype == torch.float16
+
+
+def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device: {"fp32": 1e11, "bf16": 1e12, "fp16": 1e12})
+    assert bench.main(["--size", "tiny", "--repeats", "1", "--skip-toggles", "--out-dir", str(tmp_path)]) == 0
+    [out] = tmp_path.glob("tiny-cpu-*.json")
+    result = json.loads(out.read_text())
+    assert {"machine", "peak_matmul_flops", "rows", "targets", "size_config", "generation"} <= set(result)
+    assert {"cpu", "cpu_count", "torch_threads", "torch"} <= set(result["machine"])
+    rows = {(r["task"], r["variant"]): r for r in result["rows"]}
+    fp32_base = "LAVIS blip2_opt, OPT fp32"
+    for task in ("train_step", "caption", "vqa"):
+        for variant in (fp32_base, "ours: default"):
+            row = rows[(task, variant)]
+            assert row["status"] == "ok", row
+            assert row["median_s"] > 0 and row["flops"] > 0 and row["images_per_s"] > 0
+            assert {"gflops_per_s", "pct_of_fp32_peak", "time_vs"} <= set(row)
+        assert rows[(task, "ours: default")]["time_vs"][fp32_base] > 0
+    # generation lengths are forced equal on both sides
+    for task, tokens in (("caption", result["size_config"]["caption_tokens"]), ("vqa", result["size_config"]["vqa_tokens"])):
+        assert rows[(task, fp32_base)]["new_tokens"] == rows[(task, "ours: default")]["new_tokens"] == [tokens]
+    # LAVIS as shipped (fp16 OPT, no autocast on CPU) is reported, run or not
+    assert (("train_step", "LAVIS blip2_opt as shipped (OPT fp16)")) in rows
+    assert "| train_step |" in capsys.readouterr().out
+
+
+def test_missing_optimisation_switches_are_reported_not_fatal(monkeypatch):
+    monkeypatch.setattr(bench, "available_switches", lambda: {k: False for k in (
+        "attention", "feature_cache", "autocast", "llm_grad_checkpoint", "length_sorted_vqa")})
+    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device: {"fp32": 1e11})
+    runner = bench.Bench("tiny", "cpu", repeats=1)
+    runner.peaks = {"fp32": 1e11}
+    monkeypatch.setattr(bench.Bench, "measure_side", lambda self, side, variant, tasks=(): None)
+    runner.ours_and_toggles(skip_toggles=False)
+    assert sum("not available" in note for note in runner.notes) == 5
