@@ -29,6 +29,10 @@ from lavis.models.blip2_models.blip2 import Blip2Base, disabled_train
 from torch import nn
 
 from blip2_internlm.compat.blip2 import blip2_assets
+from blip2_internlm.models.llm_inputs import (
+    autocast_context, checkpoint_frozen_llm_layers, generation_embeds, install_length_sorted_eval,
+    resolve_autocast_dtype, training_tokens,
+)
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
@@ -44,7 +48,11 @@ CONFIG_KEYS = {
     "vit_model", "vit_weights", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
     "freeze_vit", "qformer_text_model", "num_query_token", "cross_attention_freq",
     "llm_model", "llm_precision", "prompt", "max_txt_len", "apply_lemmatizer",
+    "autocast_dtype", "llm_grad_checkpoint", "llm_train_kv_cache",
 }
+
+# run.length_sorted_eval for LAVIS's VQA tasks; inert unless a run sets it
+install_length_sorted_eval()
 
 
 @registry.register_model("blip2_internlm")
@@ -70,6 +78,9 @@ class Blip2InternLM(Blip2Base):
         prompt="",
         max_txt_len=32,
         apply_lemmatizer=False,
+        autocast_dtype="fp16",
+        llm_grad_checkpoint=False,
+        llm_train_kv_cache=True,
     ):
         super().__init__()
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
@@ -98,8 +109,19 @@ class Blip2InternLM(Blip2Base):
         self.stop_token_ids = stop_token_ids(self.llm_tokenizer)
         self._apply_lemmatizer = apply_lemmatizer
         self._lemmatizer = None
+        resolve_autocast_dtype(autocast_dtype, torch.device("cpu"))  # a bad value fails at build time
+        self.autocast_dtype = autocast_dtype
+        # None: the LLM config's default (transformers builds a KV cache the loss never reads);
+        # checkpointed layers must not build one: their recomputation would append to it again
+        self._train_use_cache = None if llm_train_kv_cache and not llm_grad_checkpoint else False
+        if llm_grad_checkpoint:
+            checkpoint_frozen_llm_layers(self.llm_model)
 
     # --- shared front end ---------------------------------------------------------------
+
+    def maybe_autocast(self, dtype=None):
+        """The ``model.autocast_dtype`` region (ViT, Q-Former, LLM); ``dtype`` is ignored."""
+        return autocast_context(self.autocast_dtype, self.query_tokens.device)
 
     def query_embeds(self, image: torch.Tensor) -> torch.Tensor:
         """The LLM-space soft prompt for a batch of images: (B, num_query_token, llm_width)."""
@@ -107,12 +129,13 @@ class Blip2InternLM(Blip2Base):
             image_embeds = self.ln_vision(self.visual_encoder(image))
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = self.Qformer.bert(
-            query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
-        )
+        with self.maybe_autocast():
+            query_output = self.Qformer.bert(
+                query_embeds=query_tokens,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_atts,
+                return_dict=True,
+            )
         return self.llm_proj(query_output.last_hidden_state).to(self.llm_model.dtype)
 
     def prompts_for(self, samples, batch_size: int, prompt=None) -> list[str]:
@@ -134,31 +157,7 @@ class Blip2InternLM(Blip2Base):
         ``max_txt_len`` leaves after the prompt is cut and gets no ``</s>``, so the model is
         never taught to stop mid-sentence; a prompt that leaves no room is an error.
         """
-        tokenizer = self.llm_tokenizer
-        rows, labels = [], []
-        for prompt, text in zip(prompts, texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"empty or non-string text_input {text!r}: every sample needs a caption/answer")
-            head = [tokenizer.bos_token_id] + self._ids(prompt)
-            room = self.max_txt_len - len(head)
-            if room < 2:
-                raise ValueError(
-                    f"prompt {prompt!r} takes {len(head)} of max_txt_len={self.max_txt_len} tokens; "
-                    "raise model.max_txt_len or shorten the prompt"
-                )
-            body = self._ids(text) + [tokenizer.eos_token_id]
-            body = body[:room]
-            rows.append(head + body)
-            labels.append([-100] * len(head) + body)
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        targets = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (row, label) in enumerate(zip(rows, labels)):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-            targets[i, : len(label)] = torch.tensor(label)
-        return input_ids, attention_mask, targets
+        return training_tokens(self.llm_tokenizer, prompts, texts, self.max_txt_len)
 
     def forward(self, samples):
         image = samples["image"]
@@ -177,6 +176,7 @@ class Blip2InternLM(Blip2Base):
                 attention_mask=torch.cat([query_atts, text_atts], dim=1),
                 labels=torch.cat([query_targets, text_targets], dim=1),
                 return_dict=True,
+                use_cache=self._train_use_cache,
             )
         return {"loss": outputs.loss}
 
@@ -184,19 +184,7 @@ class Blip2InternLM(Blip2Base):
 
     def prompt_embeds(self, queries: torch.Tensor, prompts: Sequence[str]):
         """Left-padded ``[pad] [queries] <s> prompt`` embeddings and attention mask."""
-        tokenizer = self.llm_tokenizer
-        heads = [[tokenizer.bos_token_id] + self._ids(p) for p in prompts]
-        width = max(map(len, heads))
-        batch, n_query = queries.shape[:2]
-        embed = self.llm_model.get_input_embeddings()
-        pad = embed(torch.tensor([tokenizer.pad_token_id], device=queries.device))[0]
-        rows, masks = [], []
-        for b, head in enumerate(heads):
-            n_pad = width - len(head)
-            head_embeds = embed(torch.tensor(head, device=queries.device))
-            rows.append(torch.cat([pad.expand(n_pad, -1), queries[b], head_embeds.to(queries.dtype)]))
-            masks.append(torch.tensor([0] * n_pad + [1] * (n_query + len(head)), device=queries.device))
-        return torch.stack(rows), torch.stack(masks)
+        return generation_embeds(self.llm_tokenizer, self.llm_model.get_input_embeddings(), queries, prompts)
 
     @torch.no_grad()
     def generate(
@@ -307,6 +295,9 @@ class Blip2InternLM(Blip2Base):
                 prompt=cfg.get("prompt", ""),
                 max_txt_len=cfg.get("max_txt_len", 32),
                 apply_lemmatizer=cfg.get("apply_lemmatizer", False),
+                autocast_dtype=cfg.get("autocast_dtype", "fp16"),
+                llm_grad_checkpoint=cfg.get("llm_grad_checkpoint", False),
+                llm_train_kv_cache=cfg.get("llm_train_kv_cache", True),
             )
         model.load_checkpoint_from_config(cfg)
         return model
