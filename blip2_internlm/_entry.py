@@ -71,6 +71,8 @@ def build(cfg, job_id):
     from lavis import tasks
     from lavis.common.registry import registry
 
+    from blip2_internlm.feature_cache import apply_feature_cache
+
     lr_sched = cfg.run_cfg.get("lr_sched", None)
     if lr_sched is not None and registry.get_lr_scheduler_class(lr_sched) is None:
         raise SystemExit(f"run.lr_sched = {lr_sched!r} is not a registered LAVIS LR scheduler")
@@ -78,6 +80,7 @@ def build(cfg, job_id):
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
+    datasets = apply_feature_cache(cfg, model, datasets)  # run.feature_cache; a no-op when off
     runner_name = cfg.run_cfg.get("runner", "runner_base")
     runner_cls = registry.get_runner_class(runner_name)
     if runner_cls is None:

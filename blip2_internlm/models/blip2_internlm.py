@@ -123,11 +123,21 @@ class Blip2InternLM(Blip2Base):
         """The ``model.autocast_dtype`` region (ViT, Q-Former, LLM); ``dtype`` is ignored."""
         return autocast_context(self.autocast_dtype, self.query_tokens.device)
 
-    def query_embeds(self, image: torch.Tensor) -> torch.Tensor:
-        """The LLM-space soft prompt for a batch of images: (B, num_query_token, llm_width)."""
+    def image_embeds(self, samples) -> torch.Tensor:
+        """``ln_vision`` of the frozen ViT's output: (B, N_tokens, vit_width).  The ViT output comes
+        from ``samples["vit_embeds"]`` when present (``blip2_internlm.feature_cache``), else from
+        ``samples["image"]``; ``ln_vision`` trains, so it always runs here."""
         with self.maybe_autocast():
-            image_embeds = self.ln_vision(self.visual_encoder(image))
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+            vit_embeds = samples.get("vit_embeds")
+            if vit_embeds is None:
+                vit_embeds = self.visual_encoder(samples["image"])
+            return self.ln_vision(vit_embeds.to(self.device))
+
+    def query_embeds(self, image: torch.Tensor = None, image_embeds: torch.Tensor = None) -> torch.Tensor:
+        """The LLM-space soft prompt for a batch of images (or their ``image_embeds``): (B, num_query_token, llm_width)."""
+        if image_embeds is None:
+            image_embeds = self.image_embeds({"image": image})
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         with self.maybe_autocast():
             query_output = self.Qformer.bert(
@@ -160,15 +170,15 @@ class Blip2InternLM(Blip2Base):
         return training_tokens(self.llm_tokenizer, prompts, texts, self.max_txt_len)
 
     def forward(self, samples):
-        image = samples["image"]
+        image_embeds = self.image_embeds(samples)
         texts = samples["text_input"]
-        if len(texts) != image.size(0):
-            raise ValueError(f"batch has {image.size(0)} images but {len(texts)} texts")
-        queries = self.query_embeds(image)
-        input_ids, text_atts, text_targets = (t.to(image.device) for t in self.text_tokens(self.prompts_for(samples, len(texts)), texts))
+        if len(texts) != image_embeds.size(0):
+            raise ValueError(f"batch has {image_embeds.size(0)} images but {len(texts)} texts")
+        queries = self.query_embeds(image_embeds=image_embeds)
+        input_ids, text_atts, text_targets = (t.to(queries.device) for t in self.text_tokens(self.prompts_for(samples, len(texts)), texts))
 
-        query_atts = torch.ones(queries.shape[:-1], dtype=torch.long, device=image.device)
-        query_targets = torch.full(query_atts.shape, -100, dtype=torch.long, device=image.device)
+        query_atts = torch.ones(queries.shape[:-1], dtype=torch.long, device=queries.device)
+        query_targets = torch.full(query_atts.shape, -100, dtype=torch.long, device=queries.device)
         inputs_embeds = torch.cat([queries, self.llm_model.get_input_embeddings()(input_ids)], dim=1)
         with self.maybe_autocast():
             outputs = self.llm_model(
@@ -201,10 +211,10 @@ class Blip2InternLM(Blip2Base):
         temperature=1,
         prompt=None,
     ) -> list[str]:
-        """Captions (or answers) for ``samples["image"]``: ``num_captions`` per image, image-major."""
-        image = samples["image"]
-        prompts = self.prompts_for(samples, image.size(0), prompt)
-        inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image), prompts)
+        """Captions (or answers) for ``samples["image"]`` (or ``samples["vit_embeds"]``): ``num_captions`` per image, image-major."""
+        image_embeds = self.image_embeds(samples)
+        prompts = self.prompts_for(samples, image_embeds.size(0), prompt)
+        inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image_embeds=image_embeds), prompts)
         with self.maybe_autocast():
             outputs = self.llm_model.generate(
                 inputs_embeds=inputs_embeds,
@@ -246,7 +256,7 @@ class Blip2InternLM(Blip2Base):
         prompt = prompt or "{}"
         prompts = [prompt.format(q) if "{}" in prompt else prompt + q for q in questions]
         answers = self.generate(
-            {"image": samples["image"], "prompt": prompts},
+            {**{key: samples[key] for key in ("image", "vit_embeds") if key in samples}, "prompt": prompts},
             num_beams=num_beams,
             max_length=max_len,
             min_length=min_len,
