@@ -38,7 +38,7 @@ def prepare_imports() -> None:
 
 
 def patch_lavis() -> None:
-    from blip2_internlm.compat import blip2, checkpoints, datasets, distributed, runner
+    from blip2_internlm.compat import attention, blip2, checkpoints, datasets, distributed, runner
 
     distributed.init_distributed_mode_cpu_aware()
     distributed.metric_sync_on_backend_device()
@@ -57,6 +57,7 @@ def patch_lavis() -> None:
     blip2.qformer_lm_head_generation()
     blip2.qformer_lm_head_bias_tied()
     blip2.qformer_captions_without_cjk_spaces()
+    attention.fused_attention_in_eva_vit_and_qformer()
     datasets.no_hidden_annotation_downloads()
     datasets.caption_samples_keep_image_ids()
     datasets.vg_caption_images_in_download_layout()

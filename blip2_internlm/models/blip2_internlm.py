@@ -28,6 +28,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, disabled_train
 from torch import nn
 
+from blip2_internlm.compat.attention import resolve_attn_implementation, set_attn_implementation
 from blip2_internlm.compat.blip2 import blip2_assets
 from blip2_internlm.models.llm_inputs import (
     autocast_context, checkpoint_frozen_llm_layers, generation_embeds, install_length_sorted_eval,
@@ -47,7 +48,7 @@ CONFIG_KEYS = {
     "arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned",
     "vit_model", "vit_weights", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
     "freeze_vit", "qformer_text_model", "num_query_token", "cross_attention_freq",
-    "llm_model", "llm_precision", "prompt", "max_txt_len", "apply_lemmatizer",
+    "llm_model", "llm_precision", "prompt", "max_txt_len", "apply_lemmatizer", "attn_implementation",
     "autocast_dtype", "llm_grad_checkpoint", "llm_train_kv_cache",
 }
 
@@ -81,6 +82,7 @@ class Blip2InternLM(Blip2Base):
         autocast_dtype="fp16",
         llm_grad_checkpoint=False,
         llm_train_kv_cache=True,
+        attn_implementation=None,
     ):
         super().__init__()
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
@@ -102,6 +104,8 @@ class Blip2InternLM(Blip2Base):
             layer.intermediate = None
 
         self.llm_tokenizer, self.llm_model = load_frozen_llm(llm_model, llm_precision)
+        # ViT and Q-Former attention, and the LLM's (config key, else $BLIP2_INTERNLM_ATTN, else sdpa)
+        set_attn_implementation(self, resolve_attn_implementation(attn_implementation))
         self.llm_proj = nn.Linear(self.Qformer.config.hidden_size, self.llm_model.get_input_embeddings().embedding_dim)
 
         self.prompt = prompt
@@ -308,6 +312,7 @@ class Blip2InternLM(Blip2Base):
                 autocast_dtype=cfg.get("autocast_dtype", "fp16"),
                 llm_grad_checkpoint=cfg.get("llm_grad_checkpoint", False),
                 llm_train_kv_cache=cfg.get("llm_train_kv_cache", True),
+                attn_implementation=cfg.get("attn_implementation"),
             )
         model.load_checkpoint_from_config(cfg)
         return model
@@ -335,7 +340,7 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def load_frozen_llm(llm_model, llm_precision: str):
+def load_frozen_llm(llm_model, llm_precision: str, attn_implementation: str = "sdpa"):
     """Tokenizer and frozen causal LM from a local checkpoint directory (or ``tiny``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -345,7 +350,9 @@ def load_frozen_llm(llm_model, llm_precision: str):
         raise ValueError(f"model.llm_precision = {llm_precision!r}; expected one of {sorted(LLM_DTYPES)}")
     path = resolve_llm(llm_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=LLM_DTYPES[llm_precision], low_cpu_mem_usage=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, torch_dtype=LLM_DTYPES[llm_precision], low_cpu_mem_usage=True, attn_implementation=attn_implementation
+    )
     for param in model.parameters():
         param.requires_grad = False
     model.eval()
