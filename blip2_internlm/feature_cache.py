@@ -271,6 +271,8 @@ class FeatureStore:
             "image_shape": list(probe.shape),
             "processor": describe(getattr(dataset, "vis_processor", None)),
             "device_type": device.type,
+            # the model's autocast region (model.autocast_dtype) sets the ViT's arithmetic
+            "autocast_dtype": str(getattr(model, "autocast_dtype", None)),
             "views": int(views),
             "seed": int(seed),
             "dtype": dtype,
@@ -506,8 +508,8 @@ def apply_feature_cache(cfg, model, datasets):
                 views=int(options.get("views", 1)) if is_train else 1,
                 dtype=str(options.get("dtype", "fp16")),
                 seed=int(options.get("seed", 0)),
-                batch_size=int(options.get("batch_size", run.get("batch_size_eval", 32))),
-                num_workers=int(options.get("num_workers", 0)),
+                batch_size=int(options.get("batch_size") or run.get("batch_size_eval", 32)),
+                num_workers=int(options.get("num_workers") or 0),
             )
             by_split[split] = CachedFeatures(by_split[split], store, train=is_train)
     return datasets
