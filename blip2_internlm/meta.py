@@ -94,6 +94,10 @@ def qformer_bert_config(qformer_text_model):
     value = str(qformer_text_model)
     if value == "tiny":
         return BertConfig(vocab_size=_tiny_bert_vocab_size(), **TINY_BERT)
+    if value == "tiny-zh":
+        from blip2_internlm.assets import tiny_zh_vocab
+
+        return BertConfig(vocab_size=len(tiny_zh_vocab()), **TINY_BERT)
     local = _local_config_json(value)
     if local is not None:
         return BertConfig.from_json_file(str(local))

@@ -90,6 +90,7 @@ class LLM:
     vocab: int
     param_bytes: int
     linear_numel: int
+    logits_on_labels_only: bool = False  # Blip2InternLM.lm_head_on_labels_only
 
     @property
     def kv_dim(self) -> int:
@@ -180,6 +181,7 @@ def describe(model, model_cfg) -> Arch:
             vocab=cfg.vocab_size,
             param_bytes=next(model.llm_model.parameters()).element_size(),
             linear_numel=sum(w.numel() for w in {id(w): w for w in llm_linears}.values()),
+            logits_on_labels_only=bool(getattr(model, "lm_head_on_labels_only", False)),
         )
     rows = {}
     trainable = trainable_bytes = largest = 0
@@ -387,8 +389,14 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
         terms.append(Term(f"LLM layers (frozen, back-propagated), {L} tokens x {B}", llm.layers * per_layer,
                           f"{llm.layers} x {per_layer / GiB:.3f} GiB"))
         terms.append(Term("LLM final norm input", n * llm.hidden * 4))
-        terms.append(Term(f"LLM loss head (vocab {llm.vocab})", 12 * n * llm.vocab,
-                          "fp16 logits, fp32 copy, log-softmax, its gradient"))
+        if llm.logits_on_labels_only:  # at most every text token after <s> has a label
+            rows = B * (tt - 1)
+            terms.append(Term(f"LLM loss head (vocab {llm.vocab}), {tt - 1} labelled tokens x {B}",
+                              12 * rows * llm.vocab + rows * llm.hidden * 4,
+                              "fp16 logits, fp32 copy, log-softmax, its gradient; gathered hidden states"))
+        else:
+            terms.append(Term(f"LLM loss head (vocab {llm.vocab})", 12 * n * llm.vocab,
+                              "fp16 logits, fp32 copy, log-softmax, its gradient"))
         if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a):
             terms.append(Term("LLM weights cast to fp16 by autocast (bf16 != fp16)", llm.linear_numel * 2,
                               "saved for the backward pass through each frozen Linear"))

@@ -188,3 +188,11 @@ def test_two_ranks_run_the_tiny_chinese_stage1_config_and_save_a_checkpoint(tmp_
     assert math.isfinite(float(epoch["train_loss"]))
     saved = torch.load(job_dir / "checkpoint_0.pth", weights_only=True)["model"]
     assert saved["Qformer.bert.embeddings.word_embeddings.weight"].shape[0] == len(assets.tiny_zh_vocab()) + 1
+
+
+def test_the_planner_sizes_the_tiny_chinese_stage1_like_the_built_model(zh_model):
+    from blip2_internlm.meta import build_on_meta, merged_model_config
+
+    on_meta = build_on_meta(merged_model_config(REPO / "configs" / "tiny" / "pretrain_stage1_zh.yaml"))
+    assert on_meta.Qformer.bert.embeddings.word_embeddings.weight.shape == zh_model.Qformer.bert.embeddings.word_embeddings.weight.shape
+    assert sum(p.numel() for p in on_meta.parameters()) == sum(p.numel() for p in zh_model.parameters())

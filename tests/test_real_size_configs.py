@@ -20,12 +20,13 @@ CONFIG_IDS = [f"{path.parent.name}/{path.name}" for path in CONFIGS]
 # Published sizes, written independently of the code under test.
 VIT_G = dict(depth=39, width=1408, mlp=6144)  # EVA ViT-g/14: mlp_ratio 4.3637 -> 6144
 BERT = dict(hidden=768, layers=12, intermediate=3072, vocab=30522, positions=512)
+BERT_CHINESE_VOCAB = 21128  # bert-base-chinese's vocab.txt; otherwise the same architecture
 LLMS = {  # llm_model -> (layers, hidden)
     "internlm/internlm2-1_8b": (24, 2048),
     "internlm/internlm2-7b": (32, 4096),
     "facebook/opt-2.7b": (32, 2560),
 }
-PATH_ENV = ("DATA_ROOT", "COCO_ROOT", "VG_ROOT", "VQAV2_ROOT", "OKVQA_ROOT", "GQA_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED",
+PATH_ENV = ("DATA_ROOT", "COCO_ROOT", "VG_ROOT", "VQAV2_ROOT", "OKVQA_ROOT", "GQA_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED", "BERT_BASE_CHINESE",
             "INTERNLM2_1_8B", "INTERNLM2_7B", "OPT_2_7B", "STAGE1_CHECKPOINT", "STAGE2_CHECKPOINT",
             "STAGE2_OPT_CHECKPOINT", "CAPTION_CHECKPOINT", "CAPTION_OPT_CHECKPOINT")
 
@@ -61,8 +62,8 @@ def qformer_layer(h, inter, vision, cross, text_path):
     return n + ffn * (2 if text_path else 1)  # query FFN (+ text FFN)
 
 
-def expected_trainable(stage, llm_hidden=None, queries=32):
-    h, inter, vocab = BERT["hidden"], BERT["intermediate"], BERT["vocab"] + 1  # + [DEC]
+def expected_trainable(stage, llm_hidden=None, queries=32, text_vocab=BERT["vocab"]):
+    h, inter, vocab = BERT["hidden"], BERT["intermediate"], text_vocab + 1  # + [DEC]
     cross = [i % 2 == 0 for i in range(BERT["layers"])]
     ln_vision = layernorm(VIT_G["width"])
     query_tokens = queries * h
@@ -121,7 +122,8 @@ def test_real_size_model_on_meta(built, path):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.model.arch == "blip2":
         assert cfg.model.model_type == "pretrain" and not cfg.model.load_pretrained
-        assert trainable == expected_trainable("stage1")
+        chinese = "chinese" in str(cfg.model.qformer_text_model)
+        assert trainable == expected_trainable("stage1", text_vocab=BERT_CHINESE_VOCAB if chinese else BERT["vocab"])
         return
     layers, hidden = LLMS[cfg.model.llm_model]
     llm = model.llm_model.config
@@ -237,6 +239,6 @@ def test_every_environment_variable_is_documented():
         names |= set(re.findall(r"oc\.env:(\w+)", path.read_text()))
     doc = (REPO / "docs" / "plan.md").read_text()
     section = doc.split("## Real-size configs", 1)[1].split("\n## ", 1)[0]
-    assert {"DATA_ROOT", "COCO_ROOT", "VG_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED", "INTERNLM2_1_8B", "INTERNLM2_7B",
+    assert {"DATA_ROOT", "COCO_ROOT", "VG_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED", "BERT_BASE_CHINESE", "INTERNLM2_1_8B", "INTERNLM2_7B",
             "OPT_2_7B", "STAGE1_CHECKPOINT", "STAGE2_CHECKPOINT"} <= names
     assert not {name for name in names if f"`{name}`" not in section}

@@ -49,7 +49,7 @@ CONFIG_KEYS = {
     "vit_model", "vit_weights", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
     "freeze_vit", "qformer_text_model", "num_query_token", "cross_attention_freq",
     "llm_model", "llm_precision", "prompt", "max_txt_len", "apply_lemmatizer", "attn_implementation",
-    "autocast_dtype", "llm_grad_checkpoint", "llm_train_kv_cache",
+    "autocast_dtype", "llm_grad_checkpoint", "llm_train_kv_cache", "lm_head_on_labels_only",
 }
 
 # run.length_sorted_eval for LAVIS's VQA tasks; inert unless a run sets it
@@ -83,6 +83,7 @@ class Blip2InternLM(Blip2Base):
         llm_grad_checkpoint=False,
         llm_train_kv_cache=True,
         attn_implementation=None,
+        lm_head_on_labels_only=True,
     ):
         super().__init__()
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
@@ -120,6 +121,7 @@ class Blip2InternLM(Blip2Base):
         self._train_use_cache = None if llm_train_kv_cache and not llm_grad_checkpoint else False
         if llm_grad_checkpoint:
             checkpoint_frozen_llm_layers(self.llm_model)
+        self.lm_head_on_labels_only = lm_head_on_labels_only
 
     # --- shared front end ---------------------------------------------------------------
 
@@ -184,15 +186,19 @@ class Blip2InternLM(Blip2Base):
         query_atts = torch.ones(queries.shape[:-1], dtype=torch.long, device=queries.device)
         query_targets = torch.full(query_atts.shape, -100, dtype=torch.long, device=queries.device)
         inputs_embeds = torch.cat([queries, self.llm_model.get_input_embeddings()(input_ids)], dim=1)
+        attention_mask = torch.cat([query_atts, text_atts], dim=1)
+        labels = torch.cat([query_targets, text_targets], dim=1)
         with self.maybe_autocast():
-            outputs = self.llm_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=torch.cat([query_atts, text_atts], dim=1),
-                labels=torch.cat([query_targets, text_targets], dim=1),
-                return_dict=True,
-                use_cache=self._train_use_cache,
-            )
-        return {"loss": outputs.loss}
+            if not self.lm_head_on_labels_only:
+                outputs = self.llm_model(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                    return_dict=True, use_cache=self._train_use_cache,
+                )
+                return {"loss": outputs.loss}
+            hidden = self.llm_model.base_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, use_cache=self._train_use_cache
+            ).last_hidden_state
+            return {"loss": labelled_token_loss(hidden, labels, self.llm_model.get_output_embeddings())}
 
     # --- inference -----------------------------------------------------------------------
 
@@ -313,9 +319,23 @@ class Blip2InternLM(Blip2Base):
                 llm_grad_checkpoint=cfg.get("llm_grad_checkpoint", False),
                 llm_train_kv_cache=cfg.get("llm_train_kv_cache", True),
                 attn_implementation=cfg.get("attn_implementation"),
+                lm_head_on_labels_only=cfg.get("lm_head_on_labels_only", True),
             )
         model.load_checkpoint_from_config(cfg)
         return model
+
+
+def labelled_token_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Causal-LM loss with the LM head applied only where a label follows.
+
+    The same mean cross-entropy as transformers' ``labels=`` path, which projects every
+    position onto the vocabulary; here the queries, ``<s>``, prompt and padding (most of a
+    BLIP-2 sequence) never reach the vocabulary-sized matmul.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = lm_head(hidden[:, :-1][keep]).float()
+    return nn.functional.cross_entropy(logits, targets[keep])
 
 
 def first_line(text: str) -> str:

@@ -224,7 +224,7 @@ def test_llm_grad_checkpointing_recomputes_layers_with_the_same_loss_and_qformer
 
 def test_training_without_the_llm_kv_cache_gives_the_identical_loss(model):
     caches = []
-    hook = model.llm_model.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
+    hook = model.llm_model.base_model.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
     try:
         with_cache = model(training_batch())["loss"]
         model._train_use_cache = False  # what llm_train_kv_cache: False sets
@@ -235,6 +235,31 @@ def test_training_without_the_llm_kv_cache_gives_the_identical_loss(model):
     assert caches[0] is not None and caches[1] is None
     assert torch.equal(with_cache, without)
     assert build(llm_train_kv_cache=False)._train_use_cache is False
+
+
+@pytest.mark.parametrize("llm_model", ["tiny", "tiny-opt"])
+def test_lm_head_on_labelled_positions_only_gives_the_loss_and_gradients_of_the_full_head(lavis_ready, llm_model):
+    model = build(llm_model=llm_model).train()
+    projected = []
+    hook = model.llm_model.get_output_embeddings().register_forward_hook(lambda m, args, out: projected.append(out.shape[:-1]))
+    results = []
+    try:
+        for labels_only in (True, False):
+            model.lm_head_on_labels_only = labels_only
+            model.zero_grad()
+            torch.manual_seed(0)  # the same Q-Former dropout masks
+            loss = model(training_batch())["loss"]
+            loss.backward()
+            results.append((loss.detach(), model.query_tokens.grad.clone(), model.llm_proj.weight.grad.clone()))
+    finally:
+        hook.remove()
+    (loss_kept, *grads_kept), (loss_full, *grads_full) = results
+    torch.testing.assert_close(loss_kept, loss_full, rtol=1e-6, atol=0)
+    for kept, full in zip(grads_kept, grads_full):
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-7)
+    # the full head projects every position of every row; the switch only the labelled ones
+    batch, length = projected[1]
+    assert len(projected[0]) == 1 and projected[0][0] < batch * length / 2
 
 
 def test_vit_grad_checkpointing_gives_the_same_vit_gradients(lavis_ready):
