@@ -11,8 +11,8 @@ seeds), it times
 * caption generation (beam 5) and VQA answering (LAVIS's VQA defaults: beam 5, ``max_len`` 10,
   ``min_len`` 1) in images/s, with the generated length forced equal on both sides (random
   weights end at random lengths otherwise),
-* each optimisation of ours switched off/on one at a time from our default; an optimisation
-  whose switch is not in this checkout yet is printed as "not available" and skipped,
+* each optimisation of ours switched off/on one at a time from our default, and bf16 autocast
+  with the feature cache together,
 
 and reports medians over ``--repeats`` runs after a warm-up, ratios against the baseline,
 achieved FLOP/s (``torch.utils.flop_counter.FlopCounterMode`` counts / median time) against the
@@ -554,7 +554,8 @@ class Side:
 
         return step
 
-    def caption(self, images, new_tokens: int, record: list) -> Callable[[], list]:
+    def caption(self, visual: dict, new_tokens: int, record: list) -> Callable[[], list]:
+        """``visual``: ``{"image": ...}``, or ours from a feature cache ``{"vit_embeds": ...}``."""
         model = self.model
         model.eval()
         if self.is_baseline:
@@ -566,11 +567,11 @@ class Side:
 
         def run():
             with counting_new_tokens(self.llm, prompt_tokens, record):
-                return model.generate({"image": images}, num_beams=NUM_BEAMS, **kwargs)
+                return model.generate(dict(visual), num_beams=NUM_BEAMS, **kwargs)
 
         return run
 
-    def vqa(self, images, questions: list, new_tokens: int, record: list) -> Callable[[], list]:
+    def vqa(self, visual: dict, questions: list, new_tokens: int, record: list) -> Callable[[], list]:
         model = self.model
         model.eval()
         if self.is_baseline:
@@ -583,14 +584,14 @@ class Side:
 
             def run():
                 with counting_new_tokens(self.llm, prompt_tokens, record):
-                    return model.generate({"image": images, "prompt": prompt}, num_beams=NUM_BEAMS,
+                    return model.generate({**visual, "prompt": prompt}, num_beams=NUM_BEAMS,
                                           max_length=new_tokens, min_length=prompt_tokens + new_tokens)
 
             return run
 
         def run():
             with counting_new_tokens(self.llm, 0, record):
-                return model.predict_answers({"image": images, "text_input": questions}, num_beams=NUM_BEAMS,
+                return model.predict_answers({**visual, "text_input": questions}, num_beams=NUM_BEAMS,
                                              max_len=new_tokens, min_len=new_tokens, prompt=VQA_PROMPT)
 
         return run
@@ -617,35 +618,6 @@ def machine_info(device: str) -> dict:
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def available_switches() -> dict:
-    """Which of our optimisations this checkout has, found by feature, not by version."""
-    from blip2_internlm.models import blip2_internlm as ours
-
-    keys = getattr(ours, "CONFIG_KEYS", set())
-    found = {}
-    try:
-        from blip2_internlm.compat.attention import set_attn_implementation  # noqa: F401
-
-        found["attention"] = True
-    except ImportError:
-        found["attention"] = False
-    try:
-        from blip2_internlm.feature_cache import vit_features  # noqa: F401
-
-        found["feature_cache"] = True
-    except ImportError:
-        found["feature_cache"] = False
-    found["autocast"] = "autocast_dtype" in keys
-    found["llm_grad_checkpoint"] = "llm_grad_checkpoint" in keys
-    try:
-        from blip2_internlm.models.llm_inputs import sort_by_question_length  # noqa: F401
-
-        found["length_sorted_vqa"] = True
-    except ImportError:
-        found["length_sorted_vqa"] = False
-    return found
 
 
 class Bench:
@@ -686,20 +658,20 @@ class Bench:
         print(f"  {task:10s} {variant:44s} {shown}", flush=True)
         return row
 
-    def measure_side(self, side: Side, variant: str, tasks=("train", "caption", "vqa")) -> None:
+    def measure_side(self, side: Side, variant: str, tasks=("train", "caption", "vqa"), visual: dict | None = None) -> None:
+        """``visual``: what stands for the images (default the images; ours may read cached ViT output)."""
         inputs, size, batch = self.inputs, self.size, self.batch_size
+        visual = visual or {"image": inputs["images"]}
         if "train" in tasks:
-            samples = {"image": inputs["images"], "text_input": inputs["captions"]}
+            samples = {**visual, "text_input": inputs["captions"]}
             self.row("train_step", variant, side, lambda: side.train_step(samples), batch)
         if "caption" in tasks:
             tokens = []
-            self.row("caption", variant, side, lambda: side.caption(inputs["images"], size["caption_tokens"], tokens),
-                     batch, tokens)
+            self.row("caption", variant, side, lambda: side.caption(visual, size["caption_tokens"], tokens), batch, tokens)
         if "vqa" in tasks:
             tokens = []
             questions = [inputs["question"]] * batch
-            self.row("vqa", variant, side, lambda: side.vqa(inputs["images"], questions, size["vqa_tokens"], tokens),
-                     batch, tokens)
+            self.row("vqa", variant, side, lambda: side.vqa(visual, questions, size["vqa_tokens"], tokens), batch, tokens)
 
     def baselines(self) -> None:
         variants = [("LAVIS blip2_opt as shipped (OPT fp16)", None)]
@@ -724,72 +696,59 @@ class Bench:
         return Side(label, model, False, notes={"overrides": overrides})
 
     def ours_and_toggles(self, skip_toggles: bool) -> None:
-        switches = available_switches()
-        self.switches = switches
+        from blip2_internlm.compat.attention import set_attn_implementation
+        from blip2_internlm.feature_cache import vit_features
+
         default = self.ours()
         self.measure_side(default, "ours: default")
         if skip_toggles:
             return
-        inputs, batch = self.inputs, self.batch_size
+        batch = self.batch_size
 
         # 2. attention: SDPA (default) vs LAVIS's hand-written attention, ViT + Q-Former + LLM
-        if switches["attention"]:
-            from blip2_internlm.compat.attention import set_attn_implementation
+        set_attn_implementation(default.model, "eager")
+        self.measure_side(default, "ours: attention eager (default sdpa)")
+        set_attn_implementation(default.model, "sdpa")
 
-            set_attn_implementation(default.model, "eager")
-            self.measure_side(default, "ours: attention eager (default sdpa)")
-            set_attn_implementation(default.model, "sdpa")
-        else:
-            self.note("attention sdpa/eager switch: not available")
+        # 3. frozen-ViT feature cache: training and evaluation read the ViT's output (what
+        # FeatureStore memory-maps) instead of running the ViT
+        cached = {"vit_embeds": vit_features(default.model, self.inputs["images"])}
+        self.measure_side(default, "ours: feature cache on", visual=cached)
 
-        # 3. frozen-ViT feature cache: the step reads the ViT's output instead of running it
-        if switches["feature_cache"]:
-            from blip2_internlm.feature_cache import vit_features
-
-            cached = {"vit_embeds": vit_features(default.model, inputs["images"]), "text_input": inputs["captions"],
-                      "image": inputs["images"]}
-            cached.pop("image")
-            self.row("train_step", "ours: feature cache on", default, lambda: default.train_step(cached), batch)
-        else:
-            self.note("feature cache: not available")
+        # the LM head on every position (transformers' labels= path) instead of labelled ones only
+        default.model.lm_head_on_labels_only = False
+        self.measure_side(default, "ours: lm_head_on_labels_only=False", ("train",))
+        default.model.lm_head_on_labels_only = True
 
         # 5. length-sorted VQA batching: 4 batches of mixed questions, dataset order vs sorted
-        if switches["length_sorted_vqa"]:
-            self.length_sorted_vqa(default)
-        else:
-            self.note("length-sorted VQA batching: not available")
+        self.length_sorted_vqa(default)
         del default
         gc.collect()
 
         # 4. precision and memory: each a model built with one config key changed
-        builds = []
-        cuda = torch.device(self.device).type == "cuda"
-        if switches["autocast"]:
-            builds.append((dict(autocast_dtype="bf16"), ("train", "caption", "vqa"), None))
-            builds.append((dict(autocast_dtype="off"), ("train", "caption", "vqa"), None))
-            if cuda:
-                builds.append((dict(autocast_dtype="fp16"), ("train",), "scaler"))
-            else:
-                self.note("fp16 autocast + loss scaling: not measured on CPU (autocast_dtype fp16 means no autocast on CPU)")
-        else:
-            self.note("autocast_dtype: not available")
+        builds = [(dict(autocast_dtype="bf16"), ("train", "caption", "vqa")),
+                  (dict(autocast_dtype="off"), ("train", "caption", "vqa"))]
+        if torch.device(self.device).type != "cuda":
+            self.note("fp16 autocast + loss scaling: not measured on CPU (autocast_dtype fp16 means no autocast on CPU)")
         other = "fp32" if _precision(self.size, self.device)["internlm2"] != "fp32" else "bf16"
-        builds.append((dict(llm_precision=other), ("train", "caption", "vqa"), None))
-        if switches["llm_grad_checkpoint"]:
-            builds.append((dict(llm_grad_checkpoint=True), ("train",), None))
-        else:
-            self.note("llm_grad_checkpoint: not available")
-        for overrides, tasks, extra in builds:
+        builds.append((dict(llm_precision=other), ("train", "caption", "vqa")))
+        builds.append((dict(llm_grad_checkpoint=True), ("train",)))
+        if torch.device(self.device).type == "cuda":
+            builds.append((dict(autocast_dtype="fp16"), ("train",)))
+        for overrides, tasks in builds:
             variant = "ours: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
             try:
                 side = self.ours(**overrides)
             except Exception as err:
                 self.row("train_step", variant, None, None, batch, status=f"error: cannot build: {err}")
                 continue
-            if extra == "scaler":
+            if overrides.get("autocast_dtype") == "fp16":
                 side.scaler = torch.amp.GradScaler(torch.device(self.device).type)
                 variant += " + GradScaler"
             self.measure_side(side, variant, tasks)
+            if overrides == dict(autocast_dtype="bf16"):  # the fastest combination: bf16 and the cache
+                cached = {"vit_embeds": vit_features(side.model, self.inputs["images"])}
+                self.measure_side(side, "ours: autocast_dtype=bf16, feature cache on", visual=cached)
             del side
             gc.collect()
 
@@ -805,12 +764,12 @@ class Bench:
         ordered = Questions()
         sort_by_question_length(ordered)
         orders = {"dataset order": pool, "length-sorted": [a["question"] for a in ordered.annotation]}
-        images = self.inputs["images"]
+        visual = {"image": self.inputs["images"]}
         for name, questions in orders.items():
             tokens = []
 
             def make(questions=questions, tokens=tokens):
-                runs = [side.vqa(images, questions[i : i + batch], self.size["vqa_tokens"], tokens)
+                runs = [side.vqa(visual, questions[i : i + batch], self.size["vqa_tokens"], tokens)
                         for i in range(0, len(questions), batch)]
                 return lambda: [run() for run in runs]
 
@@ -838,14 +797,16 @@ class Bench:
             return next((r for r in self.rows if r["task"] == task and r["variant"] == variant and r["status"] == "ok"), None)
 
         out = {}
-        train = find("train_step", "ours: default")
         for row in self.rows:
             if row["task"] == "train_step" and row["status"] == "ok" and not row["variant"].startswith("LAVIS"):
                 for base, ratio in row.get("time_vs", {}).items():
                     out.setdefault("train_step_time_vs_lavis (target <= 0.7)", {})[f"{row['variant']} / {base}"] = round(ratio, 3)
-        cached = find("train_step", "ours: feature cache on")
-        if train and cached:
-            out["cached_step_vs_uncached (target <= 0.5)"] = round(cached["median_s"] / train["median_s"], 3)
+        for uncached, cached in (("ours: default", "ours: feature cache on"),
+                                 ("ours: autocast_dtype=bf16", "ours: autocast_dtype=bf16, feature cache on")):
+            uncached, cached = find("train_step", uncached), find("train_step", cached)
+            if uncached and cached:
+                out.setdefault("cached_step_vs_uncached (target <= 0.5)", {})[
+                    f"{cached['variant']} / {uncached['variant']}"] = round(cached["median_s"] / uncached["median_s"], 3)
         for row in self.rows:
             if row["task"] == "vqa" and row["status"] == "ok" and not row["variant"].startswith("LAVIS"):
                 for base, ratio in row.get("time_vs", {}).items():
@@ -863,7 +824,7 @@ class Bench:
         return dict(
             size=self.size_name, device=self.device, batch_size=self.batch_size, repeats=self.repeats,
             size_config=self.size, machine=machine_info(self.device), peak_matmul_flops=self.peaks,
-            switches=getattr(self, "switches", {}), notes=self.notes, rows=self.rows, targets=self.targets(),
+            notes=self.notes, rows=self.rows, targets=self.targets(),
             generation=dict(num_beams=NUM_BEAMS, caption_new_tokens=self.size["caption_tokens"],
                             vqa_new_tokens=self.size["vqa_tokens"], vqa_prompt=VQA_PROMPT,
                             forced_length="min length = max length on both sides (LAVIS: min_length counts its prompt ids)"),

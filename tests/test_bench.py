@@ -117,12 +117,29 @@ def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkey
     assert "| train_step |" in capsys.readouterr().out
 
 
-def test_missing_optimisation_switches_are_reported_not_fatal(monkeypatch):
-    monkeypatch.setattr(bench, "available_switches", lambda: {k: False for k in (
-        "attention", "feature_cache", "autocast", "llm_grad_checkpoint", "length_sorted_vqa")})
-    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device: {"fp32": 1e11})
-    runner = bench.Bench("tiny", "cpu", repeats=1)
-    runner.peaks = {"fp32": 1e11}
-    monkeypatch.setattr(bench.Bench, "measure_side", lambda self, side, variant, tasks=(): None)
-    runner.ours_and_toggles(skip_toggles=False)
-    assert sum("not available" in note for note in runner.notes) == 5
+def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device: {"fp32": 1e11, "bf16": 1e12})
+    assert bench.main(["--size", "tiny", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    [out] = tmp_path.glob("tiny-cpu-*.json")
+    result = json.loads(out.read_text())
+    rows = {(r["task"], r["variant"]): r for r in result["rows"]}
+    for task, variant in [
+        ("train_step", "ours: attention eager (default sdpa)"),
+        ("vqa", "ours: feature cache on"),
+        ("train_step", "ours: feature cache on"),
+        ("train_step", "ours: lm_head_on_labels_only=False"),
+        ("vqa_mixed", "ours: mixed questions, length-sorted"),
+        ("vqa_mixed", "ours: mixed questions, dataset order"),
+        ("train_step", "ours: autocast_dtype=bf16"),
+        ("train_step", "ours: autocast_dtype=bf16, feature cache on"),
+        ("train_step", "ours: llm_precision=fp32"),
+        ("train_step", "ours: llm_grad_checkpoint=True"),
+    ]:
+        assert rows[(task, variant)]["status"] == "ok", rows[(task, variant)]
+    targets = result["targets"]
+    assert set(targets["cached_step_vs_uncached (target <= 0.5)"]) == {
+        "ours: feature cache on / ours: default",
+        "ours: autocast_dtype=bf16, feature cache on / ours: autocast_dtype=bf16",
+    }
+    # the cached step runs no ViT: fewer FLOPs than the uncached one
+    assert rows[("train_step", "ours: feature cache on")]["flops"] < rows[("train_step", "ours: default")]["flops"]
