@@ -726,8 +726,10 @@ class Bench:
         gc.collect()
 
         # 4. precision and memory: each a model built with one config key changed
-        builds = [(dict(autocast_dtype="bf16"), ("train", "caption", "vqa")),
-                  (dict(autocast_dtype="off"), ("train", "caption", "vqa"))]
+        no_autocast = dict(autocast_dtype="off")
+        if _precision(self.size, self.device)["vit"] == "fp16":  # LAVIS's fp16 ViT runs only under autocast
+            no_autocast["vit_precision"] = "fp32"
+        builds = [(dict(autocast_dtype="bf16"), ("train", "caption", "vqa")), (no_autocast, ("train", "caption", "vqa"))]
         if torch.device(self.device).type != "cuda":
             self.note("fp16 autocast + loss scaling: not measured on CPU (autocast_dtype fp16 means no autocast on CPU)")
         other = "fp32" if _precision(self.size, self.device)["internlm2"] != "fp32" else "bf16"
@@ -753,7 +755,7 @@ class Bench:
             gc.collect()
 
     def length_sorted_vqa(self, side: Side) -> None:
-        from blip2_internlm.models.llm_inputs import sort_by_question_length
+        from blip2_internlm.compat.tasks import sort_by_question_length
 
         pool = self.inputs["question_pool"]
         batch = self.batch_size

@@ -38,7 +38,7 @@ def prepare_imports() -> None:
 
 
 def patch_lavis() -> None:
-    from blip2_internlm.compat import attention, blip2, checkpoints, datasets, distributed, runner
+    from blip2_internlm.compat import attention, blip2, checkpoints, datasets, distributed, runner, tasks
 
     distributed.init_distributed_mode_cpu_aware()
     distributed.metric_sync_on_backend_device()
@@ -61,3 +61,4 @@ def patch_lavis() -> None:
     datasets.no_hidden_annotation_downloads()
     datasets.caption_samples_keep_image_ids()
     datasets.vg_caption_images_in_download_layout()
+    tasks.length_sorted_vqa_evaluation()

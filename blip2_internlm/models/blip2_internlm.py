@@ -31,7 +31,7 @@ from torch import nn
 from blip2_internlm.compat.attention import resolve_attn_implementation, set_attn_implementation
 from blip2_internlm.compat.blip2 import blip2_assets
 from blip2_internlm.models.llm_inputs import (
-    autocast_context, checkpoint_frozen_llm_layers, generation_embeds, install_length_sorted_eval,
+    autocast_context, checkpoint_frozen_llm_layers, generation_embeds,
     resolve_autocast_dtype, training_tokens,
 )
 
@@ -51,9 +51,6 @@ CONFIG_KEYS = {
     "llm_model", "llm_precision", "prompt", "max_txt_len", "apply_lemmatizer", "attn_implementation",
     "autocast_dtype", "llm_grad_checkpoint", "llm_train_kv_cache", "lm_head_on_labels_only",
 }
-
-# run.length_sorted_eval for LAVIS's VQA tasks; inert unless a run sets it
-install_length_sorted_eval()
 
 
 @registry.register_model("blip2_internlm")
@@ -115,6 +112,11 @@ class Blip2InternLM(Blip2Base):
         self._apply_lemmatizer = apply_lemmatizer
         self._lemmatizer = None
         resolve_autocast_dtype(autocast_dtype, torch.device("cpu"))  # a bad value fails at build time
+        if autocast_dtype == "off" and vit_precision == "fp16":
+            raise ValueError(
+                "model.autocast_dtype: off with vit_precision: fp16 cannot run: LAVIS's fp16 ViT keeps its "
+                "LayerNorms in fp32 and works only under autocast; set vit_precision: fp32"
+            )
         self.autocast_dtype = autocast_dtype
         # None: the LLM config's default (transformers builds a KV cache the loss never reads);
         # checkpointed layers must not build one: their recomputation would append to it again
@@ -160,9 +162,6 @@ class Blip2InternLM(Blip2Base):
         if len(prompts) != batch_size:
             raise ValueError(f"samples['prompt'] has {len(prompts)} prompts for {batch_size} images")
         return prompts
-
-    def _ids(self, text: str) -> list[int]:
-        return self.llm_tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     # --- training ------------------------------------------------------------------------
 

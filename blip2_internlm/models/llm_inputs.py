@@ -1,5 +1,5 @@
-"""Batched construction of the frozen LLM's inputs, precision and memory switches, and
-length-sorted VQA evaluation: the helpers behind ``Blip2InternLM``'s hot path.
+"""Batched construction of the frozen LLM's inputs and the precision and memory switches:
+the helpers behind ``Blip2InternLM``'s hot path.
 
 Tokenisation is one tokenizer call per batch; everything after it is tensor indexing, so
 the cost no longer grows with a per-sample loop of small tensor ops.  Ids, masks, labels and
@@ -186,45 +186,3 @@ def generation_embeds(tokenizer, embed: torch.nn.Embedding, queries: torch.Tenso
 
 
 # --- length-sorted VQA evaluation -----------------------------------------------------------------
-
-
-def sort_by_question_length(dataset, key: str = "question") -> bool:
-    """Reorder ``dataset.annotation`` longest question first (stable); False if it has none.
-
-    Batches then hold questions of similar length, so little of each batch is left padding;
-    LAVIS's VQA task keys every answer by ``question_id``, so the scores do not change.
-    Longest first: a batch that does not fit in memory fails at the first step.
-    """
-    annotation = getattr(dataset, "annotation", None)
-    if not isinstance(annotation, list) or not annotation or not all(isinstance(a, dict) and isinstance(a.get(key), str) for a in annotation):
-        return False
-    dataset.annotation = sorted(annotation, key=lambda ann: -len(ann[key]))
-    return True
-
-
-def install_length_sorted_eval() -> None:
-    """``run.length_sorted_eval: True`` makes LAVIS's VQA tasks sort their evaluation splits.
-
-    The hook wraps ``VQATask.build_datasets`` (inherited by the GQA and AOK-VQA tasks): the
-    runner builds its (distributed) samplers after it, so every rank sees the sorted order and
-    results merge by ``question_id`` as before.  Training splits are never reordered.
-    """
-    from lavis.tasks.vqa import VQATask
-
-    if getattr(VQATask.build_datasets, "_length_sorted", False):
-        return
-    build = VQATask.build_datasets
-
-    @functools.wraps(build)
-    def build_datasets(self, cfg):
-        datasets = build(self, cfg)
-        run = cfg.run_cfg
-        if run.get("length_sorted_eval", False):
-            eval_splits = set(run.get("valid_splits", []) or []) | set(run.get("test_splits", []) or [])
-            for splits in datasets.values():
-                for split in eval_splits & set(splits):
-                    sort_by_question_length(splits[split])
-        return datasets
-
-    build_datasets._length_sorted = True
-    VQATask.build_datasets = build_datasets

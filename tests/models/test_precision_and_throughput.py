@@ -38,20 +38,24 @@ def model(lavis_ready):
 # --- the per-sample construction before vectorisation: the reference --------------------------
 
 
+def ids(self, text):
+    return self.llm_tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
 def reference_text_tokens(self, prompts, texts):
     tokenizer = self.llm_tokenizer
     rows, labels = [], []
     for prompt, text in zip(prompts, texts):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"empty or non-string text_input {text!r}: every sample needs a caption/answer")
-        head = [tokenizer.bos_token_id] + self._ids(prompt)
+        head = [tokenizer.bos_token_id] + ids(self, prompt)
         room = self.max_txt_len - len(head)
         if room < 2:
             raise ValueError(
                 f"prompt {prompt!r} takes {len(head)} of max_txt_len={self.max_txt_len} tokens; "
                 "raise model.max_txt_len or shorten the prompt"
             )
-        body = self._ids(text) + [tokenizer.eos_token_id]
+        body = ids(self, text) + [tokenizer.eos_token_id]
         body = body[:room]
         rows.append(head + body)
         labels.append([-100] * len(head) + body)
@@ -68,7 +72,7 @@ def reference_text_tokens(self, prompts, texts):
 
 def reference_prompt_embeds(self, queries, prompts):
     tokenizer = self.llm_tokenizer
-    heads = [[tokenizer.bos_token_id] + self._ids(p) for p in prompts]
+    heads = [[tokenizer.bos_token_id] + ids(self, p) for p in prompts]
     width = max(map(len, heads))
     batch, n_query = queries.shape[:2]
     embed = self.llm_model.get_input_embeddings()
@@ -100,7 +104,7 @@ def test_batched_text_tokens_equal_the_per_sample_construction(model):
             for order in (slice(None), slice(None, None, -1)):
                 prompts, texts = PROMPTS[order], TEXTS[order]
                 if max_txt_len == 12:
-                    prompts = [p for p in prompts if len(model._ids(p)) < 9]
+                    prompts = [p for p in prompts if len(ids(model, p)) < 9]
                     texts = texts[: len(prompts)]
                 got, want = model.text_tokens(prompts, texts), reference_text_tokens(model, prompts, texts)
                 for g, w in zip(got, want):
@@ -354,3 +358,10 @@ def test_length_sorted_vqa_eval_groups_lengths_and_keeps_every_answer(model):
         batch_spreads.append(spread)
     assert len(answers[0]) == len(dataset) > 32 and answers[0] == answers[1]
     assert batch_spreads[1] < batch_spreads[0]  # similar question lengths share a batch
+
+
+def test_an_fp16_vit_without_autocast_is_refused_at_build_time(lavis_ready):
+    """LAVIS's fp16 ViT keeps its LayerNorms in fp32: it runs only under autocast."""
+    with pytest.raises(ValueError, match="vit_precision: fp32"):
+        build(vit_precision="fp16", autocast_dtype="off")
+    assert build(vit_precision="fp32", autocast_dtype="off").autocast_dtype == "off"

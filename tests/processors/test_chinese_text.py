@@ -80,3 +80,26 @@ def test_question_processor_normalises_without_a_prompt():
 def test_a_non_string_caption_is_a_type_error():
     with pytest.raises(TypeError, match="caption string"):
         processor()(["一只猫"])
+
+
+def test_on_the_synthetic_shapes_text_it_agrees_with_lavis_blip_processors_in_both_languages(tmp_path):
+    """The tiny configs and the demo switched from blip_caption/blip_question to these
+    processors; on the shapes captions and questions (zh and en) nothing changes."""
+    import json
+
+    from blip2_internlm.datasets.shapes import generate_shapes
+
+    generate_shapes(tmp_path, splits={"train": 300, "val": 0, "test": 0}, max_objects=3)
+    empty = OmegaConf.create({})
+    blip_caption, blip_question, caption, question = (
+        registry.get_processor_class(name).from_config(empty)
+        for name in ("blip_caption", "blip_question", "chinese_caption", "chinese_question"))
+    checked = 0
+    for lang in ("zh", "en"):
+        for record in json.loads((tmp_path / "annotations" / f"caption_{lang}_train.json").read_text()):
+            assert caption(record["caption"]) == blip_caption(record["caption"])
+            checked += 1
+        for record in json.loads((tmp_path / "annotations" / f"vqa_{lang}_train.json").read_text()):
+            assert question(record["question"]) == blip_question(record["question"])
+            checked += 1
+    assert checked > 1000
