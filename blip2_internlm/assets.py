@@ -116,24 +116,29 @@ _TINY_ZH_CHARS = (
 _TINY_PUNCT = list(".,?!:;'\"()-，。？！：；、")
 
 
-def _build_tiny_bert(out: Path) -> None:
-    import torch
-    from transformers import BertConfig, BertModel
+#: Sizes of the generated BERT-style text models (``tiny`` and ``tiny-zh``); the planner's
+#: meta-device builds read them too.
+TINY_BERT_SIZES = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=128
+)
 
+
+def tiny_bert_vocab() -> list[str]:
+    """vocab.txt of ``tiny``."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = specials + sorted(set(_TINY_EN_WORDS) | set(_TINY_ZH_CHARS) | set(_TINY_PUNCT))
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     vocab += list("abcdefghijklmnopqrstuvwxyz")
-    vocab = list(dict.fromkeys(vocab))
+    return list(dict.fromkeys(vocab))
+
+
+def _build_tiny_bert(out: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    vocab = tiny_bert_vocab()
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
+    config = BertConfig(vocab_size=len(vocab), **TINY_BERT_SIZES)
     torch.manual_seed(0)
     BertModel(config, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
     (out / "tokenizer_config.json").write_text(
@@ -188,15 +193,8 @@ def _build_tiny_bert_zh(out: Path) -> None:
 
     vocab = tiny_zh_vocab()
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        architectures=["BertForMaskedLM"],  # what bert-base-chinese's config.json names
-    )
+    # architectures: what bert-base-chinese's config.json names
+    config = BertConfig(vocab_size=len(vocab), architectures=["BertForMaskedLM"], **TINY_BERT_SIZES)
     torch.manual_seed(0)
     model = BertForMaskedLM(config)
     with torch.no_grad():  # a pretrained head's bias is not zero; make loading it observable

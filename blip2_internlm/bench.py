@@ -236,6 +236,8 @@ def lavis_opt_generation():
     from lavis.models.blip2_models import modeling_opt
     from transformers import GenerationMixin
 
+    from blip2_internlm.compat.blip2 import expand_text_inputs_for_generation
+
     cls = modeling_opt.OPTForCausalLM
     original_bases = cls.__bases__
     original_prepare = cls.prepare_inputs_for_generation
@@ -249,18 +251,11 @@ def lavis_opt_generation():
         inputs = original_prepare(self, input_ids=input_ids, query_embeds=query_embeds, past=past, **kwargs)
         return inputs
 
-    def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        if input_ids is not None:
-            input_ids = input_ids.repeat_interleave(expand_size, dim=0)
-        if model_kwargs.get("attention_mask") is not None:
-            model_kwargs["attention_mask"] = model_kwargs["attention_mask"].repeat_interleave(expand_size, dim=0)
-        return input_ids, model_kwargs
-
     had_expand = "_expand_inputs_for_generation" in vars(cls)
     if GenerationMixin not in cls.__mro__:
         cls.__bases__ = original_bases + (GenerationMixin,)
     cls.prepare_inputs_for_generation = prepare_inputs_for_generation
-    cls._expand_inputs_for_generation = staticmethod(expand_inputs_for_generation)
+    cls._expand_inputs_for_generation = staticmethod(expand_text_inputs_for_generation)
     try:
         yield
     finally:

@@ -53,12 +53,6 @@ BERT_BASE_UNCASED = dict(
 #: bert-base-chinese: the same architecture with a 21128-token vocabulary.
 BERT_BASE_CHINESE = {**BERT_BASE_UNCASED, "vocab_size": 21128}
 
-#: The generated ``tiny`` BERT (blip2_internlm.assets._build_tiny_bert); its vocabulary size is
-#: computed from the same word lists.
-TINY_BERT = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=128
-)
-
 # --- LLM configs ----------------------------------------------------------------------------
 
 #: OPT sizes from the published config.json files (facebook/opt-*); OPT ties lm_head to the
@@ -73,15 +67,6 @@ OPT_COMMON = dict(
 )
 
 
-def _tiny_bert_vocab_size() -> int:
-    from blip2_internlm import assets
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += sorted(set(assets._TINY_EN_WORDS) | set(assets._TINY_ZH_CHARS) | set(assets._TINY_PUNCT))
-    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + list("abcdefghijklmnopqrstuvwxyz")
-    return len(dict.fromkeys(vocab))
-
-
 def _local_config_json(value) -> Path | None:
     path = Path(str(value)).expanduser()
     return path / "config.json" if (path / "config.json").is_file() else None
@@ -92,12 +77,11 @@ def qformer_bert_config(qformer_text_model):
     from lavis.models.blip2_models.Qformer import BertConfig
 
     value = str(qformer_text_model)
-    if value == "tiny":
-        return BertConfig(vocab_size=_tiny_bert_vocab_size(), **TINY_BERT)
-    if value == "tiny-zh":
-        from blip2_internlm.assets import tiny_zh_vocab
+    if value in ("tiny", "tiny-zh"):  # the generated test models (blip2_internlm.assets)
+        from blip2_internlm import assets
 
-        return BertConfig(vocab_size=len(tiny_zh_vocab()), **TINY_BERT)
+        vocab = assets.tiny_bert_vocab() if value == "tiny" else assets.tiny_zh_vocab()
+        return BertConfig(vocab_size=len(vocab), **assets.TINY_BERT_SIZES)
     local = _local_config_json(value)
     if local is not None:
         return BertConfig.from_json_file(str(local))

@@ -63,6 +63,7 @@ class ViT:
     grad_checkpoint: bool
     weight_bytes: int  # element size of its Linear weights (fp16 after convert_weights_to_fp16)
     linear_numel: int
+    sdpa: bool = False  # fused attention (blip2_internlm.compat.attention): no saved probabilities
 
 
 @dataclass
@@ -127,6 +128,8 @@ def describe(model, model_cfg) -> Arch:
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     img = vit.patch_embed.img_size
     img = img[0] if isinstance(img, (tuple, list)) else img
+    from blip2_internlm.compat.attention import uses_sdpa
+
     vit_arch = ViT(
         depth=len(vit.blocks),
         width=vit.num_features,
@@ -139,6 +142,7 @@ def describe(model, model_cfg) -> Arch:
         grad_checkpoint=bool(getattr(vit, "use_checkpoint", False)),
         weight_bytes=vit_linear[-1].element_size(),
         linear_numel=sum(w.numel() for w in vit_linear),
+        sdpa=uses_sdpa(block.attn),
     )
     qcfg = model.Qformer.config
     trainable_fp32_linears = [
@@ -301,13 +305,17 @@ def _qformer_pass(q: QFormer, p: Precision, rows: float, tokens: int, queries: i
 
 
 def _vit_block(v: ViT, p: Precision, rows: float) -> float:
-    """Saved bytes of one trainable EVA ViT block (attn_drop and drop_path are 0: identity)."""
+    """Saved bytes of one trainable EVA ViT block (attn_drop and drop_path are 0: identity).
+
+    Eager attention saves its probabilities (fp32 softmax, and their fp16 cast under autocast);
+    SDPA saves one fp32 log-sum-exp per query row and head instead.
+    """
     n, d, m, heads = rows * v.tokens, v.width, v.mlp, v.heads
-    attn = rows * heads * v.tokens * v.tokens
+    scores = rows * heads * v.tokens * (1 if v.sdpa else v.tokens)
     if p.amp:
         return (n * (4 * d + 2 * d + 6 * d + 2 * d + 2 * d + 4 * d + 2 * d + 2 * m + 2 * m)
-                + attn * (4 + 2))
-    return n * (4 * d + 4 * d + 12 * d + 4 * d + 4 * d + 4 * d + 4 * d + 4 * m + 4 * m) + attn * 4
+                + scores * (4 if v.sdpa else 4 + 2))
+    return n * (4 * d + 4 * d + 12 * d + 4 * d + 4 * d + 4 * d + 4 * d + 4 * m + 4 * m) + scores * 4
 
 
 def _llm_layer_per_token(llm: LLM, p: Precision) -> float:

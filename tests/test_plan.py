@@ -89,7 +89,7 @@ def test_vit_gradient_checkpointing_is_modelled(lavis_ready):
     with_ckpt = plan(CAPTION_FT, gpu_mem_gb=80, options=LAVIS_CAPTION_RECIPE)
     without = plan(CAPTION_FT, gpu_mem_gb=80, options=LAVIS_CAPTION_RECIPE[:-2] + ["model.image_size=364", "model.use_grad_checkpoint=False"])
     act = lambda p: sum(t.bytes for t in p.act_terms)  # noqa: E731
-    assert act(without) > 3 * act(with_ckpt)
+    assert act(without) > 2 * act(with_ckpt)  # 2.6x with SDPA (no attention probabilities saved)
     assert sum(t.bytes for t in with_ckpt.act_terms_other_ckpt) == pytest.approx(act(without))
 
 

@@ -57,6 +57,7 @@ def patch_lavis() -> None:
     blip2.qformer_lm_head_generation()
     blip2.qformer_lm_head_bias_tied()
     blip2.qformer_captions_without_cjk_spaces()
+    blip2.eva_vit_checkpoint_non_reentrant()
     attention.fused_attention_in_eva_vit_and_qformer()
     datasets.no_hidden_annotation_downloads()
     datasets.caption_samples_keep_image_ids()

@@ -62,7 +62,7 @@ def resolve_attn_implementation(name=None) -> str:
     return default_implementation() if name is None else check_implementation(name, "model.attn_implementation")
 
 
-def _uses_sdpa(module) -> bool:
+def uses_sdpa(module) -> bool:
     name = module.attn_implementation or default_implementation()
     if name == "sdpa":
         return True
@@ -76,7 +76,7 @@ def _dropout_p(dropout: nn.Dropout) -> float:
 
 
 def eva_attention_forward(self, x, rel_pos_bias=None):
-    if not _uses_sdpa(self):
+    if not uses_sdpa(self):
         return EAGER_FORWARDS["Attention"](self, x, rel_pos_bias)
     batch, tokens, _ = x.shape
     qkv_bias = None
@@ -115,7 +115,7 @@ def qformer_self_attention_forward(
         or output_attentions
         or self.save_attention
         or self.position_embedding_type != "absolute"
-        or not _uses_sdpa(self)
+        or not uses_sdpa(self)
     ):
         return EAGER_FORWARDS["BertSelfAttention"](
             self, hidden_states, attention_mask, head_mask, encoder_hidden_states, encoder_attention_mask,

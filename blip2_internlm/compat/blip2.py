@@ -109,6 +109,19 @@ def itc_positives_from_image_ids():
     Blip2Qformer.forward = stage1_forward
 
 
+def expand_text_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+    """transformers < 4.26's expansion per beam: ``input_ids`` and ``attention_mask`` only.
+
+    LAVIS's BLIP-2 models repeat their image states and queries per beam themselves, as that
+    transformers required; today's ``generate`` would expand every tensor argument again.
+    """
+    if input_ids is not None:
+        input_ids = input_ids.repeat_interleave(expand_size, dim=0)
+    if model_kwargs.get("attention_mask") is not None:
+        model_kwargs["attention_mask"] = model_kwargs["attention_mask"].repeat_interleave(expand_size, dim=0)
+    return input_ids, model_kwargs
+
+
 @fix
 def qformer_lm_head_generation():
     """The Q-Former's BertLMHeadModel lost generate() (transformers >= 4.50) and LAVIS pre-expands encoder states per beam."""
@@ -134,17 +147,9 @@ def qformer_lm_head_generation():
             "is_decoder": True,
         }
 
-    def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # Blip2Qformer.generate already repeats image states and queries per beam, as
-        # transformers < 4.26 required; expand only the text side.
-        if input_ids is not None:
-            input_ids = input_ids.repeat_interleave(expand_size, dim=0)
-        if model_kwargs.get("attention_mask") is not None:
-            model_kwargs["attention_mask"] = model_kwargs["attention_mask"].repeat_interleave(expand_size, dim=0)
-        return input_ids, model_kwargs
-
     BertLMHeadModel.prepare_inputs_for_generation = prepare_inputs_for_generation
-    BertLMHeadModel._expand_inputs_for_generation = staticmethod(expand_inputs_for_generation)
+    # Blip2Qformer.generate already repeats image states and queries per beam
+    BertLMHeadModel._expand_inputs_for_generation = staticmethod(expand_text_inputs_for_generation)
     BertLMHeadModel.can_generate = classmethod(lambda cls: True)
     # the cache is never read back (see above), so beam reordering has nothing to do
     BertLMHeadModel._reorder_cache = lambda self, past_key_values, beam_idx: past_key_values
@@ -193,3 +198,18 @@ def qformer_captions_without_cjk_spaces():
         return [join_cjk(caption) for caption in generate(self, *args, **kwargs)]
 
     Blip2Qformer.generate = generate_joined
+
+
+@fix
+def eva_vit_checkpoint_non_reentrant():
+    """LAVIS's EVA ViT calls torch.utils.checkpoint without use_reentrant, which torch warns about on every block (and plans to refuse); non-reentrant is torch's recommended mode."""
+    import types
+
+    import torch.utils.checkpoint
+    from lavis.models import eva_vit
+
+    def checkpoint(function, *args, **kwargs):
+        kwargs.setdefault("use_reentrant", False)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    eva_vit.checkpoint = types.SimpleNamespace(checkpoint=checkpoint)

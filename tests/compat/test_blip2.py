@@ -107,3 +107,22 @@ def test_qformer_captions_join_chinese_characters_without_spaces(lavis_ready, mo
     samples = {"image": torch.randn(1, 3, 64, 64)}
     assert Blip2Qformer.generate.__wrapped__(model, samples) == ["左 边 有 一 个 红 色 的 圆 形 ， 中 间 有 2 个 blue 三 角 形"]
     assert model.generate(samples) == [caption]  # spaces next to digits and Latin words stay
+
+
+def test_vit_gradient_checkpointing_runs_without_torch_s_use_reentrant_warning(lavis_ready):
+    import warnings
+
+    import torch.utils.checkpoint
+
+    from blip2_internlm.models.vision import eva_vit
+
+    vit = eva_vit("tiny", 32, use_checkpoint=True).train()
+    image = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vit(image).sum().backward()
+    assert not [w for w in caught if "use_reentrant" in str(w.message)]
+    assert all(p.grad is not None for p in vit.blocks.parameters())
+    # what LAVIS's call did before the fix
+    with pytest.warns(UserWarning, match="use_reentrant"):
+        torch.utils.checkpoint.checkpoint(vit.blocks[0], vit.patch_embed(image), None)
