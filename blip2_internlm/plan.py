@@ -92,6 +92,7 @@ class LLM:
     param_bytes: int
     linear_numel: int
     logits_on_labels_only: bool = False  # Blip2InternLM.lm_head_on_labels_only
+    autocast_bf16: bool = False  # model.autocast_dtype bf16 / auto: the model's own regions run in bf16 on GPUs
 
     @property
     def kv_dim(self) -> int:
@@ -186,6 +187,8 @@ def describe(model, model_cfg) -> Arch:
             param_bytes=next(model.llm_model.parameters()).element_size(),
             linear_numel=sum(w.numel() for w in {id(w): w for w in llm_linears}.values()),
             logits_on_labels_only=bool(getattr(model, "lm_head_on_labels_only", False)),
+            # auto is bf16 on every GPU with bf16 (RTX 30xx/40xx, A100, H100), the ones planned for
+            autocast_bf16=getattr(model, "autocast_dtype", "fp16") in ("bf16", "auto"),
         )
     rows = {}
     trainable = trainable_bytes = largest = 0
@@ -405,7 +408,7 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
         else:
             terms.append(Term(f"LLM loss head (vocab {llm.vocab})", 12 * n * llm.vocab,
                               "fp16 logits, fp32 copy, log-softmax, its gradient"))
-        if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a):
+        if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a) and not llm.autocast_bf16:
             terms.append(Term("LLM weights cast to fp16 by autocast (bf16 != fp16)", llm.linear_numel * 2,
                               "saved for the backward pass through each frozen Linear"))
         elif p.amp and llm.param_bytes == 4:
@@ -509,7 +512,7 @@ def inference_peak(a: Arch, p: Precision, batch: int, run) -> tuple:
         terms.append(Term(f"KV cache ({rows} beams x {seq} tokens)", kv))
         terms.append(Term("prefill working set (one layer)", rows * (a.qformer.queries + prompt) * (4 * llm.hidden * 4 + 3 * llm.ffn * 2)))
         terms.append(Term("logits and beam scores (fp32)", 3 * rows * llm.vocab * 4))
-        if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a):
+        if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a) and not llm.autocast_bf16:
             terms.append(Term("one layer's weights cast to fp16", llm.linear_numel / max(llm.layers, 1) * 2))
     else:
         terms.append(Term("Q-Former working set", _qformer_pass(a.qformer, p, batch * 3, a.qformer.queries + a.qformer.max_txt_len,
