@@ -330,8 +330,9 @@ def build_ours(size: dict, device: str, seed: int = 0, **overrides):
     from blip2_internlm.models.blip2_internlm import Blip2InternLM
 
     precision = _precision(size, device)
+    # autocast as the InternLM2 model types set it: bf16 on GPUs that have it, none on the CPU
     cfg = {**_model_cfg(size, device), "arch": "blip2_internlm", "llm_model": str(internlm2_dir(size)),
-           "llm_precision": precision["internlm2"], **overrides}
+           "llm_precision": precision["internlm2"], "autocast_dtype": "auto", **overrides}
     torch.manual_seed(seed)
     with random_weights(), _on(device):
         model = Blip2InternLM.from_config(OmegaConf.create(cfg))

@@ -596,6 +596,8 @@ def format_plan(plan: Plan) -> str:
     lines = []
     mode = "training" if plan.training else "evaluation"
     prec = "amp (fp16 autocast)" if plan.amp else "no autocast"
+    if plan.amp and plan.arch.llm is not None and plan.arch.llm.autocast_bf16:
+        prec = "amp (fp16 autocast, the model's own regions bf16: autocast_dtype)"
     lines.append(f"Memory plan for {plan.cfg_path}")
     lines.append(f"  {a.arch} / {a.model_type}: {mode}, batch {plan.batch} per GPU x {plan.gpus} GPU(s) of "
                  f"{plan.gpu_mem_gib:g} GiB, {prec}{', DDP' if plan.ddp else ''}, device {plan.extra['device']}")

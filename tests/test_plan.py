@@ -55,16 +55,16 @@ def test_stage2_internlm2_1_8b_batch_32_fits_two_4090s(lavis_ready):
     p = plan(STAGE2_1_8B)
     assert (p.batch, p.gpus, p.amp, p.ddp, p.training) == (32, 2, True, True, True)
     assert p.fits
-    # measured 15.76 GiB allocated for this step on one GPU (H200, no DDP); + DDP buckets, the
-    # CUDA context and fragmentation: a few GiB to spare on a 24 GiB card, and batch 64 is too much
-    assert 0 < p.margin < 0.25 * 24 * GiB
-    assert 32 <= p.max_batch < 64
+    # measured 12.60 GiB allocated for this step on one GPU (H200, no DDP, bf16 autocast); + DDP
+    # buckets, the CUDA context and fragmentation: about a third of a 24 GiB card to spare
+    assert 0.2 * 24 * GiB < p.margin < 0.5 * 24 * GiB
+    assert 48 <= p.max_batch < 96
     names = {term.name.split(" (")[0].split(",")[0] for term in p.act_terms}
-    assert "LLM weights cast to fp16 by autocast" in names
+    assert "LLM layers" in names and not any("cast to fp16" in name for name in names)
 
 
 def test_bf16_autocast_drops_the_fp16_copies_of_the_llm_weights(lavis_ready):
-    fp16, bf16 = plan(STAGE2_1_8B), plan(STAGE2_1_8B, options=["model.autocast_dtype=bf16"])
+    fp16, bf16 = plan(STAGE2_1_8B, options=["model.autocast_dtype=fp16"]), plan(STAGE2_1_8B)
     cast = {t.name: t.bytes for t in fp16.act_terms}["LLM weights cast to fp16 by autocast (bf16 != fp16)"]
     assert 3 * GiB < cast < 3.5 * GiB  # the 1.8B model's Linear weights, two bytes each
     assert not any("cast to fp16" in t.name for t in bf16.act_terms)
@@ -77,11 +77,13 @@ def test_stage1_batch_60_fits_two_4090s(lavis_ready):
     assert p.batch == 60 and p.fits and p.max_batch >= 60
 
 
-def test_internlm2_7b_stage2_needs_80gb(lavis_ready):
+def test_internlm2_7b_stage2_needs_80gb_at_the_configured_batch(lavis_ready):
     small, large = plan(STAGE2_7B, gpu_mem_gb=24), plan(STAGE2_7B, gpu_mem_gb=80)
-    # bf16 weights (14 GiB) + the fp16 copies autocast saves for the backward pass (13 GiB) alone exceed 24 GiB
-    assert not small.fits and small.max_batch == 0
+    # 14 GiB of bf16 weights leave a 24 GiB card room for a small batch only
+    assert not small.fits and 0 < small.max_batch < 16
     assert large.fits and large.max_batch >= 32
+    # with LAVIS's fp16 autocast, the fp16 copies of the weights (13 GiB) leave no room at all
+    assert plan(STAGE2_7B, gpu_mem_gb=24, options=["model.autocast_dtype=fp16"]).max_batch == 0
 
 
 def test_opt_baseline_and_caption_fine_tuning(lavis_ready):
