@@ -172,21 +172,16 @@ def read_aic(files, image_root=None):
     unpacks next to the annotation file (``aic_image_dir``).
     """
     items = []
-    for path in files:
-        for index, obj in enumerate(load_annotation_file(path)):
-            where = f"{path}, record {index}"
-            if not isinstance(obj, dict):
-                items.append((where, {"image": "", "caption": None}, f"is a {type(obj).__name__}, not an object"))
-                continue
-            if "image" in obj:  # already converted to the generic format (convert.py output)
-                items.append((where, _generic_record(obj), None))
-                continue
-            name = obj.get("image_id")
-            if not isinstance(name, str) or not name:
-                items.append((where, {"image": "", "caption": None}, "has no 'image_id' file name"))
-                continue
-            record = {"image": name, "caption": obj.get("caption"), "image_id": os.path.splitext(name)[0]}
-            items.append((f"{where} ({name})", record, None))
+    for where, obj in _json_objects(files, items):
+        if "image" in obj:  # already converted to the generic format (convert.py output)
+            items.append((where, _generic_record(obj), None))
+            continue
+        name = obj.get("image_id")
+        if not isinstance(name, str) or not name:
+            items.append((where, {"image": "", "caption": None}, "has no 'image_id' file name"))
+            continue
+        record = {"image": name, "caption": obj.get("caption"), "image_id": os.path.splitext(name)[0]}
+        items.append((f"{where} ({name})", record, None))
     return items
 
 
@@ -194,14 +189,20 @@ def read_caption_json(files, image_root=None):
     """LAVIS caption JSON: a list of ``{"image", "caption": str or list, "image_id"}`` (``image_id``
     defaults to ``image``)."""
     items = []
+    for where, obj in _json_objects(files, items):
+        items.append((where, _generic_record(obj), None))
+    return items
+
+
+def _json_objects(files, items):
+    """(where, record) for each object of the JSON list files; a non-object goes to ``items`` as a problem."""
     for path in files:
         for index, obj in enumerate(load_annotation_file(path)):
             where = f"{path}, record {index}"
-            if not isinstance(obj, dict):
+            if isinstance(obj, dict):
+                yield where, obj
+            else:
                 items.append((where, {"image": "", "caption": None}, f"is a {type(obj).__name__}, not an object"))
-                continue
-            items.append((where, _generic_record(obj), None))
-    return items
 
 
 def _generic_record(obj) -> dict:
