@@ -341,15 +341,45 @@ def test_webdataset_empty_caption_names_shard_and_key_or_is_skipped(lavis_ready,
 # ---------------------------------------------------------------- into the model
 
 
-def test_a_collated_batch_passes_through_the_tiny_model(lavis_ready, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_model(lavis_ready):
     from lavis.models import load_model_and_preprocess
 
-    flickr8k_cn(tmp_path)
-    train = builder("flickr8k_cn_caption", tmp_path).build_datasets()["train"]
-    batch = train.collater([train[i] for i in range(len(train))])
     torch.manual_seed(0)
-    model = load_model_and_preprocess("blip2_internlm", "tiny", is_eval=True)[0]
-    loss = model({**batch, "prompt": "图片描述："})["loss"]
+    return load_model_and_preprocess("blip2_internlm", "tiny", is_eval=True)[0]
+
+
+def generic_json(root):
+    jpeg(root / "images" / "a.jpg")
+    jpeg(root / "images" / "b.jpg", color=(30, 30, 200))
+    records = [{"image": "a.jpg", "caption": "红色的 方块 。", "image_id": "a"},
+               {"image": "b.jpg", "caption": "蓝色的方块", "image_id": "b"}]
+    write(root / "train.json", json.dumps(records, ensure_ascii=False))
+    return {"build_info": {"annotations": {"train": {"storage": [str(root / "train.json")]}, "val": None, "test": None},
+                           "images": {"storage": str(root / "images")}}}
+
+
+#: builder -> writes its fixture under root (the generic format's writer returns its config overrides)
+CORPORA = {"coco_cn_caption": coco_cn, "flickr8k_cn_caption": flickr8k_cn, "flickr30k_cn_caption": flickr30k_cn,
+           "aic_caption": aic, "zh_caption_json": generic_json}
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA) + ["zh_caption_wds"])
+def test_a_batch_of_every_builder_passes_through_the_tiny_model(tiny_model, tmp_path, name):
+    if name == "zh_caption_wds":
+        shard(tmp_path / "000.tar", [("a0", "txt", "一只 猫 ."), ("a1", "json", "两只狗!")])
+        train = builder(name, tmp_path, build_info={"storage": str(tmp_path / "000.tar")},
+                        shuffle_buffer=0).build_datasets()["train"]
+        samples = list(itertools.islice(iter(train), 2))
+        batch = {"image": torch.stack([s["image"] for s in samples]), "text_input": [s["text_input"] for s in samples]}
+    else:
+        written = CORPORA[name](tmp_path)
+        overrides = written if isinstance(written, dict) else {}
+        train = builder(name, tmp_path, **overrides).build_datasets()["train"]
+        batch = train.collater([train[i] for i in range(min(len(train), 4))])
+    assert batch["image"].shape[1:] == (3, SIZE, SIZE)
+    assert all(isinstance(t, str) and t.strip() for t in batch["text_input"])
+    loss = tiny_model({**batch, "prompt": "图片描述："})["loss"]
     assert torch.isfinite(loss) and loss > 0
 
 
