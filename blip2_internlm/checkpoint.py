@@ -110,9 +110,10 @@ def load_weights(
         result = model.load_state_dict(state_dict, strict=False)  # partial by design; checked below
     except RuntimeError as err:  # shape mismatches are raised even with strict=False
         raise CheckpointError(f"{path} does not fit the model: {err}") from None
+    unexpected = set(result.unexpected_keys)
     report = LoadReport(
         path=str(path),
-        loaded=[k for k in state_dict if k not in set(result.unexpected_keys)],
+        loaded=[k for k in state_dict if k not in unexpected],
         missing=list(result.missing_keys),
         unexpected=list(result.unexpected_keys),
     )

@@ -183,6 +183,3 @@ def generation_embeds(tokenizer, embed: torch.nn.Embedding, queries: torch.Tenso
     column = (j - n_pad[:, None]) % total
     rows = torch.gather(source, 1, column.to(device)[:, :, None].expand(-1, -1, source.shape[-1]))
     return rows, (j >= n_pad[:, None]).long().to(device)
-
-
-# --- length-sorted VQA evaluation -----------------------------------------------------------------

@@ -3,7 +3,6 @@ PTB-style words for English, BLEU/ROUGE-L/CIDEr-D by pycocoevalcap's scorers, no
 
 import json
 import math
-import os
 import shutil
 from collections import Counter
 from types import SimpleNamespace
