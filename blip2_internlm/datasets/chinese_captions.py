@@ -17,14 +17,23 @@ the corpus: a split list, then caption files); ``build_info.images.storage`` is 
 Relative paths resolve under LAVIS's ``cache_root``, as for LAVIS's own datasets.  A corpus
 builder also reads its splits already converted to the generic format: a split whose files are
 all ``.json`` (text corpora), or AI Challenger records that carry ``image`` (convert.py output).
+
+A builder builds the splits whose files exist.  A split with a missing file is an error naming
+its config key and the file only when the run uses it (``run.train_splits``, ``valid_splits``,
+``test_splits``; ``run_splits``); otherwise it is left out, so a run that gives only a train file
+does not need the val/test files the default configs list.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import re
 from collections import OrderedDict
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import webdataset as wds
 from lavis.common import utils
@@ -32,6 +41,7 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis.datasets.datasets.laion_dataset import LaionDataset
+from PIL import Image
 
 from blip2_internlm.compat.datasets import builder_name
 from blip2_internlm.datasets.records import BadRecordError, CheckedMixin, load_annotation_file, open_rgb, record_problem
@@ -82,7 +92,8 @@ def read_hash_captions(path, key_of=lambda head: head.split("#", 1)[0], text_of=
         where = f"{path}, line {number}"
         head, _, text = line.partition("\t") if "\t" in line else line.partition(" ")
         if "#" not in head:
-            captions.setdefault(f"?{number}", []).append(("", where, f"is not '<image id>#<n><TAB><caption>': {line[:80]!r}"))
+            problem = f"is not '<image id>#<n><TAB><caption>': {line[:80]!r}"
+            captions.setdefault(f"?{number}", []).append(("", where, problem))
             continue
         captions.setdefault(key_of(head), []).append((text_of(text.strip()), f"{where} ({head})", None))
     return captions
@@ -107,7 +118,8 @@ def _split_items(split_file, caption_files, image_of, id_of=lambda key: key, **c
         caps = by_key.get(id_of(key), [])
         record = {"image": image_of(key), "image_id": id_of(key)}
         if not caps:
-            items.append((split_where, {**record, "caption": None}, f"image {key} has no caption in {list(map(str, caption_files))}"))
+            problem = f"image {key} has no caption in {list(map(str, caption_files))}"
+            items.append((split_where, {**record, "caption": None}, problem))
         for text, where, problem in caps:
             items.append((where, {**record, "caption": text}, problem))
     return items
@@ -206,7 +218,8 @@ def _json_objects(files, items):
 
 
 def _generic_record(obj) -> dict:
-    return {"image": obj.get("image"), "caption": obj.get("caption"), "image_id": str(obj.get("image_id", obj.get("image")))}
+    return {"image": obj.get("image"), "caption": obj.get("caption"),
+            "image_id": str(obj.get("image_id", obj.get("image")))}
 
 
 _TEXT_READERS = (read_coco_cn, read_flickr8k_cn, read_flickr30k_cn)
@@ -277,7 +290,8 @@ class ZhCaptionDataset(CheckedMixin, BaseDataset):
 
     def load(self, index):
         ann = self.annotation[index]
-        return {"image": self.image(index), "text_input": self.text_processor(ann["caption"]), "image_id": ann["image_id"]}
+        return {"image": self.image(index), "text_input": self.text_processor(ann["caption"]),
+                "image_id": ann["image_id"]}
 
 
 class ZhCaptionEvalDataset(ZhCaptionDataset):
@@ -292,7 +306,8 @@ class ZhCaptionEvalDataset(ZhCaptionDataset):
 
     def load(self, index):
         ann = self.annotation[index]
-        return {"image": self.image(index), "image_id": stable_image_id(ann["image_id"]), "instance_id": ann["instance_id"]}
+        return {"image": self.image(index), "image_id": stable_image_id(ann["image_id"]),
+                "instance_id": ann["instance_id"]}
 
     def references(self) -> dict[int, list[str]]:
         """Reference captions by the integer ``image_id`` of the samples, normalised as the eval
@@ -308,6 +323,47 @@ def resolve(path) -> str:
     """A config path: absolute as given, relative under LAVIS's ``cache_root`` (as LAVIS does)."""
     path = os.path.expanduser(str(path))
     return path if os.path.isabs(path) else utils.get_cache_path(path)
+
+
+def run_splits() -> dict[str, str] | None:
+    """``split -> the run key that uses it`` for the LAVIS run being set up, or None outside a run.
+
+    LAVIS's ``Config`` registers itself as ``configuration`` before any builder runs.  An
+    evaluate-only run never trains, so its ``train_splits`` are not used; its valid and test
+    splits are evaluated.
+    """
+    configuration = registry.get("configuration", no_warning=True)
+    config = getattr(configuration, "config", None)
+    run = config.get("run", None) if config is not None else None
+    if run is None:
+        return None
+    keys = ("valid_splits", "test_splits")
+    if not run.get("evaluate", False):
+        keys = ("train_splits", *keys)
+    used = {}
+    for key in keys:
+        for split in run.get(key, None) or []:
+            used.setdefault(str(split), f"run.{key}")
+    return used
+
+
+def missing_split(key: str, split: str, path: str, used: dict[str, str] | None, nothing_else: bool) -> None:
+    """A configured split with no file at ``path``: an error where the run uses it, else left out.
+
+    Outside a run (``used`` None) which splits matter is unknown: the split is left out with a
+    warning, unless no split of the dataset can be built (``nothing_else``).
+    """
+    where = f"{key}: no file at {path}"
+    hint = "(see docs/chinese_data.md for where each corpus's files go)"
+    if used is not None and split in used:
+        raise BadRecordError(f"{where}, and {used[split]} uses the {split!r} split: point the key at the file "
+                             f"or drop {split!r} from {used[split]} {hint}")
+    if used is None and nothing_else:
+        raise BadRecordError(f"{where} {hint}")
+    if used is None:
+        logger.warning("%s; split %r is not built", where, split)
+    else:
+        logger.info("%s; split %r is not built (the run does not use it)", where, split)
 
 
 class ZhCaptionBuilder(BaseDatasetBuilder):
@@ -334,6 +390,20 @@ class ZhCaptionBuilder(BaseDatasetBuilder):
         storage = self.config.build_info.annotations[split].storage
         return [resolve(p) for p in ([storage] if isinstance(storage, str) else list(storage))]
 
+    def present_splits(self, name) -> dict[str, list[str]]:
+        """``split -> files`` of the configured splits whose files all exist (``missing_split``
+        decides about the others); a split set to null is left out."""
+        configured = {split: self.split_files(split) for split, info in self.config.build_info.annotations.items()
+                      if split in SPLITS and info is not None}
+        absent = {split: next((p for p in files if not os.path.exists(p)), None) for split, files in configured.items()}
+        present = {split: files for split, files in configured.items() if absent[split] is None}
+        used = run_splits()
+        for split, path in absent.items():
+            if path is not None:
+                missing_split(f"datasets.{name}.build_info.annotations.{split}.storage", split, path, used,
+                              nothing_else=not present)
+        return present
+
     def build(self):
         self.build_processors()
         name = builder_name(self)
@@ -341,14 +411,7 @@ class ZhCaptionBuilder(BaseDatasetBuilder):
         skip_invalid = bool(self.config.get("skip_invalid", False))
         image_root = self.image_root()
         datasets = {}
-        for split, info in self.config.build_info.annotations.items():
-            if split not in SPLITS or info is None:  # a split set to null is left out
-                continue
-            files = self.split_files(split)
-            for path in files:
-                if not os.path.exists(path):
-                    raise BadRecordError(f"datasets.{name}.build_info.annotations.{split}.storage: no file at {path} "
-                                         "(see docs/chinese_data.md for where each corpus's files go)")
+        for split, files in self.present_splits(name).items():
             # A split given as converter output (.json files) is read as the generic format.
             use = read_caption_json if reader in _TEXT_READERS and all(f.endswith(".json") for f in files) else reader
             items = use(files, image_root)
@@ -398,12 +461,23 @@ class ZhCaptionJsonBuilder(ZhCaptionBuilder):
 
 # ----------------------------------------------------------------------------- webdataset
 
+#: Shard members that are decoded, and the PIL formats an image member may hold.  Every other
+#: member (.pyd/.pickle, .pth, .npy, ...) is never decoded: webdataset's default decoders would
+#: unpickle such members, which runs whatever code the shard's author put there.
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
 
 class ZhCaptionWdsDataset(LaionDataset):
     """LAVIS's ``LaionDataset`` pipeline for Chinese pairs: shards of ``<key>.jpg`` (or png/webp)
     with ``<key>.txt`` or ``<key>.json`` (``caption_key``, default ``caption``), as img2dataset
-    writes Wukong/LAION-style data.  A sample that cannot be decoded or has no usable caption is
-    an error naming shard and key, or with ``skip_invalid`` a logged skip."""
+    writes Wukong/LAION-style data.  Only the image and the caption member are decoded (PIL to
+    RGB, UTF-8 text, JSON); the other members of a sample are dropped undecoded.  A sample that
+    cannot be decoded or has no usable caption is an error naming shard and key, or with
+    ``skip_invalid`` a logged skip.
+
+    ``location``: a list of shard URLs, or a brace pattern as webdataset expands it.
+    """
 
     def __init__(self, vis_processor, text_processor, location, caption_key="caption", skip_invalid=False,
                  shuffle=1000, resampled=True):
@@ -414,18 +488,33 @@ class ZhCaptionWdsDataset(LaionDataset):
         stages = [shards, wds.tarfile_to_samples(handler=handler)]
         if shuffle:
             stages.append(wds.shuffle(shuffle, handler=handler))
-        stages += [wds.decode("pilrgb", handler=handler), wds.map(self.to_dict, handler=handler)]
+        stages.append(wds.map(self.to_dict, handler=handler))
         self.inner_dataset = wds.DataPipeline(*stages)
 
-    def caption(self, sample) -> str:
-        where = f"{sample.get('__url__')}, sample {sample.get('__key__')}"
-        if "txt" in sample:
-            text = sample["txt"]
-        elif "json" in sample:
-            meta = sample["json"]
-            text = meta.get(self.caption_key) if isinstance(meta, dict) else None
-        else:
-            raise BadRecordError(f"{where}: has no .txt or .json caption")
+    @staticmethod
+    def image(sample, where):
+        member = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
+        if member is None:
+            raise BadRecordError(f"{where}: has no jpg/png/webp image")
+        try:
+            with Image.open(io.BytesIO(sample[member]), formats=IMAGE_FORMATS) as image:
+                return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise BadRecordError(f"{where}: .{member} is not a readable JPEG/PNG/WebP image: {err}") from None
+
+    def caption(self, sample, where) -> str:
+        try:
+            if "txt" in sample:
+                text = sample["txt"].decode("utf-8")
+            elif "json" in sample:
+                meta = json.loads(sample["json"])
+                text = meta.get(self.caption_key) if isinstance(meta, dict) else None
+            else:
+                raise BadRecordError(f"{where}: has no .txt or .json caption")
+        except UnicodeDecodeError as err:
+            raise BadRecordError(f"{where}: caption is not UTF-8 text: {err}") from None
+        except json.JSONDecodeError as err:
+            raise BadRecordError(f"{where}: .json is not valid JSON: {err}") from None
         if not isinstance(text, str):
             raise BadRecordError(f"{where}: caption is not a string")
         if not text.strip():
@@ -433,17 +522,43 @@ class ZhCaptionWdsDataset(LaionDataset):
         return text
 
     def to_dict(self, sample):
-        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if image is None:
-            raise BadRecordError(f"{sample.get('__url__')}, sample {sample.get('__key__')}: has no jpg/png/webp image")
-        return {"image": self.vis_processor(image), "text_input": self.text_processor(self.caption(sample)),
-                "image_id": sample["__key__"]}
+        where = f"{sample.get('__url__')}, sample {sample.get('__key__')}"
+        return {"image": self.vis_processor(self.image(sample, where)),
+                "text_input": self.text_processor(self.caption(sample, where)), "image_id": sample["__key__"]}
+
+
+def shard_urls(location: str, key: str, allow_pipe_urls: bool) -> list[str]:
+    """The shard URLs of a ``build_info.storage`` value (``key``), expanded as webdataset does.
+
+    Local paths resolve like the other builders' paths.  A ``pipe:`` URL is a shell command that
+    webdataset runs, so it is refused unless the config allows it; the URLs are expanded here,
+    once, so the check sees exactly what webdataset will open.
+    """
+    urls = []
+    for url in wds.shardlists.expand_urls(location):
+        scheme = urlparse(url).scheme
+        if scheme == "pipe" and not allow_pipe_urls:
+            allow = key.rsplit(".", 1)[0] + ".allow_pipe_urls"
+            raise ValueError(f"{key}: {url!r} is a pipe: URL, which webdataset runs as a shell command; set "
+                             f"{allow}: true to allow pipe: URLs (only in configs whose commands you trust)")
+        urls.append(resolve(url) if scheme == "" else url)
+    return urls
+
+
+def local_path(url: str) -> str | None:
+    """The file a shard URL names on this machine, or None for remote and pipe: URLs."""
+    parsed = urlparse(url)
+    if parsed.scheme == "":
+        return url
+    return url2pathname(parsed.path) if parsed.scheme == "file" else None
 
 
 @registry.register_builder("zh_caption_wds")
 class ZhCaptionWdsBuilder(BaseDatasetBuilder):
     """Like LAVIS's ``laion2B_multi``: ``build_info.storage`` is a brace pattern of shards; the
-    train split is the (infinite, resampled) ``wds.DataPipeline``."""
+    train split is the (infinite, resampled) ``wds.DataPipeline``.  Local shards must exist:
+    if none does, the split is missing (``missing_split``); if some are missing, that is an error,
+    or with ``skip_invalid`` a warning and the rest are used."""
 
     train_dataset_cls = ZhCaptionWdsDataset
     DATASET_CONFIG_DICT = _defaults("zh_caption_wds")
@@ -453,11 +568,24 @@ class ZhCaptionWdsBuilder(BaseDatasetBuilder):
 
     def build(self):
         self.build_processors()
-        location = str(self.config.build_info.storage)
+        name = builder_name(self)
+        key = f"datasets.{name}.build_info.storage"
+        skip_invalid = bool(self.config.get("skip_invalid", False))
+        # only a YAML true allows shell commands, not any truthy string
+        allow_pipe_urls = self.config.build_info.get("allow_pipe_urls", False) is True
+        urls = shard_urls(str(self.config.build_info.storage), key, allow_pipe_urls)
+        absent = [url for url in urls if local_path(url) is not None and not os.path.exists(local_path(url))]
+        if absent and len(absent) == len(urls):
+            missing_split(key, "train", absent[0], run_splits(), nothing_else=True)
+            return {}
+        if absent:
+            where = f"{key}: {len(absent)} of {len(urls)} shards are missing, e.g. {absent[0]}"
+            if not skip_invalid:
+                raise BadRecordError(f"{where} (set skip_invalid: true to train on the others)")
+            logger.warning("%s; training on the other %d (skip_invalid: true)", where, len(urls) - len(absent))
+            urls = [url for url in urls if url not in absent]
         return {"train": self.train_dataset_cls(
             vis_processor=self.vis_processors["train"], text_processor=self.text_processors["train"],
-            location=location if "://" in location or location.startswith("pipe:") else resolve(location),
-            caption_key=str(self.config.get("caption_key", "caption")),
-            skip_invalid=bool(self.config.get("skip_invalid", False)),
+            location=urls, caption_key=str(self.config.get("caption_key", "caption")), skip_invalid=skip_invalid,
             shuffle=int(self.config.get("shuffle_buffer", 1000)),
         ).inner_dataset}
