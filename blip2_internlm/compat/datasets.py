@@ -1,4 +1,5 @@
-"""LAVIS dataset builders: no downloads behind the user's back, and Visual Genome's real layout."""
+"""LAVIS dataset builders and datasets: no downloads behind the user's back, Visual Genome's real layout,
+and bad records or images failing where the bad-sample guard can name them."""
 
 import logging
 import os
@@ -125,3 +126,29 @@ def vg_caption_images_in_download_layout():
     from lavis.datasets.builders.image_text_pair_builder import VGCaptionBuilder
 
     VGCaptionBuilder.train_dataset_cls = vg_caption_dataset_cls()
+
+
+@fix
+def truncated_images_are_errors():
+    """LAVIS sets PIL's global LOAD_TRUNCATED_IMAGES on import: a truncated file trains as a partly blank image."""
+    import lavis.datasets.datasets.coco_caption_datasets  # noqa: F401  (sets the flag when first imported)
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@fix
+def caption_image_ids_read_per_sample():
+    """CaptionDataset reads each image_id when built: a record without one stops the run, with a KeyError naming no record."""
+    from lavis.datasets.datasets.base_dataset import BaseDataset
+    from lavis.datasets.datasets.caption_datasets import CaptionDataset
+
+    def init_indexing_present_ids(self, vis_processor, text_processor, vis_root, ann_paths):
+        BaseDataset.__init__(self, vis_processor, text_processor, vis_root, ann_paths)
+        # a record without one fails when it is read, where the bad-sample guard names it
+        self.img_ids = {}
+        for ann in self.annotation:
+            if "image_id" in ann:
+                self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
+
+    CaptionDataset.__init__ = init_indexing_present_ids
