@@ -119,20 +119,22 @@ def one_batch(dataset, num_workers=0, batch_size=None):
     return next(iter(loader))
 
 
+BAD_FILES = {"corrupt jpeg": "corrupt.jpg", "truncated png": "truncated.png", "decompression bomb": "bomb.png"}
+
+
 def with_bad_record(records, kind):
     """``records`` with the record at BAD_INDEX made bad in the way ``kind`` says."""
     records = [dict(record) for record in records]
     bad = records[BAD_INDEX]
     if kind in BAD_FILES:
         bad["image"] = BAD_FILES[kind]
-    elif kind == "missing image_id":
+    elif kind == "missing image_id":  # builds at all thanks to caption_image_ids_read_per_sample
         del bad["image_id"]
     elif kind == "caption of punctuation only":
         bad["caption"] = "!!! ... !!!"
     return records
 
 
-BAD_FILES = {"corrupt jpeg": "corrupt.jpg", "truncated png": "truncated.png", "decompression bomb": "bomb.png"}
 #: kind of bad record -> what the report's reason says
 REASONS = {
     "corrupt jpeg": r"UnidentifiedImageError: cannot identify image file",
@@ -162,6 +164,7 @@ def test_a_bad_training_sample_is_replaced_and_reported_with_file_record_and_rea
 
     assert batch["image"].shape == (5, 3, 32, 32)  # the batch keeps its size
     assert len(batch["text_input"]) == 5 and all(batch["text_input"])
+    assert "a picture number 2" not in batch["text_input"]  # another record stood in
     (report,) = batch["bad_samples"]
     assert (report["dataset"], report["split"], report["index"]) == ("coco_caption", "train", BAD_INDEX)
     assert report["file"] == str(images / records[BAD_INDEX]["image"])
