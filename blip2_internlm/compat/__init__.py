@@ -38,7 +38,7 @@ def prepare_imports() -> None:
 
 
 def patch_lavis() -> None:
-    from blip2_internlm.compat import attention, blip2, checkpoints, datasets, distributed, runner, tasks
+    from blip2_internlm.compat import attention, blip2, checkpoints, datasets, distributed, runner, tasks, training
 
     distributed.init_distributed_mode_cpu_aware()
     distributed.metric_sync_on_backend_device()
@@ -50,6 +50,7 @@ def patch_lavis() -> None:
     runner.configurable_epoch_transition_sleep()
     runner.evaluation_on_the_models_device()
     runner.resumable_epochs()
+    training.reliable_runner_base()
     checkpoints.safe_model_checkpoint_loading()
     checkpoints.safe_runner_checkpoint_loading()
     blip2.offline_blip2_assets()
@@ -62,4 +63,6 @@ def patch_lavis() -> None:
     datasets.no_hidden_annotation_downloads()
     datasets.caption_samples_keep_image_ids()
     datasets.vg_caption_images_in_download_layout()
+    datasets.truncated_images_are_errors()
+    datasets.caption_image_ids_read_per_sample()
     tasks.length_sorted_vqa_evaluation()

@@ -1,0 +1,14 @@
+"""LAVIS's training loop: ``runner_base`` is this package's fault-tolerant runner."""
+
+from blip2_internlm.compat import fix
+
+
+@fix
+def reliable_runner_base():
+    """RunnerBase writes checkpoints in place, cannot resume mid-epoch and trains on through NaN losses and bad samples."""
+    from lavis.common.registry import registry
+
+    from blip2_internlm.runner import ReliableRunner
+
+    # set, not register: LAVIS's registry refuses a second class under a taken name
+    registry.mapping["runner_name_mapping"]["runner_base"] = ReliableRunner

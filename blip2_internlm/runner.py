@@ -1,0 +1,608 @@
+"""LAVIS's epoch runner, made safe for days-long runs (``runner_base`` resolves to ``ReliableRunner``).
+
+What it adds to LAVIS 1.0.2's ``RunnerBase``, each switchable in ``run:`` (see docs/reliability.md):
+
+- checkpoints written atomically (``checkpoint.save_checkpoint_file``): ``checkpoint_last.pth``
+  always, ``checkpoint_best.pth`` when validating, ``checkpoint_<epoch>.pth`` as LAVIS (pruned
+  by ``keep_last_n``), and mid-epoch ``checkpoint_last.pth`` every ``save_every_iters`` steps;
+- exact resume, mid-epoch included: a checkpoint holds the optimizer, scaler, epoch, batches
+  done in the epoch, the best metric and epoch, the non-finite counters and every rank's RNG
+  states; the train sampler starts at any batch (``resume_ckpt_path`` or ``resume: auto``);
+- a non-finite guard: loss and gradient norm checked on every rank with one all-reduce per
+  optimizer step; a bad step is skipped on all ranks alike, counted and logged with its
+  sample ids; ``max_nonfinite_steps`` in a row stop the run; ``grad_clip_norm``;
+- bad samples skipped, counted and reported (``bad_samples``, ``max_bad_sample_fraction``);
+- a rank that loses its peers says so and names the last checkpoint, instead of a bare
+  backend error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import re
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from lavis.common.logger import MetricLogger, SmoothedValue
+from lavis.datasets.data_utils import prepare_sample
+from lavis.runners.runner_base import RunnerBase
+from torch.utils.data import DataLoader, DistributedSampler
+
+from blip2_internlm.checkpoint import (
+    CheckpointError,
+    load_checkpoint_file,
+    load_weights,
+    nonfinite_tensors,
+    save_checkpoint_file,
+    state_dict_of,
+)
+from blip2_internlm.datasets import guard
+
+logger = logging.getLogger(__name__)
+
+#: Fault-injection hooks for the specs, ``"STEP[@RANK],..."`` (global steps; on that rank, or all):
+#: the loss of those steps becomes NaN; the process SIGKILLs itself before training that step.
+INJECT_NONFINITE_ENV = "BLIP2_INTERNLM_INJECT_NONFINITE_LOSS"
+INJECT_KILL_ENV = "BLIP2_INTERNLM_INJECT_KILL_AT_STEP"
+#: ``"N"``: rank 0 SIGKILLs itself during its N-th checkpoint save, after writing the temporary
+#: file and before it replaces the previous checkpoint.
+INJECT_KILL_IN_SAVE_ENV = "BLIP2_INTERNLM_INJECT_KILL_IN_SAVE"
+
+LAST = "checkpoint_last.pth"
+BEST = "checkpoint_best.pth"
+EPOCH_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pth$")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed: another rank died or stopped answering."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint as ``progress``."""
+
+    epoch: int = 0  # the epoch being trained (or just finished, with iters_done == iters_per_epoch)
+    iters_done: int = 0  # batches of ``epoch`` already trained
+    global_step: int = 0  # batches trained since the run began, over all epochs
+    best_agg_metric: float = 0.0
+    best_epoch: int = 0
+    nonfinite_steps: int = 0  # skipped optimizer steps, whole run
+    consecutive_nonfinite: int = 0
+    scaler_skips: int = 0  # steps GradScaler skipped (fp16 overflow), whole run
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (also for one process) that can start an epoch at any position.
+
+    Its shuffle depends only on ``seed`` and the epoch, never on the global RNG, so the
+    order of epoch k is the same in a run resumed at k as in one that got there itself.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class EpochLoader:
+    """The train loader of a map-style dataset: ``epoch(k, start_batch)`` yields epoch k's batches
+    from ``start_batch`` on; ``len()`` is the number of batches in a whole epoch (``drop_last``)."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, collate_fn, seed: int, pin_memory: bool):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = ResumableSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), seed=seed)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers, collate_fn=collate_fn,
+            drop_last=True, pin_memory=pin_memory,
+        )
+        self.batches_per_epoch = self.sampler.num_samples // batch_size
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = start_batch * self.batch_size
+        guard.set_epoch(self.dataset, epoch)  # per-sample seeding: augmentations independent of workers
+        return iter(self.loader)
+
+
+def is_map_style(dataset) -> bool:
+    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and not isinstance(
+        dataset, torch.utils.data.IterableDataset
+    )
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain containers (``weights_only``-loadable)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def injected_steps(variable: str) -> set[int]:
+    """Global steps a fault-injection hook names for this rank."""
+    steps = set()
+    for item in filter(None, os.environ.get(variable, "").replace(" ", "").split(",")):
+        step, _, rank = item.partition("@")
+        if not rank or int(rank) == get_rank():
+            steps.add(int(step))
+    return steps
+
+
+def sample_ids(samples: dict) -> list:
+    """The ids a batch carries, for logs that let a user find the records."""
+    for key in ("question_id", "image_id", "instance_id"):
+        ids = samples.get(key)
+        if ids is not None:
+            return ids.tolist() if torch.is_tensor(ids) else list(ids)
+    return []
+
+
+def all_reduce_max(values: list[float], device) -> list[float]:
+    """One all-reduce (MAX) of a few flags; the identity in a single process."""
+    if not is_dist_avail_and_initialized():
+        return values
+    flags = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
+class ReliableRunner(RunnerBase):
+    def __init__(self, cfg, task, model, datasets, job_id):
+        super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
+        self.datasets = guard.guard_datasets(self.datasets, cfg.run_cfg)
+        self.progress = Progress()
+        self.last_checkpoint: Path | None = None
+        self._resume_rng: list | None = None  # every rank's RNG states, for a mid-epoch resume
+        self.bad_samples = guard.BadSampleTally.from_run_config(cfg.run_cfg)
+        self._saves = 0  # counted for the kill-during-save hook
+
+    # --- settings ------------------------------------------------------------------------
+
+    def _run(self, key, default=None):
+        value = self.config.run_cfg.get(key, default)
+        return default if value is None else value
+
+    @property
+    def save_every_iters(self) -> int:
+        return int(self._run("save_every_iters", 0))
+
+    @property
+    def keep_last_n(self) -> int | None:
+        value = self.config.run_cfg.get("keep_last_n", None)
+        return None if value is None else int(value)
+
+    @property
+    def max_nonfinite_steps(self) -> int:
+        return int(self._run("max_nonfinite_steps", 10))
+
+    @property
+    def nonfinite_check(self) -> bool:
+        return bool(self._run("nonfinite_check", True))
+
+    @property
+    def grad_clip_norm(self) -> float | None:
+        value = self.config.run_cfg.get("grad_clip_norm", None)
+        return None if value is None else float(value)
+
+    @property
+    def collective_device(self):
+        if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # --- loaders -------------------------------------------------------------------------
+
+    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
+        """Map-style train data gets an ``EpochLoader`` (resumable at any batch); everything else
+        (evaluation, webdataset streams, ratio-mixed datasets) LAVIS's loaders."""
+        resumable = [
+            is_train and not isinstance(dataset, (list, tuple)) and is_map_style(dataset)
+            for dataset, is_train in zip(datasets, is_trains)
+        ]
+        others = [k for k, ours in enumerate(resumable) if not ours]
+        built = super().create_loaders(
+            [datasets[k] for k in others], num_workers, [batch_sizes[k] for k in others],
+            [is_trains[k] for k in others], [collate_fns[k] for k in others], dataset_ratios,
+        ) if others else []
+        loaders = dict(zip(others, built))
+        seed = int(self._run("seed", 42))
+        for k, ours in enumerate(resumable):
+            if ours:
+                loaders[k] = EpochLoader(
+                    datasets[k], int(batch_sizes[k]), int(num_workers), collate_fns[k], seed, self.device.type == "cuda"
+                )
+        return [loaders[k] for k in range(len(datasets))]
+
+    # --- the run -------------------------------------------------------------------------
+
+    def train(self):
+        start_time = time.time()
+        self.log_config()
+        if not self.evaluate_only:
+            self._resume()
+        cur_epoch = self.start_epoch
+        try:
+            for cur_epoch in range(self.start_epoch, self.max_epoch):
+                if not self.evaluate_only:
+                    logger.info("Start training epoch %d", cur_epoch)
+                    train_stats = self.train_epoch(cur_epoch)
+                    self.log_stats(split_name="train", stats=train_stats)
+                self._validate_and_save(cur_epoch)
+                if self.evaluate_only:
+                    break
+                self._barrier()
+        except PeerLostError:
+            raise
+        except RuntimeError as err:
+            if is_dist_avail_and_initialized() and _is_collective_failure(err):
+                raise PeerLostError(self._peer_lost_message(err)) from err
+            raise
+
+        test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
+        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def _validate_and_save(self, cur_epoch: int) -> None:
+        if not self.valid_splits:
+            if not self.evaluate_only:
+                self.save_checkpoint(cur_epoch, epoch_done=True)
+            return
+        is_best = False
+        for split_name in self.valid_splits:
+            logger.info("Evaluating on %s.", split_name)
+            val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+            if val_log is not None and is_main_process():
+                if "agg_metrics" not in val_log:
+                    raise KeyError(f"the {split_name} evaluation reported no agg_metrics")
+                agg_metrics = float(val_log["agg_metrics"])
+                if agg_metrics > self.progress.best_agg_metric and split_name == "val":
+                    self.progress.best_epoch, self.progress.best_agg_metric = cur_epoch, agg_metrics
+                    is_best = True
+                val_log.update({"best_epoch": self.progress.best_epoch})
+                self.log_stats(val_log, split_name)
+        if not self.evaluate_only:
+            is_best = self._broadcast_from_main(is_best)
+            self.save_checkpoint(cur_epoch, epoch_done=True, is_best=is_best)
+
+    def train_epoch(self, epoch):
+        """One epoch from ``self.progress.iters_done`` (non-zero after a mid-epoch resume)."""
+        self.model.train()
+        loader = self.train_loader
+        seed = int(self._run("seed", 42)) + get_rank() + 1000 * int(epoch)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        start = self.progress.iters_done if self.progress.epoch == epoch else 0
+        batches = self._epoch_batches(loader, epoch, start)
+        if self._resume_rng is not None:  # after the loader drew its worker seeds, as the interrupted run did
+            set_rng_state(self._resume_rng[get_rank()])
+            self._resume_rng = None
+        self.progress.epoch, self.progress.iters_done = epoch, start
+        self.bad_samples.reset()
+        return self._train_iters(epoch, batches, start, len(loader))
+
+    def _epoch_batches(self, loader, epoch: int, start: int):
+        if isinstance(loader, EpochLoader):
+            return loader.epoch(epoch, start)
+        from blip2_internlm.compat.runner import start_loader_epoch
+
+        start_loader_epoch(loader, epoch)
+        if start:
+            logger.warning(
+                "Resuming mid-epoch on streamed or ratio-mixed data: skipping %d batches by drawing them; "
+                "the order of the rest is not that of the interrupted run.", start,
+            )
+            for _ in range(start):
+                next(loader)
+        return loader
+
+    def _train_iters(self, epoch: int, batches, start: int, iters_per_epoch: int) -> dict:
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        accum = self.accum_grad_iters
+        inject_nan, inject_kill = injected_steps(INJECT_NONFINITE_ENV), injected_steps(INJECT_KILL_ENV)
+        metric_logger = MetricLogger(delimiter="  ")
+        metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
+        header = f"Train: data epoch: [{epoch}]"
+        batch_size = int(self.config.run_cfg.batch_size_train)
+        loss_finite = True
+        step_ids: list = []
+        step_losses: list = []
+        iterator = iter(batches)
+        for i in metric_logger.log_every(range(start, iters_per_epoch), self.log_freq, header):
+            if self.progress.global_step in inject_kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            samples = next(iterator)
+            self.bad_samples.add(batch_size, samples.pop("bad_samples", []) if isinstance(samples, dict) else [])
+            samples = prepare_sample(samples, cuda_enabled=self.cuda_enabled)
+            samples.update({"epoch": epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
+            self.lr_scheduler.step(cur_epoch=epoch, cur_step=i)
+            with torch.autocast(self.device.type, enabled=scaler is not None):
+                loss = self.task.train_step(model=model, samples=samples)
+            if self.progress.global_step in inject_nan:
+                loss = loss * float("nan")
+            loss_value = loss.detach()
+            loss_finite = loss_finite and bool(torch.isfinite(loss_value))
+            step_losses.append(loss_value)
+            step_ids += sample_ids(samples)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            self.progress.global_step += 1
+
+            if (i + 1) % accum == 0:
+                if self._optimizer_step(optimizer, scaler, loss_finite, step_ids, epoch, i):
+                    for value in step_losses:  # a skipped step's losses would make the epoch mean NaN
+                        metric_logger.update(loss=value.item())
+                loss_finite, step_ids, step_losses = True, [], []
+                self.progress.iters_done = i + 1
+                if self.save_every_iters and (i + 1) % self.save_every_iters == 0 and i + 1 < iters_per_epoch:
+                    self.save_checkpoint(epoch, epoch_done=False)
+                if (i + 1) % self.log_freq == 0:
+                    self._check_bad_samples()
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        self.progress.iters_done = iters_per_epoch
+        self._check_bad_samples(final=True)
+
+        metric_logger.synchronize_between_processes()
+        logger.info("Averaged stats: %s", metric_logger.global_avg())
+        stats = {k: f"{meter.global_avg:.3f}" for k, meter in metric_logger.meters.items()}
+        stats.update(
+            nonfinite_steps=self.progress.nonfinite_steps, scaler_skips=self.progress.scaler_skips,
+            bad_samples=self.bad_samples.bad,
+        )
+        return stats
+
+    def _optimizer_step(self, optimizer, scaler, loss_finite: bool, step_ids: list, epoch: int, i: int) -> bool:
+        """Step unless any rank saw a non-finite loss or gradient; True if the weights moved."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = None
+        if self.grad_clip_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+        elif self.nonfinite_check and scaler is None and params:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.nonfinite_check:
+            grad_bad = grad_norm is not None and not bool(torch.isfinite(grad_norm)) and scaler is None
+            loss_bad_anywhere, grad_bad_anywhere = all_reduce_max([float(not loss_finite), float(grad_bad)], self.collective_device)
+            if loss_bad_anywhere or grad_bad_anywhere:
+                optimizer.zero_grad()
+                self._count_nonfinite(epoch, i, step_ids, "loss" if loss_bad_anywhere else "gradient norm")
+                return False
+        self.progress.consecutive_nonfinite = 0
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale:
+                self.progress.scaler_skips += 1
+                logger.warning(
+                    "GradScaler skipped the step at epoch %d iteration %d (fp16 overflow; scale %g -> %g); "
+                    "%d such steps so far", epoch, i, scale, scaler.get_scale(), self.progress.scaler_skips,
+                )
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+        return True
+
+    def _count_nonfinite(self, epoch: int, i: int, step_ids: list, what: str) -> None:
+        self.progress.nonfinite_steps += 1
+        self.progress.consecutive_nonfinite += 1
+        logger.warning(
+            "Non-finite %s at epoch %d iteration %d (rank %d): step skipped on every rank "
+            "(%d in a row, %d in the run). Sample ids on this rank: %s",
+            what, epoch, i, get_rank(), self.progress.consecutive_nonfinite, self.progress.nonfinite_steps, step_ids,
+        )
+        if self.progress.consecutive_nonfinite >= self.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"{self.progress.consecutive_nonfinite} optimizer steps in a row had a non-finite {what} "
+                f"(run.max_nonfinite_steps = {self.max_nonfinite_steps}); stopping at epoch {epoch} iteration {i}. "
+                f"Last good checkpoint: {self.last_checkpoint or 'none written in this run'}. Lower run.init_lr, "
+                "set run.grad_clip_norm, or check the data of the logged sample ids."
+            )
+
+    def _check_bad_samples(self, final: bool = False) -> None:
+        """All ranks decide together, on the global counts, whether the data is broken at scale."""
+        totals = self.bad_samples.all_reduce()
+        if final and is_main_process() and totals.bad:
+            logger.warning("Bad samples this epoch: %s", totals.summary())
+        totals.check(epoch_end=final)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict:
+        model = self.unwrap_dist_model(self.model)
+        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+        # as LAVIS: trainable parameters and buffers; frozen weights come from their own files
+        return {"model": {k: v for k, v in model.state_dict().items() if k not in frozen}}
+
+    def save_checkpoint(self, epoch: int, epoch_done: bool, is_best: bool = False) -> None:
+        """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes."""
+        obj = self._checkpoint_state()
+        bad = nonfinite_tensors(obj["model"])
+        if bad:  # same weights on every rank, so every rank refuses alike
+            raise CheckpointError(
+                f"refusing to save a checkpoint at epoch {epoch}: {len(bad)} tensors are not finite "
+                f"({', '.join(bad[:5])}); last good checkpoint: {self.last_checkpoint or 'none'}"
+            )
+        rng = [None] * get_world_size()
+        if is_dist_avail_and_initialized():
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        if is_main_process():
+            obj.update(
+                optimizer=self.optimizer.state_dict(),
+                config=self.config.to_dict(),
+                scaler=self.scaler.state_dict() if self.scaler else None,
+                # LAVIS's own resume starts at "epoch" + 1: a mid-epoch checkpoint restarts its epoch there
+                epoch=epoch if epoch_done else epoch - 1,
+                progress=asdict(self.progress),
+                rng=rng,
+                world_size=get_world_size(),
+            )
+            directory = Path(self.output_dir)
+            if epoch_done and not self.valid_splits:
+                self._write(obj, directory / f"checkpoint_{epoch}.pth")
+                link_or_copy(directory / f"checkpoint_{epoch}.pth", directory / LAST)
+                self._prune_epoch_checkpoints(directory)
+            else:
+                self._write(obj, directory / LAST)
+            if is_best:
+                link_or_copy(directory / LAST, directory / BEST)
+            logger.info(
+                "Saved checkpoint at epoch %d, %d batches into it, to %s", epoch, self.progress.iters_done, directory / LAST
+            )
+        self.last_checkpoint = Path(self.output_dir) / LAST
+
+    def _write(self, obj: dict, path: Path) -> None:
+        self._saves += 1
+        if self._saves in injected_steps(INJECT_KILL_IN_SAVE_ENV):
+            torch.save(obj, path.with_name(f".{path.name}.{os.getpid()}.partial"))  # what an atomic save leaves
+            os.kill(os.getpid(), signal.SIGKILL)
+        save_checkpoint_file(obj, path)
+
+    def _prune_epoch_checkpoints(self, directory: Path) -> None:
+        if self.keep_last_n is None:
+            return
+        epochs = sorted(int(m.group(1)) for p in directory.iterdir() if (m := EPOCH_CHECKPOINT.match(p.name)))
+        for epoch in epochs[: -self.keep_last_n]:
+            (directory / f"checkpoint_{epoch}.pth").unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        explicit = self.resume_ckpt_path
+        mode = self.config.run_cfg.get("resume", None)
+        if explicit is not None:
+            self._load_checkpoint(explicit)
+        elif mode == "auto":
+            path = self._auto_resume_checkpoint()
+            if path is None:
+                logger.info("run.resume = auto: no checkpoint under %s, starting from scratch", Path(self.output_dir).parent)
+            else:
+                self._load_checkpoint(str(path))
+
+    def _auto_resume_checkpoint(self) -> Path | None:
+        """The newest checkpoint of this run's output_dir (any job directory under it) that loads."""
+        root = Path(self.output_dir).parent
+        candidates = sorted(
+            (p for p in root.glob("*/checkpoint_*.pth") if p.name != BEST),
+            key=lambda p: p.stat().st_mtime, reverse=True,
+        )
+        for path in candidates:
+            try:
+                load_checkpoint_file(path, map_location="cpu")
+            except CheckpointError as err:
+                logger.warning("run.resume = auto: skipping %s (%s)", path, err)
+                continue
+            logger.info("run.resume = auto: resuming from %s", path)
+            return path
+        return None
+
+    def _load_checkpoint(self, url_or_filename):
+        from blip2_internlm.compat.checkpoints import resolve_checkpoint, trainable_keys
+
+        path = resolve_checkpoint("run.resume_ckpt_path", url_or_filename)
+        checkpoint = load_checkpoint_file(
+            path, map_location=self.device, allow_unsafe=self.config.run_cfg.get("allow_unsafe_checkpoints", None)
+        )
+        model = self.unwrap_dist_model(self.model)
+        load_weights(model, path, required_prefixes=trainable_keys(model), state_dict=state_dict_of(checkpoint, path))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        progress = checkpoint.get("progress")
+        if progress is None:  # a LAVIS checkpoint: epoch boundaries only, no counters
+            self.progress = Progress(epoch=checkpoint["epoch"] + 1)
+        else:
+            self.progress = Progress(**progress)
+            if self.progress.iters_done >= len(self.train_loader):
+                self.progress.epoch, self.progress.iters_done = self.progress.epoch + 1, 0
+            elif checkpoint.get("world_size") == get_world_size():
+                self._resume_rng = checkpoint["rng"]
+            else:
+                logger.warning(
+                    "%s was written by %s ranks, this run has %d: RNG states are not restored", path,
+                    checkpoint.get("world_size"), get_world_size(),
+                )
+        self.start_epoch = self.progress.epoch
+        self.last_checkpoint = Path(path)
+        logger.info(
+            "Resumed from %s: epoch %d, %d batches into it, best %s at epoch %d", path, self.progress.epoch,
+            self.progress.iters_done, self.progress.best_agg_metric, self.progress.best_epoch,
+        )
+
+    # --- distributed ---------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        if is_dist_avail_and_initialized():
+            dist.barrier()
+
+    def _broadcast_from_main(self, value):
+        if not is_dist_avail_and_initialized():
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _peer_lost_message(self, err: Exception) -> str:
+        return (
+            f"rank {get_rank()} lost contact with another rank ({str(err).splitlines()[0]}); the job cannot "
+            f"continue. Last checkpoint: {self.last_checkpoint or 'none written in this run'}. "
+            "Relaunch with --options run.resume=auto to continue from it."
+        )
+
+
+def _is_collective_failure(err: Exception) -> bool:
+    text = str(err).lower()
+    return isinstance(err, dist.DistBackendError) or any(
+        word in text for word in ("connection closed", "connection reset", "gloo", "nccl", "timed out", "broken pipe")
+    )
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes the same bytes as ``source``, atomically (a hard link where possible)."""
+    import shutil
+
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
