@@ -24,12 +24,14 @@ import re
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, disabled_train
 from torch import nn
 
 from blip2_internlm.compat.attention import resolve_attn_implementation, set_attn_implementation
 from blip2_internlm.compat.blip2 import blip2_assets
+from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.models.llm_inputs import (
     autocast_context, checkpoint_frozen_llm_layers, generation_embeds,
     resolve_autocast_dtype, training_tokens,
@@ -175,6 +177,17 @@ class Blip2InternLM(Blip2Base):
         return training_tokens(self.llm_tokenizer, prompts, texts, self.max_txt_len)
 
     def forward(self, samples):
+        """``{"loss": ..., "loss_tokens": ...}``: the next-token loss of the captions and how many
+        label tokens this process holds (a 0-d long tensor).
+
+        Alone, or without gradients (evaluation), ``loss`` is the mean over this batch's label
+        tokens.  In distributed training (gradients enabled, world size > 1) each rank returns
+        ``sum of its token losses * world_size / global label tokens``, so DDP's gradient average
+        is the gradient of the mean over every label token of the global batch, however the
+        tokens are spread over the ranks.  That per-rank ``loss`` is then not the global mean:
+        its average over the ranks is.  Without gradients, the global mean is
+        ``sum(loss * loss_tokens) / sum(loss_tokens)`` over the ranks.
+        """
         image_embeds = self.image_embeds(samples)
         texts = samples["text_input"]
         if len(texts) != image_embeds.size(0):
@@ -187,17 +200,23 @@ class Blip2InternLM(Blip2Base):
         inputs_embeds = torch.cat([queries, self.llm_model.get_input_embeddings()(input_ids)], dim=1)
         attention_mask = torch.cat([query_atts, text_atts], dim=1)
         labels = torch.cat([query_targets, text_targets], dim=1)
+        loss_tokens = label_token_count(labels)
+        num_items_in_batch = cross_rank_token_normaliser(loss_tokens)
         with self.maybe_autocast():
             if not self.lm_head_on_labels_only:
-                outputs = self.llm_model(
+                # transformers' own way to divide by a token count other than the local one
+                normaliser = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+                loss = self.llm_model(
                     inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                    return_dict=True, use_cache=self._train_use_cache,
-                )
-                return {"loss": outputs.loss}
-            hidden = self.llm_model.base_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, use_cache=self._train_use_cache
-            ).last_hidden_state
-            return {"loss": labelled_token_loss(hidden, labels, self.llm_model.get_output_embeddings())}
+                    return_dict=True, use_cache=self._train_use_cache, **normaliser,
+                ).loss
+            else:
+                hidden = self.llm_model.base_model(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True,
+                    use_cache=self._train_use_cache,
+                ).last_hidden_state
+                loss = labelled_token_loss(hidden, labels, self.llm_model.get_output_embeddings(), num_items_in_batch)
+        return {"loss": loss, "loss_tokens": loss_tokens}
 
     # --- inference -----------------------------------------------------------------------
 
@@ -324,17 +343,48 @@ class Blip2InternLM(Blip2Base):
         return model
 
 
-def labelled_token_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+def labelled_token_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, num_items_in_batch: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal-LM loss with the LM head applied only where a label follows.
 
-    The same mean cross-entropy as transformers' ``labels=`` path, which projects every
-    position onto the vocabulary; here the queries, ``<s>``, prompt and padding (most of a
-    BLIP-2 sequence) never reach the vocabulary-sized matmul.
+    The same cross-entropy as transformers' ``labels=`` path, which projects every position
+    onto the vocabulary; here the queries, ``<s>``, prompt and padding (most of a BLIP-2
+    sequence) never reach the vocabulary-sized matmul.  Like transformers, the summed token
+    losses are divided by ``num_items_in_batch`` when given, else averaged.
     """
     targets = labels[:, 1:]
     keep = targets != -100
     logits = lm_head(hidden[:, :-1][keep]).float()
-    return nn.functional.cross_entropy(logits, targets[keep])
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(logits, targets[keep])
+    return nn.functional.cross_entropy(logits, targets[keep], reduction="sum") / num_items_in_batch.to(logits.device)
+
+
+def label_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of (B, T) ``labels`` carry loss once shifted: a 0-d long tensor."""
+    return (labels[:, 1:] != -100).sum()
+
+
+def cross_rank_token_normaliser(loss_tokens: torch.Tensor) -> torch.Tensor | None:
+    """Global label tokens / world size in distributed training, else None (a local mean).
+
+    Dividing each rank's summed token loss by it makes DDP's average of the rank gradients
+    the gradient of the global token mean; a per-rank mean would weight a token on a rank
+    with few tokens more than one on a rank with many.  Without gradients there is nothing
+    to average, and evaluation must not wait on ranks that may run a different number of
+    batches.
+    """
+    if not (torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()):
+        return None
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return None
+    # a copy: all_reduce works in place, and .to() on the same device and dtype returns loss_tokens itself
+    total = loss_tokens.detach().to(collective_device(), torch.int64, copy=True)
+    dist.all_reduce(total)
+    # float32: a float64 0-d divisor would promote the loss itself to float64
+    return total.to(loss_tokens.device, torch.float32) / world_size
 
 
 def first_line(text: str) -> str:
