@@ -1,0 +1,130 @@
+"""The runner's checkpoint bookkeeping, on a toy LAVIS model in one process: best metric kept across a
+resume, keep_last_n, auto-resume past unreadable files, and no checkpoint of non-finite weights."""
+
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+
+@pytest.fixture(scope="module")
+def toy(lavis_ready):
+    from lavis.models.base_model import BaseModel
+    from lavis.tasks.base_task import BaseTask
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, samples):
+            return {"loss": ((self.linear(samples["x"]).squeeze(-1) - samples["y"]) ** 2).mean()}
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, n=32):
+            generator = torch.Generator().manual_seed(0)
+            self.x = torch.randn(n, 4, generator=generator)
+            self.y = self.x.sum(-1)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, index):
+            return {"image": self.x[index], "x": self.x[index], "y": self.y[index], "instance_id": index}
+
+    return Toy, Pairs, BaseTask
+
+
+def make_runner(toy, output_dir, job_id="job", **run):
+    import lavis.common.optims  # noqa: F401  (registers the LR schedulers)
+    from lavis.common.config import Config
+
+    from blip2_internlm.runner import ReliableRunner
+
+    Toy, Pairs, BaseTask = toy
+    settings = dict(
+        task="image_text_pretrain", lr_sched="linear_warmup_cosine_lr", init_lr=0.01, min_lr=0.01, weight_decay=0.0, max_epoch=3,
+        batch_size_train=8, batch_size_eval=8, num_workers=0, seed=1, output_dir=str(output_dir), amp=False,
+        evaluate=False, train_splits=["train"], valid_splits=[], device="cpu", distributed=False, log_freq=1000,
+    )
+    settings.update(run)
+    cfg = Config.__new__(Config)
+    cfg.config = OmegaConf.create({"run": settings, "model": {}, "datasets": {}})
+    torch.manual_seed(0)
+    return ReliableRunner(cfg=cfg, task=BaseTask(), model=Toy(), datasets={"pairs": {"train": Pairs()}}, job_id=job_id)
+
+
+def scripted_validation(runner, metrics):
+    """eval_epoch that reports the next of ``metrics`` as agg_metrics."""
+    values = iter(metrics)
+    runner.eval_epoch = lambda split_name, cur_epoch, skip_reload=False: {"agg_metrics": next(values)}
+    runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
+
+
+def test_a_resumed_run_keeps_the_best_metric_and_does_not_overwrite_the_best_checkpoint(toy, tmp_path):
+    first = make_runner(toy, tmp_path, max_epoch=2, valid_splits=["val"])
+    scripted_validation(first, [0.9, 0.5])
+    first.train()
+    best = first.output_dir / "checkpoint_best.pth"
+    best_bytes = best.read_bytes()
+
+    resumed = make_runner(toy, tmp_path, job_id="job", max_epoch=3, valid_splits=["val"], resume="auto")
+    scripted_validation(resumed, [0.7])  # epoch 2: better than epoch 1, worse than epoch 0
+    resumed.train()
+    assert resumed.progress.best_epoch == 0 and resumed.progress.best_agg_metric == 0.9
+    assert not (resumed.output_dir / "checkpoint_best.pth").exists()
+    assert best.read_bytes() == best_bytes
+
+
+def test_keep_last_n_prunes_old_epoch_checkpoints_but_keeps_last(toy, tmp_path):
+    runner = make_runner(toy, tmp_path, max_epoch=4, keep_last_n=2)
+    runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
+    runner.train()
+    names = sorted(p.name for p in runner.output_dir.glob("*.pth"))
+    assert names == ["checkpoint_2.pth", "checkpoint_3.pth", "checkpoint_last.pth"]
+
+
+def test_auto_resume_skips_an_unreadable_newest_checkpoint_and_names_it(toy, tmp_path, caplog):
+    runner = make_runner(toy, tmp_path, max_epoch=2)
+    runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
+    runner.train()
+    newest = runner.output_dir / "checkpoint_last.pth"
+    newest.write_bytes(newest.read_bytes()[:100])  # as a crash mid-copy would leave it
+    resumed = make_runner(toy, tmp_path, max_epoch=3, resume="auto")
+    resumed.evaluate = lambda cur_epoch="best", skip_reload=False: None
+    with caplog.at_level(logging.INFO):
+        resumed.train()
+    assert f"skipping {newest}" in caplog.text and "truncated" in caplog.text
+    assert "resuming from" in caplog.text and "checkpoint_1.pth" in caplog.text
+    assert resumed.progress.epoch == 2
+
+
+def test_no_checkpoint_is_written_with_a_non_finite_weight(toy, tmp_path):
+    from blip2_internlm.checkpoint import CheckpointError
+
+    runner = make_runner(toy, tmp_path, max_epoch=1)
+    with torch.no_grad():
+        runner.unwrap_dist_model(runner.model).linear.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="linear.weight"):
+        runner.save_checkpoint(0, epoch_done=True)
+    assert not list(runner.output_dir.glob("*.pth"))
+
+
+def test_gradient_clipping_bounds_the_gradient_the_optimizer_sees(toy, tmp_path):
+    norms = {}
+    for name, clip in (("clipped", 1e-3), ("free", None)):
+        runner = make_runner(toy, tmp_path / name, max_epoch=1, grad_clip_norm=clip)
+        runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
+        optimizer, step = runner.optimizer, runner.optimizer.step
+        seen = norms[name] = []
+
+        def recording_step(*args, step=step, optimizer=optimizer, seen=seen, **kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            seen.append(torch.nn.utils.get_total_norm(grads).item())
+            return step(*args, **kwargs)
+
+        optimizer.step = recording_step
+        runner.train()
+    assert len(norms["clipped"]) == len(norms["free"]) == 4
+    assert max(norms["clipped"]) <= 1e-3 * (1 + 1e-4) < min(norms["free"])
