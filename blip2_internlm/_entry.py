@@ -28,8 +28,18 @@ def setup(description: str, argv=None):
     from lavis.common.dist_utils import init_distributed_mode
     from lavis.common.logger import setup_logger
 
+    from blip2_internlm.run_config import RunConfigError, validate_run_config
+
     args = parse_args(description, argv)
-    cfg = Config(args)
+    try:
+        cfg = Config(args)
+        validate_run_config(cfg.run_cfg)  # before distributed set-up, models and datasets
+    except RunConfigError as error:
+        source = args.cfg_path + (" with --options" if args.options else "")
+        if len(error.problems) == 1:
+            raise SystemExit(f"{source}: {error}") from None
+        listed = "".join(f"\n  {problem}" for problem in error.problems)
+        raise SystemExit(f"{source}: {len(error.problems)} bad run settings:{listed}") from None
     check_device(cfg.run_cfg)
     init_distributed_mode(cfg.run_cfg)
     setup_seeds(cfg.run_cfg)
@@ -39,9 +49,13 @@ def setup(description: str, argv=None):
 
 
 def check_device(run_cfg) -> None:
-    device = str(run_cfg.get("device", "cuda"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"run.device is {device!r} but this machine has no CUDA device; pass --options run.device=cpu")
+    """Exit with one line if run.device names a CUDA device this machine lacks."""
+    from blip2_internlm.run_config import RunConfigError, check_device_available
+
+    try:
+        check_device_available(run_cfg)
+    except RunConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def setup_seeds(run_cfg) -> None:
@@ -56,10 +70,13 @@ def setup_seeds(run_cfg) -> None:
 
 
 def shared_job_id() -> str:
-    """A timestamp job id that every rank agrees on (each rank's own clock may cross a minute)."""
+    """A timestamp job id that every rank agrees on (each rank's own clock may cross a second).
+
+    Two launches within one second get the same id; the runner then gives the later one
+    ``<id>_2`` (compat fix fresh_job_dir_relative_to_cwd)."""
     from lavis.common.dist_utils import is_dist_avail_and_initialized
 
-    job_id = [datetime.now().strftime("%Y%m%d%H%M")]
+    job_id = [datetime.now().strftime("%Y%m%d%H%M%S")]
     if is_dist_avail_and_initialized():
         torch.distributed.broadcast_object_list(job_id, src=0)
     return job_id[0]

@@ -1,6 +1,8 @@
 """LAVIS's runner: CPU runs (DDP, GradScaler, prefetching, evaluation), loader epochs, resumable epochs."""
 
 import contextvars
+import itertools
+from pathlib import Path
 
 import torch
 
@@ -44,24 +46,45 @@ def grad_scaler_only_on_cuda():
     RunnerBase.scaler = property(scaler)
 
 
-@fix
-def output_dir_relative_to_cwd():
-    """RunnerBase resolves run.output_dir under the installed lavis package, i.e. inside site-packages."""
-    from pathlib import Path
+def claim_job_dir(output_root, job_id: str) -> str:
+    """Create the first free one of ``job_id``, ``job_id_2``, ``job_id_3``, ... under ``output_root``
+    and return its name; mkdir is atomic, so two launches racing for one name never share it."""
+    output_root = Path(output_root)
+    output_root.mkdir(parents=True, exist_ok=True)
+    for name in itertools.chain([job_id], (f"{job_id}_{n}" for n in itertools.count(2))):
+        try:
+            (output_root / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
 
+
+@fix
+def fresh_job_dir_relative_to_cwd():
+    """RunnerBase puts output_dir in site-packages and reuses job dirs: launches with one id overwrite each other."""
+    from lavis.common.dist_utils import is_dist_avail_and_initialized, is_main_process
     from lavis.common.registry import registry
     from lavis.runners.runner_base import RunnerBase
 
     def setup_output_dir(self):
-        output_dir = Path(self.config.run_cfg.output_dir).expanduser().absolute() / self.job_id
+        output_root = Path(self.config.run_cfg.output_dir).expanduser().absolute()
+        job_id = [claim_job_dir(output_root, str(self.job_id)) if is_main_process() else None]
+        if is_dist_avail_and_initialized():
+            torch.distributed.broadcast_object_list(job_id, src=0)
+        self.job_id = job_id[0]
+        output_dir = output_root / self.job_id
         result_dir = output_dir / "result"
-        result_dir.mkdir(parents=True, exist_ok=True)
+        result_dir.mkdir(parents=True, exist_ok=True)  # other ranks may be on another node's disk
         # set, not register: register_path refuses a second runner in the same process
         registry.mapping["paths"]["result_dir"] = str(result_dir)
         registry.mapping["paths"]["output_dir"] = str(output_dir)
         self.result_dir, self.output_dir = result_dir, output_dir
 
     RunnerBase.setup_output_dir = setup_output_dir
+
+
+#: The name this fix had while it only moved the output directory.
+output_dir_relative_to_cwd = fresh_job_dir_relative_to_cwd
 
 
 def _delegate_to_loader(self, name):
