@@ -13,27 +13,38 @@ Store layout (one directory per dataset split)::
                                      views, image count, shard table; written last
     shard-{r:05d}-of-{W:05d}.npy     rank r's images r::W, shape (n_r, views, tokens, width)
 
-Shards are ``.npy`` files written with ``numpy.lib.format.open_memmap``: the format carries
-its own shape/dtype header, can be filled incrementally batch by batch (safetensors cannot)
-and is read back with ``np.load(mmap_mode="r")`` by every rank and DataLoader worker
-without loading it into memory.  numpy has no bfloat16, hence ``fp16`` or ``fp32`` on disk.
+Shards are memory-mapped ``.npy`` files: the format carries its own shape/dtype header, can be
+filled incrementally batch by batch (safetensors cannot) and is read back with
+``np.load(mmap_mode="r")`` by every rank and DataLoader worker without loading it into memory.
+numpy has no bfloat16, hence ``fp16`` or ``fp32`` on disk.  Each shard's blocks are allocated
+(``posix_fallocate``) before it is mapped, and the whole store's size is checked against the
+free space first: a full disk is an error naming the file, never a SIGBUS on a write to the map.
 
-A store is built in ``<dir>.partial`` and renamed into place after its header is written, so a
-crashed build never looks complete; a missing/short shard or a header whose content hash
-differs from the current setup is rebuilt, with the reason logged.
+A store is built in ``<dir>.partial-<host>-<pid>-<random>`` (one name per job) and renamed into
+place after its header is written, so a crashed build never looks complete; a missing/short
+shard or a header whose content hash differs from the current setup is rebuilt, with the reason
+logged.  The building job's rank 0 holds an exclusive ``flock`` on ``<dir>.lock``: a second job
+building the same store waits, then reuses it; partial directories found under the lock are
+those of dead jobs and are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 import re
+import secrets
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +155,8 @@ class _Views(torch.utils.data.Dataset):
     """Processed image tensors of (image, view) pairs, each under its own seed."""
 
     def __init__(self, dataset, items, representative, views, seed):
-        self.dataset, self.items, self.representative, self.views, self.seed = dataset, items, representative, views, seed
+        self.dataset, self.items, self.representative = dataset, items, representative
+        self.views, self.seed = views, seed
 
     def __len__(self):
         return len(self.items) * self.views
@@ -167,12 +179,6 @@ def _dist():
 def _rank_world():
     dist = _dist()
     return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-
-
-def _barrier():
-    dist = _dist()
-    if dist:
-        dist.barrier()
 
 
 def _broadcast(obj):
@@ -213,7 +219,9 @@ class FeatureStore:
 
     def features(self, image: int, view: int = 0) -> torch.Tensor:
         if not 0 <= image < self.num_images or not 0 <= view < self.views:
-            raise IndexError(f"{self.directory}: image {image}, view {view} outside {self.num_images} images x {self.views} views")
+            raise IndexError(
+                f"{self.directory}: image {image}, view {view} outside {self.num_images} images x {self.views} views"
+            )
         world = len(self.shards)
         row = np.array(self.shards[image % world][image // world, view])  # copy out of the read-only map
         return torch.from_numpy(row).to(self.compute_dtype)
@@ -248,7 +256,9 @@ class FeatureStore:
             except (OSError, ValueError) as err:
                 raise FeatureCacheError(f"shard {path} is missing or truncated: {err}") from None
             if shard.shape != expected or shard.dtype != STORE_DTYPES[header["dtype"]]:
-                raise FeatureCacheError(f"shard {path} holds {shard.dtype}{shard.shape}, the header says {header['dtype']}{expected}")
+                raise FeatureCacheError(
+                    f"shard {path} holds {shard.dtype}{shard.shape}, the header says {header['dtype']}{expected}"
+                )
             shards.append(shard)
         return cls(directory, header, shards)
 
@@ -284,7 +294,10 @@ class FeatureStore:
     def build(cls, model, dataset, directory, views: int = 1, dtype: str = "fp16", seed: int = 0,
               batch_size: int = 32, num_workers: int = 0) -> "FeatureStore":
         """The store of ``dataset`` under ``model``'s frozen ViT at ``directory``: reused when its
-        content hash matches, else (re)built, each rank computing images ``rank::world``."""
+        content hash matches, else (re)built, each rank computing images ``rank::world``.
+
+        Rank 0 holds ``lock_path(directory)`` from its decision to rebuild until the store is in
+        place, so a job that finds another one building waits, then reuses what that one built."""
         check_frozen_vit(model)
         directory = Path(directory)
         identity = cls.identity(model, dataset, views, dtype, seed)
@@ -296,52 +309,22 @@ class FeatureStore:
                 "crop of each image; set run.feature_cache.views to keep augmentation", directory,
             )
 
-        reason = None
-        if rank == 0:
-            try:
-                cls.open(directory, content_hash)
-            except FeatureCacheError as err:
-                reason = _why_rebuild(directory, identity, err)
-        reason = _broadcast(reason)
-        if reason is None:
-            logger.info("Feature cache: reusing %s", directory)
-            return cls.open(directory, content_hash)
-
-        logger.info("Feature cache: building %s (%s)", directory, reason)
-        partial = directory.with_name(directory.name + ".partial")
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        _barrier()
-        of_record, representative = image_index(dataset)
-        n_images = len(representative)
-        shape, compute_dtype = _write_shard(model, dataset, partial, representative, rank, world, views, dtype, seed, batch_size, num_workers)
-        gathered = [(shape, compute_dtype)]
-        dist = _dist()
-        if dist:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, (shape, compute_dtype))
-        _barrier()
-        if rank == 0:
-            shape, compute_dtype = next(item for item in gathered if item[0] is not None)
-            header = {
-                "format_version": FORMAT_VERSION,
-                "content_hash": content_hash,
-                "identity": identity,
-                "shape": list(shape),
-                "dtype": dtype,
-                "compute_dtype": compute_dtype,
-                "views": int(views),
-                "images": n_images,
-                "records": len(of_record),
-                "world_size": world,
-                "shards": [{"file": shard_name(r, world), "rows": len(range(r, n_images, world))} for r in range(world)],
-            }
-            # The header is the completion marker: written last, then the directory swapped in.
-            (partial / HEADER).write_text(json.dumps(header, indent=1, sort_keys=True), encoding="utf-8")
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(partial, directory)
-        _barrier()
+        lock, plan = None, None
+        try:
+            if rank == 0:
+                try:
+                    lock, plan = cls._decide(model, dataset, directory, identity, content_hash, world)
+                except (FeatureCacheError, OSError) as err:
+                    _share_plan({"error": f"rank 0: {err}"})  # the other ranks fail with it instead of waiting
+                    raise
+            plan = _share_plan(plan)
+            if "error" in plan:
+                raise FeatureCacheError(plan["error"])
+            if "partial" in plan:
+                _build_in(Path(plan["partial"]), plan["header"], model, dataset, directory, batch_size, num_workers)
+        finally:
+            if lock is not None:
+                lock.close()
         try:
             return cls.open(directory, content_hash)
         except FeatureCacheError as err:
@@ -349,6 +332,37 @@ class FeatureStore:
                 f"rank {rank} cannot read the store rank 0 just wrote at {directory} ({err}); "
                 "run.feature_cache.dir must be on a filesystem every rank shares"
             ) from None
+
+    @classmethod
+    def _decide(cls, model, dataset, directory: Path, identity: dict, content_hash: str, world: int):
+        """Rank 0: ``(lock, plan)``; the plan is ``{}`` to reuse the store, or the partial directory
+        and header of a build, with the lock (an open file) held and the free space checked."""
+        try:
+            cls.open(directory, content_hash)
+            logger.info("Feature cache: reusing %s", directory)
+            return None, {}
+        except FeatureCacheError:
+            pass
+        lock, waited = _lock(directory)
+        try:
+            try:
+                cls.open(directory, content_hash)
+                logger.info("Feature cache: reusing %s, which another job built while this one waited", directory)
+                return lock, {}
+            except FeatureCacheError as err:
+                reason = _why_rebuild(directory, identity, err)
+            logger.info("Feature cache: building %s (%s)", directory, reason)
+            _remove_leftovers(directory)
+            header = _header(model, dataset, identity, content_hash, world)
+            _check_free_space(directory, header)
+            # secrets, not random: the random module is seeded alike in every job and rank
+            tag = f"{_HOST.sub('_', socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}"
+            partial = directory.with_name(f"{directory.name}.partial-{tag}")
+            partial.mkdir()
+            return lock, {"partial": str(partial), "header": header}
+        except BaseException:
+            lock.close()
+            raise
 
 
 def _processor_is_random(dataset, seed: int) -> bool:
@@ -372,33 +386,254 @@ def _why_rebuild(directory: Path, identity: dict, err: FeatureCacheError) -> str
     return f"{err}; changed: {', '.join(changed)}" if changed else str(err)
 
 
-def _write_shard(model, dataset, partial, representative, rank, world, views, dtype, seed, batch_size, num_workers):
-    """Compute this rank's images into its shard; returns ((tokens, width) or None, compute dtype name)."""
+# --- building: lock, disk space, shards ---------------------------------------------------------
+
+#: Seconds between a waiting job's attempts at the lock; each attempt also tells the job's other
+#: ranks that rank 0 is still waiting, so their collective (with its timeout) completes.
+LOCK_POLL_SECONDS = 10.0
+_WAITING = "rank 0 is waiting for the lock"
+_HOST = re.compile(r"[^A-Za-z0-9.-]")
+#: Files take whole blocks: the free-space check rounds each file up to this.
+_BLOCK = 4096
+
+
+def lock_path(directory) -> Path:
+    """The file beside ``directory`` on which the job building it holds an exclusive ``flock``."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".lock")
+
+
+def _lock(directory: Path):
+    """Rank 0: ``(lock, waited)``, the lock of ``directory`` taken (an open file, released when
+    closed or when the process dies) and whether another job held it first."""
+    path = lock_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Never deleted: a job could otherwise lock a fresh file while another still holds the old one.
+    lock = open(path, "a")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock, False
+        except BlockingIOError:
+            pass
+        logger.info("Feature cache: another job is building %s (it holds %s); waiting for it", directory, path)
+        if _dist() is None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return lock, True
+        while True:
+            _broadcast(_WAITING)
+            logger.debug("Feature cache: still waiting for %s", path)
+            time.sleep(LOCK_POLL_SECONDS)
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock, True
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _share_plan(plan):
+    """Rank 0's plan on every rank; the other ranks pass over the heartbeats of a waiting rank 0."""
+    if _rank_world()[0] == 0:
+        return _broadcast(plan)
+    while True:
+        plan = _broadcast(None)
+        if plan != _WAITING:
+            return plan
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Rank 0, lock held: partial and replaced stores of ``directory`` are those of jobs that died,
+    since only the job holding the lock writes them."""
+    for path in directory.parent.iterdir():
+        suffix = path.name[len(directory.name):] if path.name.startswith(directory.name) else ""
+        if suffix == ".partial" or suffix.startswith((".partial-", ".old-")):
+            logger.info("Feature cache: removing %s, left by a build that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _header(model, dataset, identity: dict, content_hash: str, world: int) -> dict:
+    """The header of the store to build; the ViT runs on image 0 once for the feature shape."""
+    of_record, representative = image_index(dataset)
+    n_images, views = len(representative), identity["views"]
+    with seeded(view_seed(identity["seed"], 0, 0)):
+        probe = dataset[representative[0]]["image"]
+    features = vit_features(model, probe[None].to(next(model.visual_encoder.parameters()).device))
+    return {
+        "format_version": FORMAT_VERSION,
+        "content_hash": content_hash,
+        "identity": identity,
+        "shape": list(features.shape[1:]),
+        "dtype": identity["dtype"],
+        "compute_dtype": str(features.dtype).removeprefix("torch."),
+        "views": views,
+        "images": n_images,
+        "records": len(of_record),
+        "world_size": world,
+        "shards": [{"file": shard_name(r, world), "rows": len(range(r, n_images, world))} for r in range(world)],
+    }
+
+
+def _header_text(header: dict) -> str:
+    return json.dumps(header, indent=1, sort_keys=True)
+
+
+def _shard_shape(header: dict, rows: int) -> tuple:
+    return (rows, header["views"], *header["shape"])
+
+
+def _store_bytes(header: dict) -> int:
+    """Disk bytes the store of ``header`` takes, each file rounded up to whole blocks."""
+    dtype = STORE_DTYPES[header["dtype"]]
+    sizes = [len(_header_text(header).encode())]
+    for entry in header["shards"]:
+        if entry["rows"]:
+            shape = _shard_shape(header, entry["rows"])
+            sizes.append(len(_npy_header(shape, dtype)) + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return sum(-(-size // _BLOCK) * _BLOCK for size in sizes)
+
+
+def _check_free_space(directory: Path, header: dict) -> None:
+    needed, free = _store_bytes(header), shutil.disk_usage(directory.parent).free
+    if needed <= free:
+        return
+    old = sum(path.stat().st_size for path in directory.iterdir()) if (directory / HEADER).is_file() else 0
+    raise FeatureCacheError(
+        f"not enough disk space to build the feature cache {directory}: it needs {needed} bytes ({_human(needed)}), "
+        f"its filesystem has {free} bytes ({_human(free)}) available"
+        + (f"; the store there now ({_human(old)}) is replaced only once the new one is complete" if old else "")
+    )
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _build_in(partial: Path, header: dict, model, dataset, directory: Path, batch_size: int, num_workers: int):
+    """Every rank writes its shard into ``partial``; rank 0 then writes the header and swaps the
+    directory into place, or on any rank's failure removes ``partial`` and every rank raises."""
+    rank, world = _rank_world()
+    done = False
+    try:
+        error = None
+        try:
+            _write_shard(model, dataset, partial, header, rank, world, batch_size, num_workers)
+        except (OSError, FeatureCacheError) as err:
+            error = f"rank {rank}: {err}" if world > 1 else str(err)
+        errors = [e for e in _gather(error) if e]
+        if rank == 0 and not errors:
+            try:
+                # The header is the completion marker: written last, then the directory swapped in.
+                (partial / HEADER).write_text(_header_text(header), encoding="utf-8")
+                _swap_in(partial, directory)
+                done = True
+            except OSError as err:
+                errors.append(f"cannot write {partial / HEADER} or move it to {directory}: {err}")
+        errors = _broadcast(errors)
+        if errors:
+            raise FeatureCacheError(
+                f"building the feature cache {directory} failed and left no store: {'; '.join(errors)}"
+            )
+    finally:
+        if rank == 0 and not done:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _swap_in(partial: Path, directory: Path) -> None:
+    # Readers find either the old store or the new one, never a half-deleted one.
+    old = None
+    if directory.exists():
+        old = directory.with_name(f"{directory.name}.old-{secrets.token_hex(4)}")
+        os.rename(directory, old)
+    os.replace(partial, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _gather(obj) -> list:
+    dist = _dist()
+    if not dist:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _write_shard(model, dataset, partial: Path, header: dict, rank: int, world: int, batch_size: int, num_workers: int):
+    """Compute this rank's images ``rank::world`` into its shard, reserved on disk in full first."""
+    representative = image_index(dataset)[1]
     mine = list(range(rank, len(representative), world))
     if not mine:
-        return None, None
+        return
+    views, (tokens, width) = header["views"], header["shape"]
+    path = partial / shard_name(rank, world)
+    shard = _reserved_npy(path, _shard_shape(header, len(mine)), STORE_DTYPES[header["dtype"]])
+    rows = shard.reshape(-1, tokens, width)  # (image, view) pairs in loader order
     loader = torch.utils.data.DataLoader(
-        _Views(dataset, mine, representative, views, seed), batch_size=batch_size, num_workers=num_workers, shuffle=False
+        _Views(dataset, mine, representative, views, int(header["identity"]["seed"])), batch_size=batch_size,
+        num_workers=num_workers, shuffle=False,
     )
     device = next(model.visual_encoder.parameters()).device
-    shard, rows, filled, compute_dtype = None, None, 0, None
+    filled = 0
     with torch.no_grad():
         for images in loader:
             features = vit_features(model, images.to(device))
-            if shard is None:
-                compute_dtype = str(features.dtype).removeprefix("torch.")
-                shard = np.lib.format.open_memmap(
-                    partial / shard_name(rank, world), mode="w+", dtype=STORE_DTYPES[dtype],
-                    shape=(len(mine), views, *features.shape[1:]),
+            if list(features.shape[1:]) != [tokens, width]:
+                raise FeatureCacheError(
+                    f"{path}: the ViT gave features of shape {tuple(features.shape[1:])}, on image 0 {(tokens, width)}"
                 )
-                rows = shard.reshape(-1, *features.shape[1:])  # (image, view) pairs in loader order
             rows[filled: filled + len(features)] = features.float().cpu().numpy()
             filled += len(features)
     shard.flush()
-    tokens, width = shard.shape[2:]
     del rows, shard
-    return (tokens, width), compute_dtype
 
+
+def _npy_header(shape, dtype) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
+    return buffer.getvalue()
+
+
+def _reserved_npy(path: Path, shape: tuple, dtype) -> np.memmap:
+    """An ``.npy`` file of ``shape`` mapped for writing, its blocks allocated before the map exists:
+    a disk that is full (or a quota, or a file size limit) fails here with an error naming the
+    file, where writes into a sparse map would kill the process with SIGBUS."""
+    header = _npy_header(shape, dtype)
+    size = len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        with open(path, "wb") as file:
+            file.write(header)
+            file.flush()
+            _allocate(file, size)
+    except OSError as err:
+        raise FeatureCacheError(
+            f"cannot allocate {size} bytes for the feature cache shard {path}: {err.strerror or err}"
+        ) from None
+    return np.memmap(path, dtype=dtype, mode="r+", offset=len(header), shape=shape)
+
+
+def _allocate(file, size: int) -> None:
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+        return
+    except AttributeError:  # macOS has no posix_fallocate
+        pass
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    # Writing the zeros allocates as well, and fails with the same OSError.
+    zeros = bytes(1 << 20)
+    file.seek(0, os.SEEK_END)
+    while file.tell() < size:
+        file.write(zeros[: size - file.tell()])
+    file.flush()
+    os.fsync(file.fileno())
 
 def vit_features(model, images: torch.Tensor) -> torch.Tensor:
     """The frozen ViT's output for a batch, under the model's own precision/autocast."""
@@ -437,7 +672,9 @@ class CachedFeatures(torch.utils.data.Dataset):
 
     def __init__(self, dataset, store: FeatureStore, train: bool = False):
         if store.header["records"] != len(dataset):
-            raise FeatureCacheError(f"{store.directory} holds {store.header['records']} records, the dataset {len(dataset)}")
+            raise FeatureCacheError(
+                f"{store.directory} holds {store.header['records']} records, the dataset {len(dataset)}"
+            )
         self.dataset, self.store, self.train = dataset, store, train
         self.image_of = image_index(dataset)[0]
         self._text_only = copy.copy(dataset)
