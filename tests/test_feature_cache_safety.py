@@ -177,7 +177,7 @@ def test_two_jobs_building_one_store_at_once_build_it_once_and_every_rank_reads_
     reused = next(log for log in logs if "Feature cache: building" not in log)
     assert "reusing" in reused and "another job built while this one waited" in reused
     assert sorted(path.name for path in tmp_path.glob("store*")) == ["store", "store.lock"]  # no partial left
-    # the jobs' tiny models are this process's, so their features can be compared with its ViT's
+    # the jobs built the tiny model as this process did, so their features compare with its ViT's
     vit = tensors_digest([("visual_encoder", model.visual_encoder)])
     assert FeatureStore.open(store).header["identity"]["vit"] == vit
     expected = direct_features(model, caption_train(data_root))
