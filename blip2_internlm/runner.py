@@ -316,7 +316,11 @@ class ReliableRunner(RunnerBase):
             self._resume_rng = None
         self.progress.epoch, self.progress.iters_done = epoch, start
         self.bad_samples.reset()
-        return self._train_iters(epoch, batches, start, len(loader))
+        return self._train_iters(epoch, batches, start, self.iters_per_epoch)
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return len(self.train_loader)
 
     def _epoch_batches(self, loader, epoch: int, start: int):
         if isinstance(loader, EpochLoader):
@@ -479,8 +483,8 @@ class ReliableRunner(RunnerBase):
             )
             directory = Path(self.output_dir)
             if epoch_done and not self.valid_splits:
-                self._write(obj, directory / f"checkpoint_{epoch}.pth")
-                link_or_copy(directory / f"checkpoint_{epoch}.pth", directory / LAST)
+                self._write(obj, directory / self.checkpoint_name(epoch))
+                link_or_copy(directory / self.checkpoint_name(epoch), directory / LAST)
                 self._prune_epoch_checkpoints(directory)
             else:
                 self._write(obj, directory / LAST)
@@ -490,6 +494,9 @@ class ReliableRunner(RunnerBase):
                 "Saved checkpoint at epoch %d, %d batches into it, to %s", epoch, self.progress.iters_done, directory / LAST
             )
         self.last_checkpoint = Path(self.output_dir) / LAST
+
+    def checkpoint_name(self, epoch: int) -> str:
+        return f"checkpoint_{epoch}.pth"
 
     def _write(self, obj: dict, path: Path) -> None:
         self._saves += 1
@@ -551,7 +558,7 @@ class ReliableRunner(RunnerBase):
             self.progress = Progress(epoch=checkpoint["epoch"] + 1)
         else:
             self.progress = Progress(**progress)
-            if self.progress.iters_done >= len(self.train_loader):
+            if self.progress.iters_done >= self.iters_per_epoch:
                 self.progress.epoch, self.progress.iters_done = self.progress.epoch + 1, 0
             elif checkpoint.get("world_size") == get_world_size():
                 self._resume_rng = checkpoint["rng"]
@@ -606,3 +613,54 @@ def link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, temporary)
     os.replace(temporary, target)
+
+
+class ReliableRunnerIter(ReliableRunner):
+    """LAVIS's ``runner_iter`` (training counted in iterations, evaluated and saved every
+    ``iters_per_inner_epoch``) with the same checkpoints, resume and guards: an inner epoch is
+    what an epoch is to ``ReliableRunner``, and the data runs on across inner epochs."""
+
+    def __init__(self, cfg, task, model, datasets, job_id):
+        super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
+        self.max_iters = int(cfg.run_cfg.get("max_iters", -1))
+        self.iters_per_inner_epoch = int(cfg.run_cfg.get("iters_per_inner_epoch", -1))
+        if self.max_iters <= 0 or self.iters_per_inner_epoch <= 0:
+            raise ValueError("runner_iter needs run.max_iters > 0 and run.iters_per_inner_epoch > 0")
+        self._stream = None
+
+    @property
+    def max_epoch(self):
+        return self.max_iters // self.iters_per_inner_epoch
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.iters_per_inner_epoch
+
+    def _epoch_batches(self, loader, epoch: int, start: int):
+        if self._stream is None:  # first inner epoch of this process: the data continues where it stood
+            position = epoch * self.iters_per_inner_epoch + start
+            self._stream = self._data_stream(loader, position) if isinstance(loader, EpochLoader) else loader
+            if position and not isinstance(loader, EpochLoader):
+                logger.warning("Resuming streamed data at iteration %d: the stream restarts, not where it stood", position)
+        return self._stream
+
+    @staticmethod
+    def _data_stream(loader: EpochLoader, position: int):
+        """Batches of data epoch after data epoch from overall batch ``position`` on.
+
+        The first epoch's iterator is made here, not on the first ``next``: making one draws
+        from the global RNG, which a mid-epoch resume restores right after this call.
+        """
+        data_epoch, start = divmod(position, len(loader))
+        first = loader.epoch(data_epoch, start)
+
+        def stream(batches, data_epoch):
+            while True:
+                yield from batches
+                data_epoch += 1
+                batches = loader.epoch(data_epoch)
+
+        return stream(first, data_epoch)
+
+    def checkpoint_name(self, epoch: int) -> str:
+        return f"checkpoint_{(epoch + 1) * self.iters_per_inner_epoch}.pth"  # by iterations, as LAVIS names them

@@ -17,9 +17,10 @@ def toy(lavis_ready):
         def __init__(self):
             super().__init__()
             self.linear = torch.nn.Linear(4, 1)
+            self.dropout = torch.nn.Dropout(0.25)  # draws from the RNG, which a resume must restore
 
         def forward(self, samples):
-            return {"loss": ((self.linear(samples["x"]).squeeze(-1) - samples["y"]) ** 2).mean()}
+            return {"loss": ((self.linear(self.dropout(samples["x"])).squeeze(-1) - samples["y"]) ** 2).mean()}
 
     class Pairs(torch.utils.data.Dataset):
         def __init__(self, n=32):
@@ -40,7 +41,7 @@ def make_runner(toy, output_dir, job_id="job", **run):
     import lavis.common.optims  # noqa: F401  (registers the LR schedulers)
     from lavis.common.config import Config
 
-    from blip2_internlm.runner import ReliableRunner
+    from blip2_internlm.runner import ReliableRunner, ReliableRunnerIter
 
     Toy, Pairs, BaseTask = toy
     settings = dict(
@@ -52,7 +53,10 @@ def make_runner(toy, output_dir, job_id="job", **run):
     cfg = Config.__new__(Config)
     cfg.config = OmegaConf.create({"run": settings, "model": {}, "datasets": {}})
     torch.manual_seed(0)
-    return ReliableRunner(cfg=cfg, task=BaseTask(), model=Toy(), datasets={"pairs": {"train": Pairs()}}, job_id=job_id)
+    runner_cls = ReliableRunnerIter if settings.get("runner") == "runner_iter" else ReliableRunner
+    runner = runner_cls(cfg=cfg, task=BaseTask(), model=Toy(), datasets={"pairs": {"train": Pairs()}}, job_id=job_id)
+    runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
+    return runner
 
 
 def scripted_validation(runner, metrics):
@@ -79,7 +83,6 @@ def test_a_resumed_run_keeps_the_best_metric_and_does_not_overwrite_the_best_che
 
 def test_keep_last_n_prunes_old_epoch_checkpoints_but_keeps_last(toy, tmp_path):
     runner = make_runner(toy, tmp_path, max_epoch=4, keep_last_n=2)
-    runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
     runner.train()
     names = sorted(p.name for p in runner.output_dir.glob("*.pth"))
     assert names == ["checkpoint_2.pth", "checkpoint_3.pth", "checkpoint_last.pth"]
@@ -87,12 +90,10 @@ def test_keep_last_n_prunes_old_epoch_checkpoints_but_keeps_last(toy, tmp_path):
 
 def test_auto_resume_skips_an_unreadable_newest_checkpoint_and_names_it(toy, tmp_path, caplog):
     runner = make_runner(toy, tmp_path, max_epoch=2)
-    runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
     runner.train()
     newest = runner.output_dir / "checkpoint_last.pth"
     newest.write_bytes(newest.read_bytes()[:100])  # as a crash mid-copy would leave it
     resumed = make_runner(toy, tmp_path, max_epoch=3, resume="auto")
-    resumed.evaluate = lambda cur_epoch="best", skip_reload=False: None
     with caplog.at_level(logging.INFO):
         resumed.train()
     assert f"skipping {newest}" in caplog.text and "truncated" in caplog.text
@@ -115,7 +116,6 @@ def test_gradient_clipping_bounds_the_gradient_the_optimizer_sees(toy, tmp_path)
     norms = {}
     for name, clip in (("clipped", 1e-3), ("free", None)):
         runner = make_runner(toy, tmp_path / name, max_epoch=1, grad_clip_norm=clip)
-        runner.evaluate = lambda cur_epoch="best", skip_reload=False: None
         optimizer, step = runner.optimizer, runner.optimizer.step
         seen = norms[name] = []
 
@@ -128,3 +128,42 @@ def test_gradient_clipping_bounds_the_gradient_the_optimizer_sees(toy, tmp_path)
         runner.train()
     assert len(norms["clipped"]) == len(norms["free"]) == 4
     assert max(norms["clipped"]) <= 1e-3 * (1 + 1e-4) < min(norms["free"])
+
+
+def interrupt_at(runner, step):
+    """The run dies before training global step ``step`` (as a crash would)."""
+    train_step = runner.task.train_step
+
+    def dying_train_step(model, samples):
+        if runner.progress.global_step == step:
+            raise KeyboardInterrupt
+        return train_step(model=model, samples=samples)
+
+    runner.task.train_step = dying_train_step
+
+
+RUNS = {
+    # 32 pairs, batch 8: 4 batches a data epoch
+    "epoch": dict(max_epoch=3, save_every_iters=1),  # killed at step 6: resumes at epoch 1, batch 2
+    "iter": dict(runner="runner_iter", max_iters=15, iters_per_inner_epoch=5, save_every_iters=2),  # inner 1, batch 2
+}
+
+
+@pytest.mark.parametrize("mode", sorted(RUNS))
+def test_a_run_killed_mid_epoch_resumes_to_bitwise_equal_weights_and_optimizer_state(toy, tmp_path, mode):
+    straight = make_runner(toy, tmp_path / "straight", **RUNS[mode])
+    straight.train()
+
+    killed = make_runner(toy, tmp_path / "run", **RUNS[mode])
+    interrupt_at(killed, 7 if mode == "iter" else 6)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = make_runner(toy, tmp_path / "run", job_id="again", resume="auto", **RUNS[mode])
+    resumed.train()
+    assert resumed.progress.global_step == straight.progress.global_step
+
+    a = torch.load(straight.output_dir / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(resumed.output_dir / "checkpoint_last.pth", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = [(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
+    assert moments and all(torch.equal(x, y) for x, y in moments)

@@ -50,7 +50,7 @@ def patch_lavis() -> None:
     runner.configurable_epoch_transition_sleep()
     runner.evaluation_on_the_models_device()
     runner.resumable_epochs()
-    training.reliable_runner_base()
+    training.reliable_runners()
     checkpoints.safe_model_checkpoint_loading()
     checkpoints.safe_runner_checkpoint_loading()
     blip2.offline_blip2_assets()

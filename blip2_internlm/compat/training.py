@@ -4,11 +4,12 @@ from blip2_internlm.compat import fix
 
 
 @fix
-def reliable_runner_base():
-    """RunnerBase writes checkpoints in place, cannot resume mid-epoch and trains on through NaN losses and bad samples."""
+def reliable_runners():
+    """RunnerBase/RunnerIter write checkpoints in place, cannot resume mid-epoch and train on through NaN losses and bad samples."""
     from lavis.common.registry import registry
 
-    from blip2_internlm.runner import ReliableRunner
+    from blip2_internlm.runner import ReliableRunner, ReliableRunnerIter
 
     # set, not register: LAVIS's registry refuses a second class under a taken name
     registry.mapping["runner_name_mapping"]["runner_base"] = ReliableRunner
+    registry.mapping["runner_name_mapping"]["runner_iter"] = ReliableRunnerIter
