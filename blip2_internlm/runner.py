@@ -183,6 +183,48 @@ def all_reduce_max(values: list[float], device) -> list[float]:
     return flags.tolist()
 
 
+@dataclass
+class StepOutcome:
+    nonfinite: str | None = None  # "loss" or "gradient norm" when the step was skipped on every rank
+    scaler_skipped: bool = False  # GradScaler found an overflow and skipped the step itself
+
+
+def guarded_optimizer_step(
+    optimizer, scaler, loss_finite: bool, *, grad_clip_norm: float | None = None, nonfinite_check: bool = True,
+    collective_device=torch.device("cpu"),
+) -> StepOutcome:
+    """The optimizer step of one accumulated batch, skipped on every rank alike when any rank saw a
+    non-finite loss or the gradient norm is not finite; gradients are zeroed either way.
+
+    One all-reduce of two flags per step.  With a GradScaler, non-finite gradients are its own
+    business (fp16 overflow: it skips and lowers the scale), reported as ``scaler_skipped``.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = None
+    if grad_clip_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+    elif nonfinite_check and scaler is None and params:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if nonfinite_check:
+        grad_bad = scaler is None and grad_norm is not None and not bool(torch.isfinite(grad_norm))
+        loss_bad, grad_bad = all_reduce_max([float(not loss_finite), float(grad_bad)], collective_device)
+        if loss_bad or grad_bad:
+            optimizer.zero_grad()
+            return StepOutcome(nonfinite="loss" if loss_bad else "gradient norm")
+    outcome = StepOutcome()
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        outcome.scaler_skipped = scaler.get_scale() < scale
+    else:
+        optimizer.step()
+    optimizer.zero_grad()
+    return outcome
+
+
 class ReliableRunner(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
@@ -394,35 +436,20 @@ class ReliableRunner(RunnerBase):
 
     def _optimizer_step(self, optimizer, scaler, loss_finite: bool, step_ids: list, epoch: int, i: int) -> bool:
         """Step unless any rank saw a non-finite loss or gradient; True if the weights moved."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grad_norm = None
-        if self.grad_clip_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-        elif self.nonfinite_check and scaler is None and params:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.nonfinite_check:
-            grad_bad = grad_norm is not None and not bool(torch.isfinite(grad_norm)) and scaler is None
-            loss_bad_anywhere, grad_bad_anywhere = all_reduce_max([float(not loss_finite), float(grad_bad)], self.collective_device)
-            if loss_bad_anywhere or grad_bad_anywhere:
-                optimizer.zero_grad()
-                self._count_nonfinite(epoch, i, step_ids, "loss" if loss_bad_anywhere else "gradient norm")
-                return False
+        outcome = guarded_optimizer_step(
+            optimizer, scaler, loss_finite, grad_clip_norm=self.grad_clip_norm, nonfinite_check=self.nonfinite_check,
+            collective_device=self.collective_device,
+        )
+        if outcome.nonfinite:
+            self._count_nonfinite(epoch, i, step_ids, outcome.nonfinite)
+            return False
         self.progress.consecutive_nonfinite = 0
-        if scaler is not None:
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            if scaler.get_scale() < scale:
-                self.progress.scaler_skips += 1
-                logger.warning(
-                    "GradScaler skipped the step at epoch %d iteration %d (fp16 overflow; scale %g -> %g); "
-                    "%d such steps so far", epoch, i, scale, scaler.get_scale(), self.progress.scaler_skips,
-                )
-        else:
-            optimizer.step()
-        optimizer.zero_grad()
+        if outcome.scaler_skipped:
+            self.progress.scaler_skips += 1
+            logger.warning(
+                "GradScaler skipped the step at epoch %d iteration %d (fp16 overflow, scale lowered to %g); "
+                "%d such steps so far", epoch, i, scaler.get_scale(), self.progress.scaler_skips,
+            )
         return True
 
     def _count_nonfinite(self, epoch: int, i: int, step_ids: list, what: str) -> None:

@@ -38,13 +38,14 @@ def prepare_imports() -> None:
 
 
 def patch_lavis() -> None:
-    from blip2_internlm.compat import attention, blip2, checkpoints, datasets, distributed, runner, tasks, training
+    from blip2_internlm.compat import attention, blip2, checkpoints, config, datasets, distributed, runner, tasks, training
 
+    config.run_config_validated_at_start()
     distributed.init_distributed_mode_cpu_aware()
     distributed.metric_sync_on_backend_device()
     runner.ddp_device_ids_only_on_cuda()
     runner.grad_scaler_only_on_cuda()
-    runner.output_dir_relative_to_cwd()
+    runner.fresh_job_dir_relative_to_cwd()
     runner.prefetch_loader_only_on_cuda()
     runner.epoch_reshuffle_behind_prefetch_loader()
     runner.configurable_epoch_transition_sleep()

@@ -83,10 +83,6 @@ def fresh_job_dir_relative_to_cwd():
     RunnerBase.setup_output_dir = setup_output_dir
 
 
-#: The name this fix had while it only moved the output directory.
-output_dir_relative_to_cwd = fresh_job_dir_relative_to_cwd
-
-
 def _delegate_to_loader(self, name):
     """``__getattr__`` of loader wrappers: sampler, dataset, batch_size come from the wrapped loader."""
     if name == "loader":  # not set yet (unpickling, copying): no recursion
@@ -191,6 +187,21 @@ def evaluation_on_the_models_device():
     BaseTask.evaluation = evaluation_on_device
 
 
+def start_loader_epoch(loader, epoch: int) -> None:
+    """Put LAVIS's train loader(s) at the start of ``epoch``: sampler epoch, per-sample seeds, a fresh iterator."""
+    from lavis.datasets.datasets.dataloader_utils import IterLoader
+
+    from blip2_internlm.datasets.guard import set_epoch
+
+    for inner in getattr(loader, "loaders", [loader]):  # MultiIterLoader holds several
+        if isinstance(inner, IterLoader):
+            inner._epoch = epoch
+            if inner._use_distributed and hasattr(inner._dataloader.sampler, "set_epoch"):
+                inner._dataloader.sampler.set_epoch(epoch)
+            set_epoch(inner._dataloader.dataset, epoch)
+            inner.iter_loader = iter(inner._dataloader)
+
+
 @fix
 def resumable_epochs():
     """LAVIS seeds once per run and advances the sampler epoch by counting passes, so a run resumed at epoch k draws other batches and dropout masks than one that got there itself."""
@@ -198,18 +209,9 @@ def resumable_epochs():
 
     import numpy as np
     from lavis.common.dist_utils import get_rank
-    from lavis.datasets.datasets.dataloader_utils import IterLoader
     from lavis.runners.runner_base import RunnerBase
 
     train_epoch = RunnerBase.train_epoch
-
-    def start_epoch(loader, epoch):
-        for inner in getattr(loader, "loaders", [loader]):  # MultiIterLoader holds several
-            if isinstance(inner, IterLoader):
-                inner._epoch = epoch
-                if inner._use_distributed and hasattr(inner._dataloader.sampler, "set_epoch"):
-                    inner._dataloader.sampler.set_epoch(epoch)
-                inner.iter_loader = iter(inner._dataloader)
 
     def train_epoch_from_its_number(self, epoch):
         loader = self.train_loader  # built lazily, drawing random numbers: before seeding
@@ -217,7 +219,7 @@ def resumable_epochs():
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
-        start_epoch(loader, int(epoch))
+        start_loader_epoch(loader, int(epoch))
         return train_epoch(self, epoch)
 
     RunnerBase.train_epoch = train_epoch_from_its_number
