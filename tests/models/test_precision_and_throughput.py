@@ -260,7 +260,9 @@ def test_lm_head_on_labelled_positions_only_gives_the_loss_and_gradients_of_the_
     (loss_kept, *grads_kept), (loss_full, *grads_full) = results
     torch.testing.assert_close(loss_kept, loss_full, rtol=1e-6, atol=0)
     for kept, full in zip(grads_kept, grads_full):
-        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-7)
+        # float32 sums in another order: entries where per-token gradients cancel differ by ~1e-6
+        # on some CPUs, so the absolute tolerance follows the gradient's own scale
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
     # the full head projects every position of every row; the switch only the labelled ones
     batch, length = projected[1]
     assert len(projected[0]) == 1 and projected[0][0] < batch * length / 2
