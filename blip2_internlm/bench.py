@@ -549,6 +549,25 @@ class Side:
 
         return step
 
+    def guarded_train_step(self, samples) -> Callable[[], None]:
+        """``train_step`` as the training runner takes it: the loss checked, the gradient norm
+        computed and both checked before the optimizer step (``runner.guarded_optimizer_step``)."""
+        from blip2_internlm.runner import guarded_optimizer_step
+
+        model = self.model
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(samples)["loss"]
+            finite = bool(torch.isfinite(loss.detach()))
+            loss.backward()
+            guarded_optimizer_step(optimizer, self.scaler, finite)
+
+        return step
+
     def caption(self, visual: dict, new_tokens: int, record: list) -> Callable[[], list]:
         """``visual``: ``{"image": ...}``, or ours from a feature cache ``{"vit_embeds": ...}``."""
         model = self.model
@@ -615,8 +634,13 @@ def machine_info(device: str) -> dict:
     return info
 
 
+#: What ``--sections`` may name: LAVIS's model, ours with its toggles, the training runner's additions.
+SECTIONS = ("lavis", "ours", "reliability")
+
+
 class Bench:
-    def __init__(self, size_name: str, device: str, repeats: int, batch_size: int | None = None):
+    def __init__(self, size_name: str, device: str, repeats: int, batch_size: int | None = None,
+                 out_dir: Path = Path("output/bench")):
         self.size_name, self.device, self.repeats = size_name, device, repeats
         self.size = load_size(size_name)
         self.batch_size = batch_size or self.size["batch_size"]
@@ -624,6 +648,9 @@ class Bench:
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.peaks = {}
+        self.overheads: dict = {}
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     def note(self, text: str) -> None:
         print(f"  note: {text}", flush=True)
@@ -749,6 +776,52 @@ class Bench:
             del side
             gc.collect()
 
+    def reliability(self) -> None:
+        """What the training runner adds to a step: the non-finite guard, and an atomic checkpoint
+        save (temporary file, fsync, rename) against a plain ``torch.save`` of the same state."""
+        import tempfile
+
+        from blip2_internlm.checkpoint import save_checkpoint_file
+
+        side = self.ours()
+        samples = {"image": self.inputs["images"], "text_input": self.inputs["captions"]}
+        plain = self.row("train_step", "ours: default (reliability baseline)", side, lambda: side.train_step(samples),
+                         self.batch_size)
+        guarded = self.row("train_step", "ours: default + non-finite guard", side,
+                           lambda: side.guarded_train_step(samples), self.batch_size)
+        model = side.model
+        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        for param in optimizer.param_groups[0]["params"]:  # optimizer state as after a step
+            optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(param),
+                                      "exp_avg_sq": torch.zeros_like(param)}
+        state = {"model": {k: v for k, v in model.state_dict().items() if k not in frozen},
+                 "optimizer": optimizer.state_dict()}
+        with tempfile.TemporaryDirectory(dir=self.out_dir) as directory:
+            target = Path(directory) / "checkpoint_last.pth"
+            saves = {
+                "torch.save": self.row("checkpoint_save", "torch.save in place (LAVIS)", None,
+                                       lambda: lambda: torch.save(state, target), self.batch_size),
+                "atomic": self.row("checkpoint_save", "atomic: temporary + fsync + rename", None,
+                                   lambda: lambda: save_checkpoint_file(state, target), self.batch_size),
+            }
+            size = target.stat().st_size
+        if all(row["status"] == "ok" for row in (plain, guarded, *saves.values())):
+            step = plain["median_s"]
+            extra_save = saves["atomic"]["median_s"] - saves["torch.save"]["median_s"]
+            self.overheads = {
+                "non-finite guard, % of a step": round(100 * (guarded["median_s"] - step) / step, 2),
+                "checkpoint bytes": size,
+                "atomic save over torch.save, ms per save": round(extra_save * 1e3, 1),
+                "atomic save over torch.save, % of a step, per save": round(100 * extra_save / step, 2),
+                **{f"atomic save, % of a step, amortised at save_every_iters={n}": round(100 * saves["atomic"]["median_s"] / (n * step), 3)
+                   for n in (100, 1000)},
+            }
+            for key, value in self.overheads.items():
+                self.note(f"{key}: {value}")
+        del side, model, optimizer, state
+        gc.collect()
+
     def length_sorted_vqa(self, side: Side) -> None:
         from blip2_internlm.compat.tasks import sort_by_question_length
 
@@ -810,18 +883,22 @@ class Bench:
                     out.setdefault("vqa_throughput_vs_lavis (target >= 1.5)", {})[f"{row['variant']} / {base}"] = round(1 / ratio, 3)
         return out
 
-    def run(self, skip_toggles: bool = False) -> dict:
+    def run(self, skip_toggles: bool = False, sections=SECTIONS) -> dict:
         print(f"bench size={self.size_name} device={self.device} batch={self.batch_size} repeats={self.repeats}", flush=True)
         self.peaks = peak_matmul_flops(self.device)
         print("  peak matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peaks.items()), flush=True)
         with lavis_opt_generation():
-            self.baselines()
-            self.ours_and_toggles(skip_toggles)
+            if "lavis" in sections:
+                self.baselines()
+            if "ours" in sections:
+                self.ours_and_toggles(skip_toggles)
+        if "reliability" in sections:
+            self.reliability()
         self.ratios()
         return dict(
             size=self.size_name, device=self.device, batch_size=self.batch_size, repeats=self.repeats,
             size_config=self.size, machine=machine_info(self.device), peak_matmul_flops=self.peaks,
-            notes=self.notes, rows=self.rows, targets=self.targets(),
+            notes=self.notes, rows=self.rows, targets=self.targets(), reliability_overheads=self.overheads,
             generation=dict(num_beams=NUM_BEAMS, caption_new_tokens=self.size["caption_tokens"],
                             vqa_new_tokens=self.size["vqa_tokens"], vqa_prompt=VQA_PROMPT,
                             forced_length="min length = max length on both sides (LAVIS: min_length counts its prompt ids)"),
@@ -855,7 +932,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the size's)")
     parser.add_argument("--skip-toggles", action="store_true", help="baseline vs our default only")
     parser.add_argument("--out-dir", type=Path, default=Path("output/bench"))
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args(argv)
+    sections = [name for name in args.sections.split(",") if name]
+    if not sections or set(sections) - set(SECTIONS):
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -863,7 +945,7 @@ def main(argv=None) -> int:
 
     import blip2_internlm  # noqa: F401  (compat fixes, registration)
 
-    result = Bench(args.size, args.device, args.repeats, args.batch_size).run(args.skip_toggles)
+    result = Bench(args.size, args.device, args.repeats, args.batch_size, args.out_dir).run(args.skip_toggles, sections)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{args.size}-{torch.device(args.device).type}-{stamp}.json"
@@ -871,6 +953,8 @@ def main(argv=None) -> int:
     print()
     print(format_table(result))
     print("\ntargets: " + json.dumps(result["targets"], indent=2))
+    if result["reliability_overheads"]:
+        print("\ntraining runner overheads: " + json.dumps(result["reliability_overheads"], indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -59,6 +59,9 @@ if "RANK" in os.environ:
 store = feature_cache.FeatureStore.build(model, dataset, store, dtype="fp32", batch_size=5)
 read = np.stack([store.features(i).numpy() for i in range(store.num_images)])
 np.save(f"{out}{os.environ.get('RANK', '')}.npy", read)
+if "RANK" in os.environ:  # a gloo group left to interpreter shutdown can abort the rank
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 DISK_FILLS_UP = BUILDER + """
