@@ -545,14 +545,14 @@ class ReliableRunner(RunnerBase):
         if explicit is not None:
             self._load_checkpoint(explicit)
         elif mode == "auto":
-            path = self._auto_resume_checkpoint()
-            if path is None:
+            found = self._auto_resume_checkpoint()
+            if found is None:
                 logger.info("run.resume = auto: no checkpoint under %s, starting from scratch", Path(self.output_dir).parent)
             else:
-                self._load_checkpoint(str(path))
+                self._load_checkpoint(str(found[0]), checkpoint=found[1])
 
-    def _auto_resume_checkpoint(self) -> Path | None:
-        """The newest checkpoint of this run's output_dir (any job directory under it) that loads."""
+    def _auto_resume_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint of this run's output_dir (any job directory under it) that loads, loaded."""
         root = Path(self.output_dir).parent
         candidates = sorted(
             (p for p in root.glob("*/checkpoint_*.pth") if p.name != BEST),
@@ -560,21 +560,22 @@ class ReliableRunner(RunnerBase):
         )
         for path in candidates:
             try:
-                load_checkpoint_file(path, map_location="cpu")
+                checkpoint = load_checkpoint_file(path, map_location=self.device)
             except CheckpointError as err:
                 logger.warning("run.resume = auto: skipping %s (%s)", path, err)
                 continue
             logger.info("run.resume = auto: resuming from %s", path)
-            return path
+            return path, checkpoint
         return None
 
-    def _load_checkpoint(self, url_or_filename):
+    def _load_checkpoint(self, url_or_filename, checkpoint: dict | None = None):
         from blip2_internlm.compat.checkpoints import resolve_checkpoint, trainable_keys
 
         path = resolve_checkpoint("run.resume_ckpt_path", url_or_filename)
-        checkpoint = load_checkpoint_file(
-            path, map_location=self.device, allow_unsafe=self.config.run_cfg.get("allow_unsafe_checkpoints", None)
-        )
+        if checkpoint is None:
+            checkpoint = load_checkpoint_file(
+                path, map_location=self.device, allow_unsafe=self.config.run_cfg.get("allow_unsafe_checkpoints", None)
+            )
         model = self.unwrap_dist_model(self.model)
         load_weights(model, path, required_prefixes=trainable_keys(model), state_dict=state_dict_of(checkpoint, path))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -596,6 +597,10 @@ class ReliableRunner(RunnerBase):
                 )
         self.start_epoch = self.progress.epoch
         self.last_checkpoint = Path(path)
+        earlier_best = Path(path).parent / BEST
+        if is_main_process() and earlier_best.is_file() and earlier_best.parent != Path(self.output_dir):
+            # the test phase reloads the best model from this job's directory
+            link_or_copy(earlier_best, Path(self.output_dir) / BEST)
         logger.info(
             "Resumed from %s: epoch %d, %d batches into it, best %s at epoch %d", path, self.progress.epoch,
             self.progress.iters_done, self.progress.best_agg_metric, self.progress.best_epoch,

@@ -77,8 +77,8 @@ def test_a_resumed_run_keeps_the_best_metric_and_does_not_overwrite_the_best_che
     scripted_validation(resumed, [0.7])  # epoch 2: better than epoch 1, worse than epoch 0
     resumed.train()
     assert resumed.progress.best_epoch == 0 and resumed.progress.best_agg_metric == 0.9
-    assert not (resumed.output_dir / "checkpoint_best.pth").exists()
-    assert best.read_bytes() == best_bytes
+    # the new job directory holds the earlier best model, unchanged, for the test phase to reload
+    assert (resumed.output_dir / "checkpoint_best.pth").read_bytes() == best.read_bytes() == best_bytes
 
 
 def test_keep_last_n_prunes_old_epoch_checkpoints_but_keeps_last(toy, tmp_path):
