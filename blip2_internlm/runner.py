@@ -45,6 +45,7 @@ from blip2_internlm.checkpoint import (
     save_checkpoint_file,
     state_dict_of,
 )
+from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.datasets import guard
 
 logger = logging.getLogger(__name__)
@@ -265,9 +266,7 @@ class ReliableRunner(RunnerBase):
 
     @property
     def collective_device(self):
-        if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return collective_device() if is_dist_avail_and_initialized() else torch.device("cpu")
 
     # --- loaders -------------------------------------------------------------------------
 
