@@ -39,7 +39,6 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import shutil
@@ -50,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from blip2_internlm.seeding import derived_seed, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -133,22 +134,7 @@ def image_index(dataset) -> tuple[list[int], list[int]]:
 
 def view_seed(base_seed: int, image: int, view: int) -> int:
     """The seed under which view ``view`` of image ``image`` is processed."""
-    return int.from_bytes(hashlib.sha256(f"{base_seed}:{image}:{view}".encode()).digest()[:8], "little") >> 1
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Python, numpy and torch (CPU) RNGs seeded for the block, the caller's states restored after."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    return derived_seed(base_seed, image, view)
 
 
 class _Views(torch.utils.data.Dataset):

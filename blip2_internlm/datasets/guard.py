@@ -22,20 +22,17 @@ resumed mid-epoch sees the samples an uninterrupted one would have seen.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import random
 import warnings
 from collections import Counter
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate
 
 from blip2_internlm.datasets.records import BadRecordError
+from blip2_internlm.seeding import derived_seed, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -62,27 +59,6 @@ class _UnusableSample(ValueError):
 
 
 # ----------------------------------------------------------------------------- seeding
-
-
-def _derived_seed(*parts) -> int:
-    """A 63-bit seed from the parts; stable across processes (unlike ``hash``)."""
-    text = ":".join(str(part) for part in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Python, numpy and torch (CPU) RNGs seeded for the block, the caller's states restored after."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 # ----------------------------------------------------------------------------- the wrapper
@@ -141,7 +117,7 @@ class GuardedDataset(torch.utils.data.Dataset):
             if self.epoch is None:
                 sample = self.dataset[index]
             else:
-                with _seeded(_derived_seed(self.seed, self.epoch, index)):
+                with seeded(derived_seed(self.seed, self.epoch, index)):
                     sample = self.dataset[index]
         problem = sample_problem(sample)
         if problem:
@@ -153,7 +129,7 @@ class GuardedDataset(torch.utils.data.Dataset):
         size = len(self)
         if size < 2:
             return None
-        candidate = _derived_seed("substitute", self.seed, self.epoch or 0, index, attempt) % (size - 1)
+        candidate = derived_seed("substitute", self.seed, self.epoch or 0, index, attempt) % (size - 1)
         return candidate + 1 if candidate >= index else candidate  # any index but the bad one
 
     # reports
