@@ -51,3 +51,28 @@ def stage1_run(tmp_path_factory):
     )
     (job_dir,) = output.iterdir()
     return job_dir, result
+
+
+#: A shapes set small enough to build in a second, for specs that read images through datasets.
+SMALL_SHAPES = {"train": 12, "val": 4, "test": 4, "image_size": 64, "seed": 0, "max_objects": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_model(lavis_ready):
+    """The tiny ``blip2_internlm`` in eval mode, seeded: the same weights in every process that builds it so."""
+    import torch
+    from lavis.models import load_model_and_preprocess
+
+    torch.manual_seed(0)
+    return load_model_and_preprocess("blip2_internlm", "tiny", is_eval=True)[0]
+
+
+@pytest.fixture(scope="session")
+def small_shapes_root(lavis_ready):
+    from blip2_internlm.datasets.builders import default_data_root, generator_args
+    from blip2_internlm.datasets.shapes import generate_shapes
+
+    args = generator_args(SMALL_SHAPES)
+    root = default_data_root(args)
+    generate_shapes(root, **args)
+    return root

@@ -13,29 +13,20 @@ import shutil
 
 import pytest
 import torch
-from conftest import torchrun
+from conftest import SMALL_SHAPES, torchrun
 from spec_helpers import REPO
 
-GENERATOR = {"train": 12, "val": 4, "test": 4, "image_size": 64, "seed": 0, "max_objects": 1}
+GENERATOR = SMALL_SHAPES
 
 
 @pytest.fixture(scope="module")
-def model(lavis_ready):
-    from lavis.models import load_model_and_preprocess
-
-    torch.manual_seed(0)
-    return load_model_and_preprocess("blip2_internlm", "tiny", is_eval=True)[0]
+def model(tiny_eval_model):
+    return tiny_eval_model
 
 
 @pytest.fixture(scope="module")
-def data_root(lavis_ready):
-    from blip2_internlm.datasets.builders import default_data_root, generator_args
-    from blip2_internlm.datasets.shapes import generate_shapes
-
-    args = generator_args(GENERATOR)
-    root = default_data_root(args)
-    generate_shapes(root, **args)
-    return root
+def data_root(small_shapes_root):
+    return small_shapes_root
 
 
 def caption_train(root, processor=None, split="train"):

@@ -18,10 +18,10 @@ import threading
 
 import numpy as np
 import pytest
-import torch
+from conftest import SMALL_SHAPES
 from spec_helpers import REPO, run_python
 
-GENERATOR = {"train": 12, "val": 4, "test": 4, "image_size": 64, "seed": 0, "max_objects": 1}
+GENERATOR = SMALL_SHAPES
 
 BUILDER = """
 import logging, os, sys
@@ -78,22 +78,13 @@ feature_cache.FeatureStore.build(model, dataset, store, views=2, dtype="fp32", b
 
 
 @pytest.fixture(scope="module")
-def model(lavis_ready):
-    from lavis.models import load_model_and_preprocess
-
-    torch.manual_seed(0)
-    return load_model_and_preprocess("blip2_internlm", "tiny", is_eval=True)[0]
+def model(tiny_eval_model):
+    return tiny_eval_model
 
 
 @pytest.fixture(scope="module")
-def data_root(lavis_ready):
-    from blip2_internlm.datasets.builders import default_data_root, generator_args
-    from blip2_internlm.datasets.shapes import generate_shapes
-
-    args = generator_args(GENERATOR)
-    root = default_data_root(args)
-    generate_shapes(root, **args)
-    return root
+def data_root(small_shapes_root):
+    return small_shapes_root
 
 
 def caption_train(root):
