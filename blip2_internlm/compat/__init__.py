@@ -66,4 +66,5 @@ def patch_lavis() -> None:
     datasets.vg_caption_images_in_download_layout()
     datasets.truncated_images_are_errors()
     datasets.caption_image_ids_read_per_sample()
+    datasets.laion_shards_decode_images_and_captions_only()
     tasks.length_sorted_vqa_evaluation()

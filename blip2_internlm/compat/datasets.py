@@ -152,3 +152,20 @@ def caption_image_ids_read_per_sample():
                 self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
 
     CaptionDataset.__init__ = init_indexing_present_ids
+
+
+@fix
+def laion_shards_decode_images_and_captions_only():
+    """LaionDataset decodes shard members with webdataset's default decoders, which unpickle .pyd/.pickle members and torch.load .pth ones."""
+    from lavis.datasets.datasets.laion_dataset import LaionDataset
+
+    from blip2_internlm.datasets.chinese_captions import ZhCaptionWdsDataset
+
+    def decode_image_and_caption_only(self, vis_processor, text_processor, location):
+        # LAVIS's pipeline and error handling (warn and continue), with zh_caption_wds's decoding
+        ZhCaptionWdsDataset.__init__(self, vis_processor, text_processor, location, skip_invalid=True)
+
+    LaionDataset.__init__ = decode_image_and_caption_only
+    LaionDataset.caption_key = "caption"
+    for name in ("image", "caption", "to_dict"):
+        setattr(LaionDataset, name, ZhCaptionWdsDataset.__dict__[name])

@@ -259,3 +259,19 @@ def test_missing_shards_are_an_error_naming_key_and_path_or_with_skip_invalid_le
         train = wds_builder(pattern, skip_invalid=True).build_datasets()["train"]
     assert "1 of 2 shards are missing" in caplog.text
     assert [s["image_id"] for s in first(train, 3)] == ["a0"] * 3
+
+
+@pytest.mark.parametrize("member", sorted(PAYLOADS))
+def test_lavis_laion_shards_never_decode_members_other_than_image_and_caption(lavis_ready, tmp_path, member):
+    import json
+
+    from lavis.datasets.datasets.laion_dataset import LaionDataset
+    from lavis.processors.blip_processors import BlipCaptionProcessor, BlipImageEvalProcessor
+
+    ran = tmp_path / "ran"
+    tar = shard(tmp_path / "000.tar", [("a0.jpg", image_bytes()), ("a0.json", json.dumps({"caption": "a cat"}).encode()),
+                                       (f"a0.{member}", PAYLOADS[member](TouchOnLoad(ran)))])
+    dataset = LaionDataset(BlipImageEvalProcessor(SIZE), BlipCaptionProcessor(), str(tar))
+    sample = first(dataset.inner_dataset, 1)[0]
+    assert not ran.exists()
+    assert sample["text_input"] == "a cat" and sample["image"].shape == (3, SIZE, SIZE)
