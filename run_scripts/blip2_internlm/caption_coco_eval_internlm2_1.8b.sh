@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # COCO caption evaluation (Karpathy test) of the fine-tuned InternLM2-1.8B model:
 #   configs/blip2_internlm/caption_coco_eval_internlm2_1.8b.yaml
-# GPUS (default 2), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set the launch; arguments go to
-# blip2_internlm.evaluate, e.g. --options run.batch_size_train=16.  Asset and data paths are
-# environment variables (docs/plan.md, "Real-size configs"); CAPTION_CHECKPOINT is required.  Outputs go under the current
-# directory (run.output_dir).
+# CAPTION_CHECKPOINT is required.
+# Launch settings and arguments: see run_scripts/torchrun.sh.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-exec "${PYTHON:-python}" -m torch.distributed.run --nproc_per_node=${GPUS:-2} --nnodes=${NNODES:-1} \
-    --node_rank=${NODE_RANK:-0} --master_addr=${MASTER_ADDR:-127.0.0.1} --master_port=${MASTER_PORT:-29500} \
-    -m blip2_internlm.evaluate --cfg-path "$ROOT/configs/blip2_internlm/caption_coco_eval_internlm2_1.8b.yaml" "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/../torchrun.sh" blip2_internlm/caption_coco_eval_internlm2_1.8b.yaml "$@"

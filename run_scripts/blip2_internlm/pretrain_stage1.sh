@@ -1,12 +1,6 @@
 #!/usr/bin/env bash
 # Stage-1 pretraining (LAVIS's blip2 Q-Former, COCO + VG), shared by the InternLM2 and OPT runs:
 #   configs/blip2_internlm/pretrain_stage1.yaml
-# GPUS (default 2), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set the launch; arguments go to
-# blip2_internlm.train, e.g. --options run.batch_size_train=16.  Asset and data paths are
-# environment variables (docs/plan.md, "Real-size configs").  Outputs go under the current
-# directory (run.output_dir).
+# Launch settings and arguments: see run_scripts/torchrun.sh.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-exec "${PYTHON:-python}" -m torch.distributed.run --nproc_per_node=${GPUS:-2} --nnodes=${NNODES:-1} \
-    --node_rank=${NODE_RANK:-0} --master_addr=${MASTER_ADDR:-127.0.0.1} --master_port=${MASTER_PORT:-29500} \
-    -m blip2_internlm.train --cfg-path "$ROOT/configs/blip2_internlm/pretrain_stage1.yaml" "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/../torchrun.sh" blip2_internlm/pretrain_stage1.yaml "$@"
