@@ -502,7 +502,7 @@ def test_cli_writes_the_dataset_without_importing_torch_or_lavis(tmp_path):
     assert len(list((tmp_path / "images" / "train").glob("*.png"))) == 6
 
 
-def test_default_size_generation_time(tmp_path, capsys):
+def test_the_default_size_is_2400_images_and_its_generation_time_is_printed(tmp_path, capsys):
     started = time.perf_counter()
     manifest = generate_shapes(tmp_path)
     elapsed = time.perf_counter() - started
