@@ -1,0 +1,455 @@
+"""Web demo: ``python -m blip2_internlm.app --model-type tiny --checkpoint stage2.pth`` (Streamlit).
+
+Upload an image or pick a sample, read its caption in Chinese or English, ask a question;
+beam size, nucleus sampling (top-p, seed) and maximum lengths are controls, and every result
+shows how long the model took.  ``--from-demo output/demo`` (``make app``) serves the model
+``make demo`` trained, with held-out images of its synthetic data as samples.
+
+The command validates its arguments, then runs ``streamlit run`` on this same file; Streamlit
+executes the file again as a script (:func:`page`) on every interaction, so the model is built
+once per server process (``st.cache_resource``) and every generation runs under
+``torch.inference_mode()``.  Streamlit rather than Gradio: docs/app.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+LANGUAGES = {"zh": "中文", "en": "English"}
+#: Held-out images shown as samples (the generated shapes data, or --samples).
+MAX_SAMPLES = 48
+
+
+# --- what to serve ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Everything that decides which model is built; hashable, so it keys Streamlit's resource cache."""
+
+    checkpoint: str
+    model_type: str | None = None
+    cfg_path: str | None = None
+    arch: str | None = None
+    options: tuple[tuple[str, object], ...] = ()  # model-config keys and values
+    device: str = "cpu"
+
+    def describe(self) -> str:
+        what = self.cfg_path or f"{self.arch or 'blip2_internlm'} / {self.model_type}"
+        return what + "".join(f", {key}={value}" for key, value in self.options)
+
+
+@dataclass
+class ServedModel:
+    model: object
+    vis_processor: object
+    question_processor: object
+    source: ModelSource
+    load_report: str
+    load_seconds: float
+    #: one generation at a time: sessions share the model and torch's global RNG (the sampling seed)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def model_options(options: list[str]) -> tuple[tuple[str, object], ...]:
+    """``KEY=VALUE`` (``model.KEY=VALUE`` as train/evaluate take it) to model options, values read as YAML
+    as LAVIS reads ``--options``."""
+    import yaml
+
+    parsed = []
+    for option in options:
+        key, equals, value = option.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--options {option!r}: expected KEY=VALUE, e.g. model.llm_model=/path/to/llm")
+        parsed.append((key.removeprefix("model."), yaml.safe_load(value)))
+    return tuple(parsed)
+
+
+def check_source(source: ModelSource) -> None:
+    """Fail on an unknown arch, model type, config file or model option, without building anything."""
+    from blip2_internlm.inference import model_config
+
+    model_config(source.arch, source.model_type, source.cfg_path, dict(source.options))
+
+
+def question_processor_for(txt_processors):
+    """The question processor evaluation uses: ``--cfg-path``'s when its dataset has one (``blip_question``
+    in LAVIS's VQAv2 configs), else ``chinese_question``, the processor of this project's VQA configs."""
+    from lavis.common.registry import registry
+
+    names = {cls: name for name, cls in registry.mapping["processor_name_mapping"].items()}
+    processor = txt_processors.get("eval")
+    if names.get(type(processor), "").endswith("question"):
+        return processor
+    return registry.get_processor_class("chinese_question")()
+
+
+def load_served_model(source: ModelSource) -> ServedModel:
+    """The model with ``source.checkpoint`` loaded (tensors only, every trainable weight required) and its
+    eval processors: ``blip2_internlm.load_model_and_preprocess``."""
+    from lavis.processors.base_processor import BaseProcessor
+
+    from blip2_internlm.inference import load_model_and_preprocess
+
+    started = time.perf_counter()
+    model, vis_processors, txt_processors = load_model_and_preprocess(
+        source.arch, source.model_type, is_eval=True, device=source.device, checkpoint=source.checkpoint,
+        cfg_path=source.cfg_path, **dict(source.options),
+    )
+    if type(vis_processors["eval"]) is BaseProcessor:  # LAVIS's stand-in when no processor is configured
+        raise ValueError(f"{source.describe()} names no eval image processor (preprocess.vis_processor.eval)")
+    report = model.checkpoint_report.summary()
+    seconds = time.perf_counter() - started
+    print(f"built {source.describe()} on {source.device} in {seconds:.1f} s; {report}", file=sys.stderr, flush=True)
+    return ServedModel(model, vis_processors["eval"], question_processor_for(txt_processors), source, report, seconds)
+
+
+# --- generation ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    seconds: float
+
+
+def caption_image(served: ServedModel, image, *, prompt: str, num_beams: int, max_length: int,
+                  top_p: float | None = None, seed: int = 0) -> Generation:
+    """The model's ``generate`` on one PIL image: beam search, or nucleus sampling when ``top_p`` is given
+    (seeded, so the same settings give the same caption)."""
+    import torch
+
+    with served.lock, torch.inference_mode():
+        started = time.perf_counter()
+        pixels = served.vis_processor(image).unsqueeze(0).to(served.source.device)
+        sampling = top_p is not None
+        if sampling:
+            torch.manual_seed(seed)
+        (text,) = served.model.generate(
+            {"image": pixels}, prompt=prompt, num_beams=num_beams, max_length=max_length,
+            use_nucleus_sampling=sampling, top_p=top_p if sampling else 0.9,
+        )
+        return Generation(text, time.perf_counter() - started)
+
+
+def answer_question(served: ServedModel, image, question: str, *, prompt: str, num_beams: int,
+                    max_length: int) -> Generation:
+    """The model's ``predict_answers`` (LAVIS's VQA contract) on one image and question, the question
+    normalised by the evaluation's question processor."""
+    import torch
+
+    with served.lock, torch.inference_mode():
+        started = time.perf_counter()
+        pixels = served.vis_processor(image).unsqueeze(0).to(served.source.device)
+        (answer,) = served.model.predict_answers(
+            {"image": pixels, "text_input": [served.question_processor(question)]},
+            prompt=prompt, num_beams=num_beams, max_len=max_length,
+        )
+        return Generation(answer, time.perf_counter() - started)
+
+
+# --- samples --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    references: dict = field(default_factory=dict, hash=False, compare=False)  # lang -> captions
+    questions: dict = field(default_factory=dict, hash=False, compare=False)  # lang -> [(question, answer)]
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+def small_shapes_root() -> Path:
+    """A few held-out synthetic shapes images (generated on first use, about a second)."""
+    from blip2_internlm.datasets.builders import default_data_root
+    from blip2_internlm.datasets.shapes import generate_shapes
+
+    args = {"splits": {"test": 24}, "image_size": 64, "seed": 0, "max_objects": 1}
+    root = Path(default_data_root(args))
+    generate_shapes(root, **args)
+    return root
+
+
+def load_samples(root: Path) -> list[Sample]:
+    """The test split of a shapes data set (with its reference captions and questions), or the images in a folder."""
+    root = Path(root)
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_SAMPLES]
+        return [Sample(str(p)) for p in paths]
+    files = json.loads(manifest.read_text())["files"]
+    split = "test" if "test" in files else next(s for s in ("val", "train") if s in files)
+    references, questions = {}, {}
+    for lang, names in files[split].items():
+        for record in json.loads((root / names["caption"]).read_text()):
+            references.setdefault(record["image"], {})[lang] = record["caption"]
+        for record in json.loads((root / names["vqa"]).read_text()):
+            questions.setdefault(record["image"], {}).setdefault(lang, []).append((record["question"], record["answer"][0]))
+    return [Sample(str(root / image), refs, questions.get(image, {})) for image, refs in list(references.items())[:MAX_SAMPLES]]
+
+
+# --- the demo's model -----------------------------------------------------------------------
+
+def demo_stage2_checkpoint(demo_output: Path) -> Path:
+    """The last epoch checkpoint of the newest stage-2 job under ``demo_output`` that has one."""
+    from blip2_internlm.runner import EPOCH_CHECKPOINT
+
+    jobs = sorted(p for p in (demo_output / "stage2").glob("*") if p.is_dir())  # job ids are timestamps
+    for job in reversed(jobs):
+        epochs = [(int(m.group(1)), p) for p in job.iterdir() if (m := EPOCH_CHECKPOINT.match(p.name))]
+        if epochs:
+            return max(epochs)[1]
+    raise SystemExit(f"no stage-2 checkpoint under {demo_output / 'stage2'}: run `make demo` first "
+                     f"(or pass --checkpoint with --model-type / --cfg-path)")
+
+
+def resolve_demo(args) -> None:
+    """Turn ``--from-demo DIR`` into the model, LLM, samples and language ``make demo`` used there."""
+    from blip2_internlm.datasets.builders import default_data_root, generator_args
+    from blip2_internlm.demo import GENERATOR
+
+    output = args.from_demo.absolute()
+    checkpoint = demo_stage2_checkpoint(output)
+    llm_dir = output / "llm"
+    if not (llm_dir / "config.json").is_file():
+        raise SystemExit(f"{llm_dir} has no pretrained LLM (config.json): run `make demo` first")
+    result = output / "result.json"
+    lang = json.loads(result.read_text())["lang"] if result.is_file() else None
+    args.model_type, args.cfg_path, args.checkpoint = "tiny", None, checkpoint
+    args.options = [f"model.llm_model={llm_dir}", *args.options]
+    args.samples = args.samples or Path(default_data_root(generator_args(GENERATOR)))
+    args.lang = args.lang or lang
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.app", description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
+    which.add_argument("--cfg-path", type=Path, help="a LAVIS config whose model: section (and dataset eval processors) to use")
+    which.add_argument("--from-demo", type=Path, metavar="DIR", help="the model `make demo` trained under DIR (output/demo)")
+    parser.add_argument("--checkpoint", type=Path, help="stage-2 or fine-tuned checkpoint (.pth or .safetensors)")
+    parser.add_argument("--arch", help="the registered model of --model-type (default: blip2_internlm)")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="model-config overrides, e.g. model.llm_model=DIR (the model. prefix is optional)")
+    parser.add_argument("--samples", type=Path, help="sample images: a shapes data set or a folder of images")
+    parser.add_argument("--lang", choices=sorted(LANGUAGES), help="language selected at start (default zh)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8501)
+    return parser
+
+
+def resolve_args(argv) -> argparse.Namespace:
+    """Parsed and checked arguments, ``--from-demo`` resolved; a bad one exits with a message naming it."""
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    if args.from_demo:
+        if args.checkpoint:
+            parser.error("--from-demo chooses the checkpoint; do not pass --checkpoint with it")
+        resolve_demo(args)
+    if args.checkpoint is None:
+        parser.error("--checkpoint is required with --model-type / --cfg-path")
+    from blip2_internlm.checkpoint import diagnose_checkpoint_file
+
+    if not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    problem = None if args.checkpoint.suffix == ".safetensors" else diagnose_checkpoint_file(args.checkpoint)
+    if problem:
+        parser.error(f"--checkpoint {args.checkpoint} {problem}")
+    if args.cfg_path and not args.cfg_path.is_file():
+        parser.error(f"--cfg-path {args.cfg_path}: no such file")
+    if args.samples and not args.samples.is_dir():
+        parser.error(f"--samples {args.samples}: not a directory")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.lang = args.lang or "zh"
+    return args
+
+
+def model_source(args) -> ModelSource:
+    return ModelSource(
+        checkpoint=str(Path(args.checkpoint).absolute()), model_type=args.model_type,
+        cfg_path=str(Path(args.cfg_path).absolute()) if args.cfg_path else None,
+        arch=args.arch, options=model_options(args.options), device=args.device,
+    )
+
+
+def script_argv(args) -> list[str]:
+    """The resolved arguments for the page, so every rerun serves exactly what was checked here."""
+    argv = ["--checkpoint", str(Path(args.checkpoint).absolute()), "--lang", args.lang, "--device", args.device]
+    argv += ["--arch", args.arch] if args.arch else []
+    argv += ["--cfg-path", str(Path(args.cfg_path).absolute())] if args.cfg_path else ["--model-type", args.model_type]
+    if args.samples:
+        argv += ["--samples", str(Path(args.samples).absolute())]
+    if args.options:
+        argv += ["--options", *args.options]
+    return argv
+
+
+def main(argv=None):
+    args = resolve_args(sys.argv[1:] if argv is None else argv)
+    try:
+        check_source(model_source(args))  # before the server starts
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"blip2_internlm.app: {err}") from None
+    from streamlit.web import cli
+
+    print(f"serving {args.checkpoint} on http://{args.host}:{args.port}", flush=True)
+    sys.argv = [
+        "streamlit", "run", __file__,
+        "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",
+        "--server.fileWatcherType", "none", "--server.runOnSave", "false", "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",
+        "--", *script_argv(args),
+    ]
+    sys.exit(cli.main())
+
+
+# --- the page (Streamlit runs this file as a script on every interaction) ---------------------
+
+def page(argv) -> None:
+    import streamlit as st
+    from PIL import Image, UnidentifiedImageError
+
+    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+
+    st.set_page_config(page_title="blip2-internlm", layout="wide")
+    cached_model, cached_samples = _cached_resources()
+    args = resolve_args(argv)
+    st.title("BLIP-2 with InternLM2")
+
+    try:
+        served = cached_model(model_source(args))
+    except (RuntimeError, ValueError, OSError) as err:  # missing asset, unfit checkpoint: the message, not a traceback
+        st.error(f"Could not load the model: {type(err).__name__}: {err}")
+        st.stop()
+    samples = cached_samples(str(args.samples) if args.samples else None)
+
+    with st.sidebar:
+        st.header("Model")
+        st.caption(f"{served.source.describe()}  \ncheckpoint `{served.source.checkpoint}`  \n"
+                   f"device {served.source.device}, built in {served.load_seconds:.1f} s")
+        with st.expander("Checkpoint load report"):
+            st.text(served.load_report)
+        lang = st.radio("Language", list(LANGUAGES), index=list(LANGUAGES).index(args.lang),
+                        format_func=LANGUAGES.get, horizontal=True, key="lang")
+        st.header("Generation")
+        num_beams = st.slider("Beam size", 1, 10, 5, key="num_beams")
+        sampling = st.toggle("Nucleus sampling (captions)", key="sampling",
+                             help="Answers always use beam search, as VQA evaluation does.")
+        top_p = st.slider("top-p", 0.05, 1.0, 0.9, 0.05, disabled=not sampling, key="top_p")
+        seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, disabled=not sampling, key="seed"))
+        max_caption = st.slider("Max caption length (tokens)", 1, 100, 30, key="max_caption")
+        max_answer = st.slider("Max answer length (tokens)", 1, 50, 10, key="max_answer")
+        with st.expander("Prompts"):
+            caption_prompt = st.text_input("Caption prompt", CAPTION_PROMPTS[lang], key=f"caption_prompt_{lang}")
+            vqa_prompt = st.text_input("Question prompt ({} is the question)", VQA_PROMPTS[lang], key=f"vqa_prompt_{lang}")
+
+    image_column, text_column = st.columns([1, 2])
+    with image_column:
+        upload = st.file_uploader("Upload an image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES], key="upload")
+        sample = st.selectbox("…or pick a sample", samples, format_func=lambda s: s.name, key="sample",
+                              disabled=upload is not None) if samples else None
+        if upload is not None:
+            data, name = upload.getvalue(), upload.name
+        elif sample is not None:
+            data, name = Path(sample.path).read_bytes(), sample.name
+        else:
+            st.info("Upload an image.")
+            st.stop()
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            st.error(f"{name} is not an image this app can read: {err}")
+            st.stop()
+        st.image(image, caption=name, width=256)
+        if upload is None and sample.references.get(lang):
+            st.caption("Reference: " + " / ".join(sample.references[lang]))
+    digest = hashlib.sha256(data).hexdigest()
+
+    with text_column:
+        st.subheader("Caption")
+        caption_settings = (digest, caption_prompt, num_beams, max_caption) + ((top_p, seed) if sampling else ())
+        if st.session_state.get("caption_settings") != caption_settings:
+            st.session_state.caption = caption_image(
+                served, image, prompt=caption_prompt, num_beams=num_beams, max_length=max_caption,
+                top_p=top_p if sampling else None, seed=seed,
+            )
+            st.session_state.caption_settings = caption_settings
+        how = f"sampling top-p {top_p:g} seed {seed}" if sampling else f"beam {num_beams}"
+        show_generation("caption", st.session_state.caption, served.source.device,
+                        f"{name} · {LANGUAGES[lang]} · {how} · max {max_caption} tokens")
+
+        st.subheader("Question")
+        with st.form("ask", border=False):
+            suggestions = sample.questions.get(lang, []) if upload is None and sample is not None else []
+            question = st.text_input("Question", key="question",
+                                     placeholder=suggestions[0][0] if suggestions else VQA_EXAMPLES[lang])
+            if st.form_submit_button("Ask") and question.strip():
+                st.session_state.asked = question.strip()
+        asked = st.session_state.get("asked")
+        if asked:
+            answer_settings = (digest, asked, vqa_prompt, num_beams, max_answer)
+            if st.session_state.get("answer_settings") != answer_settings:
+                st.session_state.answer = answer_question(
+                    served, image, asked, prompt=vqa_prompt, num_beams=num_beams, max_length=max_answer,
+                )
+                st.session_state.answer_settings = answer_settings
+            show_generation("answer", st.session_state.answer, served.source.device,
+                            f"{asked} · {name} · {LANGUAGES[lang]} · beam {num_beams} · max {max_answer} tokens")
+        if suggestions:
+            st.caption("Questions with reference answers: " + "; ".join(f"{q} → {a}" for q, a in suggestions))
+
+
+VQA_EXAMPLES = {"zh": "图中的形状是什么颜色？", "en": "what color is the shape?"}
+
+
+def show_generation(key: str, generation: Generation, device: str, details: str) -> None:
+    import streamlit as st
+
+    # keyed containers (.st-key-caption, .st-key-answer) and st.text (no Markdown) keep the text as generated
+    with st.container(key=key):
+        st.text(generation.text)
+        st.caption(f"{generation.seconds * 1000:.0f} ms on {device} · {details}")
+
+
+@functools.cache
+def _cached_resources():
+    import streamlit as st
+
+    @st.cache_resource(show_spinner="Loading the model…")
+    def cached_model(source: ModelSource) -> ServedModel:
+        return load_served_model(source)
+
+    @st.cache_data(show_spinner=False)
+    def cached_samples(root: str | None) -> list[Sample]:
+        return load_samples(Path(root) if root else small_shapes_root())
+
+    return cached_model, cached_samples
+
+
+if __name__ == "__main__":
+    from streamlit import runtime
+
+    if runtime.exists():
+        # the page from the imported module, not from this re-executed script: its classes and cached
+        # functions are then the same objects on every rerun, so Streamlit's caches keep their keys
+        from blip2_internlm.app import page as imported_page
+
+        imported_page(sys.argv[1:])
+    else:
+        main()
