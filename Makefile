@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # make demo LANG=en for English; LANG is usually a locale, so only en/zh count
 DEMO_LANG := $(if $(filter en zh,$(LANG)),$(LANG),zh)
 
-.PHONY: test demo venv clean-venv bench
+.PHONY: test demo venv clean-venv bench app
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m blip2_internlm.bench --size small
+
+# the web demo on the model `make demo` trained (its newest stage-2 checkpoint), http://127.0.0.1:8501;
+# more options with APP_ARGS, e.g. make app APP_ARGS="--host 0.0.0.0 --port 8600"
+app: $(STAMP)
+	$(PY) -m blip2_internlm.app --from-demo output/demo $(APP_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
