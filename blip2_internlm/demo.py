@@ -116,7 +116,7 @@ def main(argv=None):
             epochs = [json.loads(l) for l in (job / "log.txt").read_text().splitlines() if l.startswith('{"train_')]
             entry["epoch_losses"] = [float(e["train_loss"]) for e in epochs]
             entry["curve"] = step_losses(log_text)
-            checkpoint = max(job.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[-1]))
+            checkpoint = job / "checkpoint_last.pth"  # the training runner always writes it
         else:
             line = json.loads((job / "evaluate.txt").read_text().splitlines()[-1])
             entry["metrics"] = line.get("test", line)  # captioning nests by split, LAVIS's VQA does not
