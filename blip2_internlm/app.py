@@ -194,8 +194,10 @@ def load_samples(root: Path) -> list[Sample]:
         for record in json.loads((root / names["caption"]).read_text()):
             references.setdefault(record["image"], {})[lang] = record["caption"]
         for record in json.loads((root / names["vqa"]).read_text()):
-            questions.setdefault(record["image"], {}).setdefault(lang, []).append((record["question"], record["answer"][0]))
-    return [Sample(str(root / image), refs, questions.get(image, {})) for image, refs in list(references.items())[:MAX_SAMPLES]]
+            asked = questions.setdefault(record["image"], {}).setdefault(lang, [])
+            asked.append((record["question"], record["answer"][0]))
+    images = list(references.items())[:MAX_SAMPLES]
+    return [Sample(str(root / image), refs, questions.get(image, {})) for image, refs in images]
 
 
 # --- the demo's model -----------------------------------------------------------------------
@@ -234,11 +236,15 @@ def resolve_demo(args) -> None:
 # --- command line ---------------------------------------------------------------------------
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.app", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_internlm.app",
+        description="Web demo (Streamlit): captions and answers from a stage-2 or fine-tuned checkpoint.")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
-    which.add_argument("--cfg-path", type=Path, help="a LAVIS config whose model: section (and dataset eval processors) to use")
-    which.add_argument("--from-demo", type=Path, metavar="DIR", help="the model `make demo` trained under DIR (output/demo)")
+    which.add_argument("--cfg-path", type=Path,
+                       help="a training/evaluation YAML: its model: section and its dataset's eval processors")
+    which.add_argument("--from-demo", type=Path, metavar="DIR",
+                       help="the model `make demo` trained under DIR (output/demo)")
     parser.add_argument("--checkpoint", type=Path, help="stage-2 or fine-tuned checkpoint (.pth or .safetensors)")
     parser.add_argument("--arch", help="the registered model of --model-type (default: blip2_internlm)")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
@@ -357,7 +363,8 @@ def page(argv) -> None:
         max_answer = st.slider("Max answer length (tokens)", 1, 50, 10, key="max_answer")
         with st.expander("Prompts"):
             caption_prompt = st.text_input("Caption prompt", CAPTION_PROMPTS[lang], key=f"caption_prompt_{lang}")
-            vqa_prompt = st.text_input("Question prompt ({} is the question)", VQA_PROMPTS[lang], key=f"vqa_prompt_{lang}")
+            vqa_prompt = st.text_input("Question prompt ({} is the question)", VQA_PROMPTS[lang],
+                                       key=f"vqa_prompt_{lang}")
 
     image_column, text_column = st.columns([1, 2])
     with image_column:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spec_helpers import REPO, run_python
+from spec_helpers import REPO
 
 from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
@@ -231,10 +231,12 @@ def test_sampling_and_beam_controls_reach_generate(page, reference, upload_image
     assert greedy == model_caption(reference, upload_image, "zh", num_beams=1)
 
 
-def test_make_app_without_a_demo_run_says_to_run_make_demo(tmp_path):
-    result = run_python("-m", "blip2_internlm.app", "--from-demo", str(tmp_path / "demo"), timeout=120)
-    assert result.returncode != 0
-    assert f"no stage-2 checkpoint under {tmp_path / 'demo' / 'stage2'}: run `make demo` first" in result.stderr
+def test_make_app_without_a_demo_run_says_to_run_make_demo(lavis_ready, tmp_path):
+    from blip2_internlm.app import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--from-demo", str(tmp_path / "demo")])  # what `make app` runs, before any server starts
+    assert f"no stage-2 checkpoint under {tmp_path / 'demo' / 'stage2'}: run `make demo` first" in str(exit_.value)
 
 
 def test_the_demo_model_is_the_last_epoch_of_the_newest_stage2_job(tmp_path):
