@@ -203,11 +203,14 @@ def load_samples(root: Path) -> list[Sample]:
 # --- the demo's model -----------------------------------------------------------------------
 
 def demo_stage2_checkpoint(demo_output: Path) -> Path:
-    """The last epoch checkpoint of the newest stage-2 job under ``demo_output`` that has one."""
-    from blip2_internlm.runner import EPOCH_CHECKPOINT
+    """The checkpoint the demo evaluates: ``checkpoint_last.pth`` of the newest stage-2 job under ``demo_output``
+    that has a checkpoint, else that job's last epoch checkpoint."""
+    from blip2_internlm.runner import EPOCH_CHECKPOINT, LAST
 
     jobs = sorted(p for p in (demo_output / "stage2").glob("*") if p.is_dir())  # job ids are timestamps
     for job in reversed(jobs):
+        if (job / LAST).is_file():
+            return job / LAST
         epochs = [(int(m.group(1)), p) for p in job.iterdir() if (m := EPOCH_CHECKPOINT.match(p.name))]
         if epochs:
             return max(epochs)[1]

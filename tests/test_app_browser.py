@@ -239,14 +239,17 @@ def test_make_app_without_a_demo_run_says_to_run_make_demo(lavis_ready, tmp_path
     assert f"no stage-2 checkpoint under {tmp_path / 'demo' / 'stage2'}: run `make demo` first" in str(exit_.value)
 
 
-def test_the_demo_model_is_the_last_epoch_of_the_newest_stage2_job(tmp_path):
+def test_the_demo_model_is_the_newest_stage2_jobs_last_checkpoint(tmp_path):
     from blip2_internlm.app import demo_stage2_checkpoint
 
-    older, newer = tmp_path / "stage2" / "20260101000000", tmp_path / "stage2" / "20260102000000"
-    for job, names in ((older, ["checkpoint_0.pth", "checkpoint_5.pth"]),
-                       (newer, ["checkpoint_2.pth", "checkpoint_10.pth", "checkpoint_last.pth"])):
+    stage2 = tmp_path / "stage2"
+    older, newer = stage2 / "20260101000000", stage2 / "20260102000000"
+    for job, names in ((older, ["checkpoint_0.pth", "checkpoint_5.pth", "checkpoint_last.pth"]),
+                       (newer, ["checkpoint_2.pth", "checkpoint_10.pth"])):
         job.mkdir(parents=True)
         for name in names:
             (job / name).write_bytes(b"")
-    (tmp_path / "stage2" / "20260103000000").mkdir()  # a job that died before its first epoch
-    assert demo_stage2_checkpoint(tmp_path) == newer / "checkpoint_10.pth"
+    (stage2 / "20260103000000").mkdir()  # a job that died before its first epoch
+    assert demo_stage2_checkpoint(tmp_path) == newer / "checkpoint_10.pth"  # a job without checkpoint_last
+    (newer / "checkpoint_last.pth").write_bytes(b"")
+    assert demo_stage2_checkpoint(tmp_path) == newer / "checkpoint_last.pth"  # what the demo evaluates
