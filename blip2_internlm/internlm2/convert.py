@@ -6,6 +6,10 @@
 Both models use the same (rotate-half) rotary convention, so conversion only renames
 tensors, splits/merges the grouped ``wqkv`` and maps the config. Tokenizer files are
 copied unchanged. Only the layout changes: no dtype cast, no rounding.
+
+In memory, :func:`internlm2_to_llama` gives the ``LlamaForCausalLM`` of a loaded model and
+:func:`internlm2_tokenizer_to_llama` a transformers ``LlamaTokenizerFast`` that encodes and
+decodes as ``InternLM2Tokenizer`` does (``blip2_internlm.export`` uses both).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlamaTokenizerFast
 
 from .configuration import InternLM2Config
 from .modeling import InternLM2ForCausalLM
+from .tiny import BUILTIN_CORPUS
+from .tokenization import InternLM2Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -198,13 +204,69 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def internlm2_to_llama(model: InternLM2ForCausalLM) -> LlamaForCausalLM:
+    """The same network as a ``LlamaForCausalLM``; tensors that need no reshaping are shared, not copied."""
+    config = internlm2_config_to_llama(model.config)
+    llama = _build_on_meta(LlamaForCausalLM, config, internlm2_to_llama_state_dict(model.state_dict(), model.config))
+    llama.config.dtype = model.config.dtype
+    return llama.eval()
+
+
+#: Texts on which a converted tokenizer must give the original's ids and decoded strings:
+#: Chinese, English, digits, runs of spaces and tabs, newlines, chat tokens, emoji (byte fallback).
+TOKENIZER_PROBES = (
+    *BUILTIN_CORPUS,
+    "", " ", "  leading spaces", "a\nb\n\nc", "\n", "x  y\t\tz", "1234567890", "Hello , world !",
+    "<|im_start|>user\n你好<|im_end|>\n", "café naïve 😀 ０１２",
+)
+
+
+def internlm2_tokenizer_to_llama(tokenizer: InternLM2Tokenizer, probes=TOKENIZER_PROBES) -> LlamaTokenizerFast:
+    """A transformers Llama tokenizer over the same ``tokenizer.model`` that encodes and decodes as ``tokenizer``.
+
+    ``legacy`` Llama tokenization is SentencePiece's own ``encode`` of each segment between
+    special tokens, which is what ``InternLM2Tokenizer`` does; no prefix space is added or
+    stripped (the official model has no dummy prefix), and ``clean_up_tokenization_spaces``
+    is on because ``InternLM2Tokenizer`` always cleans up.  The fast tokenizer (what
+    ``AutoTokenizer`` loads) is built from the slow one and both are checked on ``probes``:
+    ids with special tokens added, and the text decoded with special tokens skipped.
+    Raises ``ValueError`` naming the first probe where either differs.
+    """
+    options = {
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.unk_token,
+        "pad_token": tokenizer.pad_token, "add_bos_token": tokenizer.add_bos_token,
+        "add_eos_token": tokenizer.add_eos_token, "additional_special_tokens": list(tokenizer.additional_special_tokens),
+        "clean_up_tokenization_spaces": True, "legacy": True, "add_prefix_space": False,
+        "model_max_length": tokenizer.model_max_length, "padding_side": tokenizer.padding_side,
+        "chat_template": tokenizer.chat_template,
+    }
+    slow = LlamaTokenizer(vocab_file=tokenizer.vocab_file, **options)
+    fast = LlamaTokenizerFast(vocab_file=tokenizer.vocab_file, from_slow=True, **options)
+    # the slow->fast converter adds the model file's user-defined pieces (the chat tokens) as
+    # ordinary tokens, so decode(skip_special_tokens=True) would keep them; mark them special
+    fast.add_special_tokens({"additional_special_tokens": list(tokenizer.additional_special_tokens)})
+    for text in probes:
+        ids = tokenizer(text).input_ids
+        expected = tokenizer.decode(ids, skip_special_tokens=True)
+        for converted in (slow, fast):
+            got = converted(text).input_ids
+            if got != ids:
+                raise ValueError(
+                    f"{type(converted).__name__} from {tokenizer.vocab_file} encodes {text!r} as {got}, "
+                    f"InternLM2Tokenizer as {ids}"
+                )
+            decoded = converted.decode(ids, skip_special_tokens=True)
+            if decoded != expected:
+                raise ValueError(
+                    f"{type(converted).__name__} from {tokenizer.vocab_file} decodes {ids} as {decoded!r}, "
+                    f"InternLM2Tokenizer as {expected!r}"
+                )
+    return fast
+
+
 def convert_to_llama(src: "str | Path", dst: "str | Path") -> Path:
     src, dst = Path(src), Path(dst)
-    model = InternLM2ForCausalLM.from_pretrained(src, dtype="auto")
-    config = internlm2_config_to_llama(model.config)
-    state = internlm2_to_llama_state_dict(model.state_dict(), model.config)
-    llama = _build_on_meta(LlamaForCausalLM, config, state)
-    llama.config.dtype = model.config.dtype
+    llama = internlm2_to_llama(InternLM2ForCausalLM.from_pretrained(src, dtype="auto"))
     llama.save_pretrained(dst, safe_serialization=True)
     _copy_tokenizer(src, dst)
     return dst

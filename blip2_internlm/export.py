@@ -1,0 +1,451 @@
+"""Export ``blip2_internlm`` / ``blip2_opt_baseline`` to plain transformers' ``Blip2ForConditionalGeneration``.
+
+    python -m blip2_internlm.export --to-hf OUT (--model-type T [--arch A] | --cfg-path CFG)
+        [--checkpoint PTH] [--options k=v ...] [--dtype auto|fp32|fp16|bf16]
+
+``OUT`` is a directory that transformers loads without this package, LAVIS or
+``trust_remote_code``: ``Blip2ForConditionalGeneration.from_pretrained(OUT)`` and
+``Blip2Processor.from_pretrained(OUT)`` (or ``AutoProcessor``), weights in safetensors.
+
+What maps to what (the key renames of transformers' ``convert_blip_2_original_to_pytorch.py``):
+
+* LAVIS's EVA ViT -> ``Blip2VisionModel``, ``ln_vision`` as its ``post_layernorm``; ``q_bias`` /
+  ``v_bias`` become the one ``qkv.bias`` (zeros for k) that transformers' ``Blip2Attention`` holds.
+  Layer scale, relative position biases, a custom ``qk_scale``, non-GELU MLPs and similar EVA
+  options have no counterpart there and are refused, naming the block and the option.
+* The Q-Former's query path -> ``Blip2QFormerModel`` (``attention.self`` -> ``attention.attention``,
+  ``embeddings.LayerNorm`` -> ``layernorm``).  Its text side (word/position embeddings,
+  ``intermediate`` / ``output``) is not used by BLIP-2 generation and is not exported.
+* ``query_tokens``; ``llm_proj`` -> ``language_projection``.
+* InternLM2 -> ``LlamaForCausalLM`` (``blip2_internlm.internlm2.convert``); the OPT baseline's
+  ``OPTForCausalLM`` is already plain transformers.
+
+The LLM's input is ours: transformers 4.57's ``Blip2Processor`` puts ``num_query_tokens``
+``<image>`` tokens in front of ``<s> prompt`` and the model replaces their embeddings with the
+soft prompt, so a prompt reaches the LLM as ``[queries] <s> prompt``, as in
+``Blip2InternLM.generate``.  In a batch the processor pads the text before prepending the image
+tokens (``[queries] [pad] <s> prompt``); with left padding, positions come from the attention
+mask, so every row sees the same positions as ours (``[pad] [queries] <s> prompt``).
+
+``<image>`` is a new token.  Where the LLM's embedding table has no free row for it (InternLM2's
+is full), one zero row is appended to the input embeddings and the LM head; the exported
+``generation_config.json`` suppresses it, and stops where ``Blip2InternLM.generate`` stops (end
+of text and the real newline token), with our defaults (5 beams, at most 30 new tokens).
+
+One numerical difference is left: LAVIS's ``ln_vision`` uses LayerNorm's eps 1e-5 while the
+EVA blocks use 1e-6, and ``Blip2VisionConfig`` has one ``layer_norm_eps`` for both; the export
+keeps the blocks' value (see docs/export.md for the effect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: LAVIS's ``BlipImageBaseProcessor`` defaults (OpenAI CLIP's mean and std).
+LAVIS_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+LAVIS_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+#: Rendered by transformers' ``apply_chat_template`` and by vLLM's chat endpoint: ``<s>`` and
+#: the user's text, verbatim (the model has no chat format; its prompts are plain text such as
+#: "图片描述：" or "Question: ... Short answer:").  Images take no text: they go in front.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages if message['role'] == 'user' -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+class ExportError(ValueError):
+    """The model (or the requested export) has no faithful plain-transformers form."""
+
+
+# --- vision -----------------------------------------------------------------------------------
+
+
+def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm):
+    """``Blip2VisionConfig`` and ``vision_model.*`` weights of LAVIS's EVA ViT plus ``ln_vision``."""
+    from lavis.models.eva_vit import VisionTransformer
+    from transformers import Blip2VisionConfig
+
+    if not isinstance(visual_encoder, VisionTransformer):
+        raise ExportError(
+            f"the vision encoder is {type(visual_encoder).__module__}.{type(visual_encoder).__name__}; only LAVIS's "
+            "EVA ViT (lavis.models.eva_vit.VisionTransformer) maps to Blip2VisionModel"
+        )
+    patch = visual_encoder.patch_embed
+    blocks = list(visual_encoder.blocks)
+    first = blocks[0].attn
+    dim, heads = visual_encoder.embed_dim, first.num_heads
+    head_dim = first.qkv.weight.shape[0] // (3 * heads)
+    problems = []
+    if patch.img_size[0] != patch.img_size[1] or patch.patch_size[0] != patch.patch_size[1]:
+        problems.append(f"non-square images or patches ({patch.img_size}, {patch.patch_size})")
+    if visual_encoder.pos_embed is None:
+        problems.append("no absolute position embedding (use_abs_pos_emb=False)")
+    if visual_encoder.rel_pos_bias is not None:
+        problems.append("a shared relative position bias (use_shared_rel_pos_bias=True)")
+    if head_dim * heads != dim:
+        problems.append(f"attn_head_dim {head_dim} x {heads} heads != width {dim}")
+    eps = blocks[0].norm1.eps
+    hidden = blocks[0].mlp.fc1.out_features
+    for i, block in enumerate(blocks):
+        where = f"block {i}"
+        if block.gamma_1 is not None or block.gamma_2 is not None:
+            problems.append(f"{where}: layer scale (init_values)")
+        if block.attn.relative_position_bias_table is not None:
+            problems.append(f"{where}: relative position bias (use_rel_pos_bias=True)")
+        if abs(block.attn.scale - head_dim**-0.5) > 1e-12 * head_dim**-0.5:
+            problems.append(f"{where}: qk_scale {block.attn.scale} instead of head_dim ** -0.5")
+        if {block.attn.q_bias is None, block.attn.v_bias is None} != {first.q_bias is None}:
+            problems.append(f"{where}: q/v biases differ from block 0's")
+        if type(block.mlp.act) is not nn.GELU or block.mlp.act.approximate != "none":
+            problems.append(f"{where}: MLP activation {block.mlp.act!r} (Blip2VisionModel's is exact GELU)")
+        if block.mlp.fc1.out_features != hidden:
+            problems.append(f"{where}: MLP width {block.mlp.fc1.out_features} differs from block 0's {hidden}")
+        for norm in (block.norm1, block.norm2):
+            if not isinstance(norm, nn.LayerNorm) or norm.eps != eps:
+                problems.append(f"{where}: {norm!r} (every block LayerNorm must use eps {eps})")
+    if problems:
+        raise ExportError("the EVA ViT cannot map to transformers' Blip2VisionModel: " + "; ".join(problems))
+    if ln_vision.eps != eps:
+        logger.info("ln_vision eps %g becomes post_layernorm eps %g (Blip2VisionConfig has one layer_norm_eps)",
+                    ln_vision.eps, eps)
+
+    config = Blip2VisionConfig(
+        hidden_size=dim, intermediate_size=hidden, num_hidden_layers=len(blocks), num_attention_heads=heads,
+        image_size=patch.img_size[0], patch_size=patch.patch_size[0], hidden_act="gelu", layer_norm_eps=eps,
+        attention_dropout=0.0, qkv_bias=first.q_bias is not None,
+    )
+    weights = {
+        "embeddings.class_embedding": visual_encoder.cls_token,
+        "embeddings.position_embedding": visual_encoder.pos_embed,
+        "embeddings.patch_embedding.weight": patch.proj.weight,
+        "embeddings.patch_embedding.bias": patch.proj.bias,
+        "post_layernorm.weight": ln_vision.weight,
+        "post_layernorm.bias": ln_vision.bias,
+    }
+    for i, block in enumerate(blocks):
+        layer = f"encoder.layers.{i}."
+        attn = block.attn
+        weights |= {
+            layer + "layer_norm1.weight": block.norm1.weight, layer + "layer_norm1.bias": block.norm1.bias,
+            layer + "layer_norm2.weight": block.norm2.weight, layer + "layer_norm2.bias": block.norm2.bias,
+            layer + "self_attn.qkv.weight": attn.qkv.weight,
+            layer + "self_attn.projection.weight": attn.proj.weight,
+            layer + "self_attn.projection.bias": attn.proj.bias,
+            layer + "mlp.fc1.weight": block.mlp.fc1.weight, layer + "mlp.fc1.bias": block.mlp.fc1.bias,
+            layer + "mlp.fc2.weight": block.mlp.fc2.weight, layer + "mlp.fc2.bias": block.mlp.fc2.bias,
+        }
+        if attn.q_bias is not None:  # EVA has no key bias: LAVIS concatenates zeros in its forward
+            weights[layer + "self_attn.qkv.bias"] = torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias])
+    return config, {"vision_model." + name: tensor.detach() for name, tensor in weights.items()}
+
+
+# --- Q-Former ---------------------------------------------------------------------------------
+
+#: Parts of LAVIS's Q-Former that BLIP-2 generation never runs: the text side (its embeddings and
+#: the feed-forward of text positions; queries have their own ``intermediate_query`` / ``output_query``).
+_QFORMER_TEXT_SIDE = re.compile(r"embeddings\.(position_ids|word_embeddings\.|position_embeddings\.)"
+                                r"|encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+def qformer_config_and_weights(qformer_bert: nn.Module):
+    """``Blip2QFormerConfig`` and ``qformer.*`` weights of the query path of LAVIS's Q-Former (``Qformer.bert``)."""
+    from transformers import Blip2QFormerConfig
+
+    bert = qformer_bert.config
+    if getattr(bert, "position_embedding_type", "absolute") != "absolute":
+        raise ExportError(f"Q-Former position_embedding_type {bert.position_embedding_type!r}: only 'absolute' maps")
+    if not bert.add_cross_attention:
+        raise ExportError("the Q-Former has no cross-attention to the image (add_cross_attention is false)")
+    config = Blip2QFormerConfig(
+        vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, num_hidden_layers=bert.num_hidden_layers,
+        num_attention_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
+        hidden_act=bert.hidden_act, hidden_dropout_prob=bert.hidden_dropout_prob,
+        attention_probs_dropout_prob=bert.attention_probs_dropout_prob,
+        max_position_embeddings=bert.max_position_embeddings, initializer_range=bert.initializer_range,
+        layer_norm_eps=bert.layer_norm_eps, pad_token_id=bert.pad_token_id, position_embedding_type="absolute",
+        cross_attention_frequency=bert.cross_attention_freq, encoder_hidden_size=bert.encoder_width,
+        use_qformer_text_input=False,
+    )
+    weights = {}
+    for name, tensor in qformer_bert.state_dict().items():
+        if _QFORMER_TEXT_SIDE.match(name):
+            continue
+        name = name.replace("embeddings.LayerNorm.", "layernorm.")
+        name = name.replace("attention.self.", "attention.attention.")  # also crossattention.self.
+        weights["qformer." + name] = tensor.detach()
+    return config, weights
+
+
+# --- language model and tokenizer -----------------------------------------------------------------
+
+
+def plain_language_model(llm: nn.Module) -> nn.Module:
+    """A transformers-native causal LM with ``llm``'s weights (a new module; ``llm`` is not changed)."""
+    from blip2_internlm.internlm2 import InternLM2ForCausalLM
+    from blip2_internlm.internlm2.convert import internlm2_to_llama
+
+    if isinstance(llm, InternLM2ForCausalLM):
+        return internlm2_to_llama(llm)
+    if not type(llm).__module__.startswith("transformers.models."):
+        raise ExportError(
+            f"the LLM is {type(llm).__module__}.{type(llm).__name__}, which plain transformers cannot load; "
+            "InternLM2 and transformers' own causal LMs (OPT, Llama, ...) are exported"
+        )
+    config = type(llm.config).from_dict(llm.config.to_dict())
+    with torch.device("meta"):
+        copy = type(llm)(config)
+    copy.load_state_dict(llm.state_dict(), strict=True, assign=True)
+    if config.tie_word_embeddings:
+        copy.tie_weights()
+    return copy.eval()
+
+
+def plain_tokenizer(tokenizer):
+    """A transformers-native tokenizer that encodes and decodes as ``tokenizer`` (a new object)."""
+    from blip2_internlm.internlm2 import InternLM2Tokenizer
+    from blip2_internlm.internlm2.convert import internlm2_tokenizer_to_llama
+
+    if isinstance(tokenizer, InternLM2Tokenizer):
+        return internlm2_tokenizer_to_llama(tokenizer)
+    if not type(tokenizer).__module__.startswith("transformers."):
+        raise ExportError(f"the LLM tokenizer {type(tokenizer).__name__} is not a transformers tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:  # the processor adds <image>: never to the model's own tokenizer
+        tokenizer.save_pretrained(tmp)
+        return type(tokenizer).from_pretrained(tmp)
+
+
+def image_processor(image_size: int, preprocess_cfg=None):
+    """transformers' ``BlipImageProcessor`` equal to LAVIS's ``blip_image_eval`` (PIL bicubic resize, CLIP mean/std).
+
+    ``preprocess_cfg`` is a model config's ``preprocess`` section; its eval processor, when given,
+    must be ``blip_image_eval`` (mean and std taken from it).
+    """
+    from transformers import BlipImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    eval_cfg = ((preprocess_cfg or {}).get("vis_processor") or {}).get("eval") or {}
+    if eval_cfg and eval_cfg.get("name") != "blip_image_eval":
+        raise ExportError(
+            f"preprocess.vis_processor.eval is {eval_cfg.get('name')!r}; only LAVIS's blip_image_eval has a "
+            "transformers equivalent (BlipImageProcessor)"
+        )
+    return BlipImageProcessor(
+        do_resize=True, size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(eval_cfg.get("mean") or LAVIS_IMAGE_MEAN),
+        image_std=list(eval_cfg.get("std") or LAVIS_IMAGE_STD), do_convert_rgb=True,
+    )
+
+
+def _room_for_image_token(llm: nn.Module, image_token_id: int) -> None:
+    """Give ``<image>`` an embedding row: zero rows appended to the input embeddings and the LM head."""
+    rows = llm.get_input_embeddings().num_embeddings
+    if image_token_id < rows:
+        return
+    llm.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+    with torch.no_grad():  # the row is replaced by the soft prompt on input; on output it is suppressed
+        llm.get_input_embeddings().weight[rows:] = 0
+        llm.get_output_embeddings().weight[rows:] = 0
+
+
+# --- the whole model ----------------------------------------------------------------------------
+
+
+def export_to_hf(model, out, *, processor_image=None, dtype: str = "auto") -> Path:
+    """Write ``model`` (``Blip2InternLM`` or the OPT baseline, in memory) to ``out`` for plain transformers.
+
+    ``processor_image``: a ``BlipImageProcessor`` (default: :func:`image_processor` at the ViT's
+    size).  ``dtype``: ``auto`` (the LLM's) or one of ``fp32``, ``fp16``, ``bf16``; the Q-Former
+    and query tokens stay fp32, as transformers keeps them.  ``out`` must not exist or be empty;
+    it is written in a temporary directory beside it and renamed at the end.
+    """
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, GenerationConfig
+
+    from blip2_internlm.models.blip2_internlm import stop_token_ids
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty directory; remove it or choose another path")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}; expected auto or one of {sorted(DTYPES)}")
+    target_dtype = model.llm_model.dtype if dtype == "auto" else DTYPES[dtype]
+
+    vision_config, weights = vision_config_and_weights(model.visual_encoder, model.ln_vision)
+    qformer_config, qformer_weights = qformer_config_and_weights(model.Qformer.bert)
+    weights |= qformer_weights
+    weights["query_tokens"] = model.query_tokens.detach()
+    weights["language_projection.weight"] = model.llm_proj.weight.detach()
+    weights["language_projection.bias"] = model.llm_proj.bias.detach()
+
+    tokenizer = plain_tokenizer(model.llm_tokenizer)
+    tokenizer.padding_side = "left"  # generation pads on the left, as Blip2InternLM does
+    # on the tokenizer: transformers 4.57's Blip2Processor drops a processor chat template when it loads
+    tokenizer.chat_template = CHAT_TEMPLATE
+    num_query_tokens = model.query_tokens.shape[1]
+    processor = Blip2Processor(
+        image_processor=processor_image or image_processor(vision_config.image_size),
+        tokenizer=tokenizer, num_query_tokens=num_query_tokens,
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    generation = {
+        "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        # the same ids: the converted tokenizer shares the vocabulary
+        "eos_token_id": stop_token_ids(model.llm_tokenizer),
+        "suppress_tokens": [image_token_id],
+        # Blip2InternLM.generate's defaults
+        "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1,
+    }
+    llm = plain_language_model(model.llm_model)
+    _room_for_image_token(llm, image_token_id)
+    llm.config.architectures = [type(llm).__name__]
+    # transformers 4.57's Blip2ForConditionalGeneration.generate calls the language model's generate,
+    # whose generation config is built from text_config, not read from generation_config.json
+    for name, value in generation.items():
+        setattr(llm.config, name, value)
+    weights |= {"language_model." + name: tensor.detach() for name, tensor in llm.state_dict().items()}
+
+    config = Blip2Config(
+        vision_config=vision_config.to_dict(), qformer_config=qformer_config.to_dict(),
+        text_config=llm.config.to_dict(), num_query_tokens=num_query_tokens, image_token_index=image_token_id,
+    )
+    config.architectures = ["Blip2ForConditionalGeneration"]
+    with torch.device("meta"):
+        hf = Blip2ForConditionalGeneration(config)
+    hf.load_state_dict(weights, strict=True, assign=True)
+    hf.tie_weights()
+    hf.to(target_dtype)
+    hf.qformer.float()
+    hf.query_tokens.data = hf.query_tokens.data.float()
+    # from_pretrained(dtype="auto") reads each sub-config's dtype
+    for sub_config in (hf.config, hf.config.vision_config, hf.config.text_config):
+        sub_config.dtype = target_dtype
+    hf.config.qformer_config.dtype = torch.float32
+    hf.generation_config = GenerationConfig(**generation)  # what GenerationConfig.from_pretrained and vLLM read
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        hf.save_pretrained(staging, safe_serialization=True)
+        # save_pretrained records the first parameter's dtype (the fp32 query tokens) as the model's;
+        # from_pretrained(dtype="auto") would then load the language projection in fp32
+        hf.config.dtype = target_dtype
+        hf.config.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+        _readable_by_all(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _readable_by_all(directory: Path) -> None:
+    """mkdtemp makes the directory private, and the weights file comes out 0600; give both the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def model_config(arch: str, model_type: str | None, cfg_path: Path | None, options: Sequence[str]):
+    """The merged LAVIS config (``model`` and ``preprocess``) as LAVIS's ``Config`` builds it, options last."""
+    from lavis.common.config import Config
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    where = str(cfg_path) if cfg_path is not None else "--arch/--model-type"
+    if cfg_path is not None:
+        config = OmegaConf.load(cfg_path)
+        if config.get("model") is None:
+            raise ExportError(f"{cfg_path} has no 'model:' section")
+    else:
+        config = OmegaConf.create({"model": {"arch": arch, "model_type": model_type}})
+    if registry.get_model_class(config.model.get("arch")) is None:
+        raise ExportError(f"{where}: model.arch {config.model.get('arch')!r} is not a registered LAVIS model")
+    bad = [option for option in options if "=" not in option]
+    if bad:
+        raise ExportError(f"--options takes key=value pairs; got {bad}")
+    overrides = OmegaConf.from_dotlist(list(options))
+    model_type = OmegaConf.select(overrides, "model.model_type")
+    if model_type is None and config.model.get("model_type") is None:
+        raise ExportError(f"{where}: model.model_type is not set (set it there or pass --options model.model_type=T)")
+    merged = Config.build_model_config(config, **{"model.model_type": model_type})
+    return OmegaConf.merge(merged, overrides)
+
+
+def build_model(config, checkpoint: Path | None = None):
+    """The model of a merged config in eval mode; ``checkpoint`` is loaded as ``model.finetuned``
+    (LAVIS's checked loading: the Q-Former and query tokens must come from it)."""
+    from lavis.common.registry import registry
+
+    if checkpoint is not None:
+        config.model.load_finetuned, config.model.finetuned = True, str(checkpoint)
+    return registry.get_model_class(config.model.arch).from_config(config.model).eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--to-hf", type=Path, required=True, metavar="OUT", help="directory to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
+    source.add_argument("--cfg-path", type=Path, help="a LAVIS config with a model: section (arch, model_type, ...)")
+    parser.add_argument("--arch", default="blip2_internlm",
+                        help="with --model-type: blip2_internlm (default) or blip2_opt_baseline")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="stage-2 checkpoint (.pth or .safetensors), loaded as model.finetuned")
+    parser.add_argument("--options", nargs="+", default=[],
+                        help="config overrides, key=value (model.llm_model=/path/to/internlm2 ...)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: the LLM's)")
+    args = parser.parse_args(argv)
+
+    import blip2_internlm  # noqa: F401  (LAVIS with this package's fixes and registrations)
+    from blip2_internlm.assets import AssetMissingError
+    from blip2_internlm.checkpoint import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    try:
+        config = model_config(args.arch, args.model_type, args.cfg_path, args.options)
+        model = build_model(config, args.checkpoint)
+        vit_size = model.visual_encoder.patch_embed.img_size[0]
+        out = export_to_hf(
+            model, args.to_hf, dtype=args.dtype, processor_image=image_processor(vit_size, config.get("preprocess")),
+        )
+    except (ExportError, AssetMissingError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    if model.prompt:
+        print(f"the model's default prompt is {model.prompt!r}: pass it as the processor's text")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
