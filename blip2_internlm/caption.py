@@ -1,0 +1,645 @@
+"""``python -m blip2_internlm.caption``: captions (or VQA answers) for many images, to JSONL or CSV.
+
+    python -m blip2_internlm.caption photos/ --model-type tiny --checkpoint stage2.pth --lang zh --out captions.jsonl
+    python -m blip2_internlm.caption 'photos/**/*.jpg' list.txt --cfg-path configs/tiny/caption_eval.yaml \\
+        --checkpoint stage2.pth --out captions.csv
+    python -m blip2_internlm.caption questions.jsonl --model-type tiny --checkpoint stage2.pth --out answers.jsonl
+
+Inputs, in the order given (duplicates kept once):
+
+* an image file; a folder (every image under it, recursively, sorted); a glob (sorted, ``**``
+  recursive);
+* a text list (``.txt``/``.lst``): one image path per line, ``#`` comments and blank lines skipped;
+* a JSONL list (``.jsonl``): ``{"image": ..., "question": ...}`` per line, ``question`` optional;
+* a LAVIS annotation JSON (``.json``): a list of records with ``image`` (caption annotations
+  repeat an image per caption: it is captioned once) and, for VQA annotations, ``question``.
+
+Relative paths in lists and annotations are read under ``--image-root`` (LAVIS's ``vis_root``),
+else under the list's own folder; the output keeps them as written, with any ``image_id`` /
+``question_id`` of the record.
+
+Modes: captions with the model type's prompt, ``--lang``'s caption prompt or ``--prompt``; VQA
+when ``--question`` is given or the inputs carry questions, answered by ``predict_answers`` with
+``--lang``'s VQA prompt or ``--prompt`` (a template with ``{}``).  With ``--cfg-path`` the
+config's ``run`` section gives the generation defaults (``num_beams``, ``max_len``, ``min_len``,
+and ``prompt`` for VQA) and its dataset's eval text processor is applied to questions, as
+``blip2_internlm.evaluate`` does.
+
+The output has one row per image (per question in VQA) in input order: image, question,
+prompt, text, error, and the settings that made it.  A rerun with the same output appends only
+the images not yet in it (a partial last line, from a kill, is dropped first); an unreadable
+image is a row with ``error`` and is counted in the summary line, never the end of the run.
+The exit status is non-zero only for a usage error or a model that cannot be built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+LIST_EXTENSIONS = frozenset({".txt", ".lst"})
+#: Record keys carried from an input record to its output row, for joining results back.
+CARRIED_KEYS = ("image_id", "question_id")
+CSV_COLUMNS = ("image", "image_id", "question_id", "question", "prompt", "text", "error", "settings")
+#: LAVIS's defaults: ``Blip2*.generate`` for captions, ``predict_answers`` / ``VQATask`` for answers.
+DEFAULTS = {
+    "caption": {"num_beams": 5, "max_len": 30, "min_len": 1},
+    "vqa": {"num_beams": 5, "max_len": 10, "min_len": 1},
+}
+
+
+class UsageError(ValueError):
+    """Bad arguments or inputs; the message names the file, line or record."""
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image (and question) to run: ``image`` as the output shows it, ``path`` the file read."""
+
+    image: str
+    path: str
+    question: str | None = None
+    carried: tuple = ()
+
+    @property
+    def key(self) -> tuple:
+        return (self.image, self.question)
+
+
+def is_image_file(path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def collect_items(inputs, image_root=None, question: str | None = None) -> list[Item]:
+    """The items of ``inputs`` in order, each (image file, question) once, as first named;
+    ``question`` goes to every item that has none of its own."""
+    items: dict[tuple, Item] = {}
+    for source in inputs:
+        for item in _expand(str(source), image_root):
+            if item.question is None and question is not None:
+                item = Item(item.image, item.path, question, item.carried)
+            items.setdefault((os.path.realpath(item.path), item.question), item)
+    return list(items.values())
+
+
+def _expand(source: str, image_root):
+    path = Path(source)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_file(p))
+        if not found:
+            raise UsageError(f"{source}: no image files under this folder (extensions {sorted(IMAGE_EXTENSIONS)})")
+        return [Item(p, p) for p in found]
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in LIST_EXTENSIONS:
+            return _text_list(path, image_root)
+        if suffix == ".jsonl":
+            return _jsonl_list(path, image_root)
+        if suffix == ".json":
+            return _annotation_json(path, image_root)
+        return [Item(source, source)]  # named explicitly: an image, whatever its extension
+    if glob.has_magic(source):
+        found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p) and is_image_file(p))
+        if not found:
+            raise UsageError(f"{source}: the pattern matches no image files")
+        return [Item(p, p) for p in found]
+    raise UsageError(f"{source}: no such file or folder")
+
+
+def _under(root, list_file: Path, image: str) -> str:
+    return image if os.path.isabs(image) else os.path.join(root if root is not None else list_file.parent, image)
+
+
+def _text_list(path: Path, image_root):
+    items = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        image = line.strip()
+        if image and not image.startswith("#"):
+            items.append(Item(image, _under(image_root, path, image)))
+    if not items:
+        raise UsageError(f"{path}: lists no images")
+    return items
+
+
+def _record_item(record, where: str, list_file: Path, image_root) -> Item:
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: expected an object with 'image', got {type(record).__name__}")
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise UsageError(f"{where}: no 'image' path")
+    question = record.get("question")
+    if question is not None and (not isinstance(question, str) or not question.strip()):
+        raise UsageError(f"{where}: 'question' must be a non-empty string")
+    carried = tuple((key, record[key]) for key in CARRIED_KEYS if key in record)
+    return Item(image, _under(image_root, list_file, image), question, carried)
+
+
+def _jsonl_list(path: Path, image_root):
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        items.append(_record_item(record, f"{path}, line {number}", path, image_root))
+    if not items:
+        raise UsageError(f"{path}: lists no images")
+    return items
+
+
+def _annotation_json(path: Path, image_root):
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(records, list) or not records:
+        raise UsageError(f"{path}: expected a LAVIS annotation file, a non-empty list of records with 'image'")
+    return [_record_item(record, f"{path}, record {index}", path, image_root) for index, record in enumerate(records)]
+
+
+# --- decoding, in DataLoader workers -----------------------------------------------------------
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """``(index, image tensor or None, error or None)``: a file that cannot be read or processed
+    is an error string, so one bad image never stops the loader."""
+
+    def __init__(self, items: list[Item], vis_processor):
+        self.items, self.vis_processor = items, vis_processor
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        item = self.items[index]
+        try:
+            # PIL decodes lazily: convert() reads the whole file, so a truncated one fails here
+            # (blip2_internlm.compat turns off LAVIS's LOAD_TRUNCATED_IMAGES, which would pad it grey)
+            with Image.open(item.path) as image:
+                picture = image.convert("RGB")
+        except (OSError, ValueError) as err:
+            return index, None, " ".join(f"cannot decode image: {err}".split())
+        try:
+            return index, self.vis_processor(picture), None
+        except Exception as err:  # noqa: BLE001  (a processor failure is this image's error, not the run's)
+            return index, None, " ".join(f"cannot process image: {type(err).__name__}: {err}".split())
+
+
+def collate(samples):
+    """``(indices, stacked images of the readable ones or None, errors in index order)``."""
+    images = [image for _, image, _ in samples if image is not None]
+    return (
+        [index for index, _, _ in samples],
+        (torch.stack(images) if images else None),
+        [error for _, _, error in samples],
+    )
+
+
+# --- generation --------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """What runs on a batch, and the settings every output row records."""
+
+    mode: str  # caption | vqa
+    prompt: str
+    num_beams: int
+    max_len: int
+    min_len: int
+    sample: bool = False
+    top_p: float | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    model: dict = field(default_factory=dict)
+
+    def __call__(self, model, images: torch.Tensor, questions: list) -> list[str]:
+        if self.mode == "vqa":
+            extra = {} if self.length_penalty is None else {"length_penalty": self.length_penalty}
+            return model.predict_answers(
+                {"image": images, "text_input": questions},
+                num_beams=self.num_beams,
+                max_len=self.max_len,
+                min_len=self.min_len,
+                prompt=self.prompt,
+                **extra,
+            )
+        optional = {
+            "top_p": self.top_p,
+            "temperature": self.temperature,
+            "repetition_penalty": self.repetition_penalty,
+            "length_penalty": self.length_penalty,
+        }
+        return model.generate(
+            {"image": images, "prompt": self.prompt},
+            use_nucleus_sampling=self.sample,
+            num_beams=self.num_beams,
+            max_length=self.max_len,
+            min_length=self.min_len,
+            **{key: value for key, value in optional.items() if value is not None},
+        )
+
+    def settings(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if key != "prompt" and value is not None}
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def output_format(path, requested: str | None) -> str:
+    if requested:
+        return requested
+    return "csv" if str(path).lower().endswith(".csv") else "jsonl"
+
+
+def read_done(path: Path, fmt: str, settings: dict) -> set[tuple]:
+    """Keys of the rows already in ``path``, after cutting off a partial last line.
+
+    Rows made with other settings are refused: one file holds one run's results."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):  # a kill mid-write leaves a line without its newline
+        with open(path, "r+b") as handle:
+            handle.truncate(len(complete))
+    text = complete.decode("utf-8")
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if text and tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            raise UsageError(
+                f"{path}: not an output of this tool (columns {reader.fieldnames}, expected {list(CSV_COLUMNS)})"
+            )
+        rows = [
+            (number, {**row, "settings": _json_cell(row["settings"], path, number)})
+            for number, row in enumerate(reader, 2)
+        ]
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise UsageError(
+                    f"{path}, line {number}: not JSON ({err.msg}); is it an output of this tool?"
+                ) from None
+    done = set()
+    for number, row in rows:
+        if not isinstance(row, dict) or "image" not in row:
+            raise UsageError(f"{path}, line {number}: no 'image'; is it an output of this tool?")
+        if row.get("settings") != settings:
+            raise UsageError(
+                f"{path}, line {number} was made with other settings ({row.get('settings')}; now {settings}): "
+                "write to another file, or delete it to start over"
+            )
+        done.add((row["image"], row.get("question") or None))
+    return done
+
+
+def _json_cell(cell: str, path, number):
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError:
+        raise UsageError(f"{path}, line {number}: the settings cell is not JSON") from None
+
+
+class RowWriter:
+    """Appends rows and flushes each batch: what a kill leaves behind is whole lines, plus at
+    most one partial line that the next run cuts off."""
+
+    def __init__(self, path: Path, fmt: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file() or path.stat().st_size == 0
+        self.fmt = fmt
+        self.file = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115  (closed by close() / the with block)
+        if fmt == "csv" and new:
+            self.file.write(self._csv_line(dict(zip(CSV_COLUMNS, CSV_COLUMNS))))
+
+    @staticmethod
+    def _csv_line(row: dict) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(["" if row.get(k) is None else row[k] for k in CSV_COLUMNS])
+        return buffer.getvalue()
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == "csv":
+            lines = [
+                self._csv_line({**row, "settings": json.dumps(row["settings"], ensure_ascii=False, sort_keys=True)})
+                for row in rows
+            ]
+        else:
+            lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+        self.file.write("".join(lines))  # one write per batch
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def output_row(item: Item, generation: Generation, text=None, error=None) -> dict:
+    row = {"image": item.image, **dict(item.carried)}
+    if item.question is not None:
+        row["question"] = item.question
+    row["prompt"] = generation.prompt
+    row["text"] = text
+    if error is not None:
+        row["error"] = error
+    row["settings"] = generation.settings()
+    return row
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    total: int
+    already_done: int = 0
+    written: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds else 0.0
+
+    def line(self, output) -> str:
+        return (
+            f"{output}: {self.written} written ({self.written - self.errors} ok, {self.errors} unreadable), "
+            f"{self.already_done} already there, {self.total} inputs; {self.images_per_s:.2f} images/s"
+        )
+
+
+def run(
+    model,
+    vis_processor,
+    items: list[Item],
+    output,
+    generation: Generation,
+    *,
+    fmt: str | None = None,
+    batch_size: int = 8,
+    workers: int = 2,
+    question_processor=None,
+    progress: bool = False,
+) -> Summary:
+    """Run ``generation`` over ``items`` not yet in ``output`` and append their rows, in input order."""
+    output = Path(output)
+    fmt = output_format(output, fmt)
+    done = read_done(output, fmt, generation.settings())
+    todo = [item for item in items if item.key not in done]
+    summary = Summary(total=len(items), already_done=len(items) - len(todo))
+    if not todo:
+        return summary
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(todo, vis_processor),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    start = time.perf_counter()
+    with RowWriter(output, fmt) as writer, _progress_bar(len(todo), progress) as bar:
+        for indices, images, errors in loader:
+            readable = [index for index, error in zip(indices, errors) if error is None]
+            texts = {}
+            if readable:
+                questions = [todo[index].question for index in readable]
+                if question_processor is not None:
+                    questions = [question_processor(question) for question in questions]
+                texts = dict(zip(readable, generation(model, images.to(device, non_blocking=True), questions)))
+            writer.write(
+                [output_row(todo[index], generation, texts.get(index), error) for index, error in zip(indices, errors)]
+            )
+            summary.written += len(indices)
+            summary.errors += sum(error is not None for error in errors)
+            summary.seconds = time.perf_counter() - start
+            bar.update(len(indices))
+            bar.set_postfix(unreadable=summary.errors, refresh=False)
+    return summary
+
+
+def _progress_bar(total: int, enabled: bool):
+    """tqdm on stderr (images/s as it goes), or nothing: the summary line reports the rate."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=not enabled)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_internlm.caption",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", help="image files, folders, globs, .txt/.jsonl lists, LAVIS annotation .json"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output file (.jsonl or .csv); an existing one is resumed"
+    )
+    parser.add_argument(
+        "--format", choices=("jsonl", "csv"), help="default: from --out's extension (jsonl unless .csv)"
+    )
+    parser.add_argument("--image-root", help="folder that relative paths in lists and annotations are under")
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
+    source.add_argument(
+        "--cfg-path", help="a training/evaluation YAML: its model section, eval processors and run settings"
+    )
+    model.add_argument(
+        "--arch", default=None, help="registered model (default blip2_internlm; with --cfg-path its model.arch)"
+    )
+    model.add_argument("--checkpoint", help="stage-2 or fine-tuned checkpoint (.pth / .safetensors)")
+    model.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model-config keys, e.g. llm_model=/path/to/internlm2-1_8b vit_weights=... (a model. prefix is allowed)",
+    )
+    model.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    mode = parser.add_argument_group("prompt and mode")
+    mode.add_argument(
+        "--lang", choices=sorted(CAPTION_PROMPTS), help="the demo's caption / VQA prompt of this language"
+    )
+    mode.add_argument("--prompt", help="caption prompt, or in VQA a template with {} for the question")
+    mode.add_argument("--question", help="VQA: ask this of every image without a question of its own")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--num-beams", type=int)
+    gen.add_argument("--max-len", type=int, help="new tokens at most (default 30 for captions, 10 for answers)")
+    gen.add_argument("--min-len", type=int)
+    gen.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search (captions only)")
+    gen.add_argument("--top-p", type=float, help="with --sample (default 0.9)")
+    gen.add_argument("--temperature", type=float, help="with --sample (default 1)")
+    gen.add_argument("--repetition-penalty", type=float, help="captions only (default 1.0)")
+    gen.add_argument(
+        "--length-penalty", type=float, help="beam search length penalty (default 1.0 captions, 0 answers)"
+    )
+    gen.add_argument("--seed", type=int, default=0, help="torch seed, for --sample")
+    run_group = parser.add_argument_group("running")
+    run_group.add_argument("--batch-size", type=int, default=8)
+    run_group.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers decoding images (0: in this process)"
+    )
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error("--batch-size must be >= 1 and --workers >= 0")
+    if not args.sample and (args.top_p is not None or args.temperature is not None):
+        parser.error("--top-p and --temperature apply with --sample")
+    return parser, args
+
+
+def model_options(pairs: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UsageError(f"--options {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        key = key.removeprefix("model.")
+        options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))[
+            "value"
+        ]  # YAML-typed, as LAVIS's --options
+    return options
+
+
+def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
+    from omegaconf import OmegaConf
+
+    from blip2_internlm.inference import DEFAULT_ARCH
+    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+
+    asked = [item for item in items if item.question is not None]
+    if asked and len(asked) != len(items):
+        missing = next(item for item in items if item.question is None)
+        raise UsageError(
+            f"{missing.image} has no question while other inputs have one: give --question for it, "
+            "or run captions and answers separately"
+        )
+    mode = "vqa" if asked else "caption"
+    if mode == "vqa":
+        if args.sample or args.repetition_penalty is not None:
+            raise UsageError("--sample and --repetition-penalty apply to captions; predict_answers searches beams")
+        prompt = args.prompt or (VQA_PROMPTS[args.lang] if args.lang else run_cfg.get("prompt") or VQA_PROMPTS["en"])
+    else:
+        prompt = args.prompt if args.prompt is not None else CAPTION_PROMPTS[args.lang] if args.lang else model.prompt
+    settings = {key: run_cfg.get(key, default) for key, default in DEFAULTS[mode].items()}
+    for key in settings:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    sampling = (
+        {
+            "top_p": 0.9 if args.top_p is None else args.top_p,
+            "temperature": 1.0 if args.temperature is None else args.temperature,
+        }
+        if args.sample
+        else {}
+    )
+    arch = args.arch or (
+        OmegaConf.select(OmegaConf.load(args.cfg_path), "model.arch") if args.cfg_path else DEFAULT_ARCH
+    )
+    described = {
+        "arch": arch,
+        "model_type": args.model_type,
+        "cfg_path": args.cfg_path,
+        "checkpoint": args.checkpoint,
+        "options": args.options or None,
+    }
+    return Generation(
+        mode=mode,
+        prompt=prompt,
+        sample=args.sample,
+        repetition_penalty=args.repetition_penalty,
+        length_penalty=args.length_penalty,
+        model={k: v for k, v in described.items() if v is not None},
+        **settings,
+        **sampling,
+    )
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    from omegaconf import OmegaConf
+
+    import blip2_internlm  # noqa: F401  (compat fixes, registration)
+    from blip2_internlm.checkpoint import CheckpointError
+    from blip2_internlm.inference import load_model_and_preprocess
+
+    try:
+        items = collect_items(args.inputs, args.image_root, args.question)
+        options = model_options(args.options)
+    except (UsageError, OSError) as err:
+        parser.error(str(err))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, vis_processors, txt_processors = load_model_and_preprocess(
+            args.arch,
+            args.model_type,
+            is_eval=True,
+            device=device,
+            checkpoint=args.checkpoint,
+            cfg_path=args.cfg_path,
+            **options,
+        )
+    except (OSError, ValueError, CheckpointError) as err:
+        print(f"error: no model: {err}", file=sys.stderr)
+        return 2
+    run_cfg = (OmegaConf.load(args.cfg_path).get("run") or {}) if args.cfg_path else {}
+    try:
+        generation = generation_for(args, items, model, run_cfg)
+        torch.manual_seed(args.seed)
+        summary = run(
+            model,
+            vis_processors["eval"],
+            items,
+            args.out,
+            generation,
+            fmt=args.format,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            question_processor=txt_processors["eval"] if args.cfg_path and generation.mode == "vqa" else None,
+            progress=not args.no_progress,
+        )
+    except UsageError as err:
+        parser.error(str(err))
+    print(summary.line(args.out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
