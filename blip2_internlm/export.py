@@ -270,13 +270,18 @@ def _room_for_image_token(llm: nn.Module, image_token_id: int) -> None:
 # --- the whole model ----------------------------------------------------------------------------
 
 
-def export_to_hf(model, out, *, processor_image=None, dtype: str = "auto") -> Path:
+def export_to_hf(
+    model, out, *, processor_image=None, dtype: str = "auto", num_beams: int = 5, max_new_tokens: int = 30,
+    min_new_tokens: int = 1,
+) -> Path:
     """Write ``model`` (``Blip2InternLM`` or the OPT baseline, in memory) to ``out`` for plain transformers.
 
     ``processor_image``: a ``BlipImageProcessor`` (default: :func:`image_processor` at the ViT's
     size).  ``dtype``: ``auto`` (the LLM's) or one of ``fp32``, ``fp16``, ``bf16``; the Q-Former
-    and query tokens stay fp32, as transformers keeps them.  ``out`` must not exist or be empty;
-    it is written in a temporary directory beside it and renamed at the end.
+    and query tokens stay fp32, as transformers keeps them.  ``num_beams``, ``max_new_tokens``,
+    ``min_new_tokens``: what ``generate()`` does without arguments (default: ``Blip2InternLM.generate``'s).
+    ``out`` must not exist or be empty; it is written in a temporary directory beside it and
+    renamed at the end.
     """
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, GenerationConfig
 
@@ -312,8 +317,7 @@ def export_to_hf(model, out, *, processor_image=None, dtype: str = "auto") -> Pa
         # the same ids: the converted tokenizer shares the vocabulary
         "eos_token_id": stop_token_ids(model.llm_tokenizer),
         "suppress_tokens": [image_token_id],
-        # Blip2InternLM.generate's defaults
-        "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1,
+        "num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
     }
     llm = plain_language_model(model.llm_model)
     _room_for_image_token(llm, image_token_id)
@@ -399,6 +403,18 @@ def model_config(arch: str, model_type: str | None, cfg_path: Path | None, optio
     return OmegaConf.merge(merged, overrides)
 
 
+def run_decoding(cfg_path: Path | None, options: Sequence[str]) -> dict:
+    """``export_to_hf``'s generation defaults from a run config's ``run.num_beams`` / ``max_len`` / ``min_len``
+    (what LAVIS's caption task decodes with), so the export decodes as the evaluation that scored it."""
+    from omegaconf import OmegaConf
+
+    run = OmegaConf.merge(
+        OmegaConf.load(cfg_path) if cfg_path is not None else {}, OmegaConf.from_dotlist(list(options))
+    ).get("run") or {}
+    names = {"num_beams": "num_beams", "max_len": "max_new_tokens", "min_len": "min_new_tokens"}
+    return {names[key]: int(run[key]) for key in names if run.get(key) is not None}
+
+
 def build_model(config, checkpoint: Path | None = None):
     """The model of a merged config in eval mode; ``checkpoint`` is loaded as ``model.finetuned``
     (LAVIS's checked loading: the Q-Former and query tokens must come from it)."""
@@ -433,15 +449,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
     try:
         config = model_config(args.arch, args.model_type, args.cfg_path, args.options)
+        decoding = run_decoding(args.cfg_path, args.options)
         model = build_model(config, args.checkpoint)
         vit_size = model.visual_encoder.patch_embed.img_size[0]
         out = export_to_hf(
             model, args.to_hf, dtype=args.dtype, processor_image=image_processor(vit_size, config.get("preprocess")),
+            **decoding,
         )
     except (ExportError, AssetMissingError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
+    if decoding:
+        print(f"generate() defaults from the run config: {decoding}")
     if model.prompt:
         print(f"the model's default prompt is {model.prompt!r}: pass it as the processor's text")
     return 0

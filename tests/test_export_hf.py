@@ -284,9 +284,13 @@ def test_export_refuses_a_non_empty_directory_and_a_foreign_llm(lavis_ready, tmp
 
 
 def test_config_path_and_options_merge_over_the_model_type(lavis_ready):
-    from blip2_internlm.export import model_config
+    from blip2_internlm.export import model_config, run_decoding
 
-    config = model_config("ignored", None, REPO / "configs/tiny/caption_eval.yaml", ["model.max_txt_len=16"])
+    cfg_path = REPO / "configs/tiny/caption_eval.yaml"
+    config = model_config("ignored", None, cfg_path, ["model.max_txt_len=16"])
     assert config.model.arch == "blip2_internlm" and config.model.max_txt_len == 16
     assert config.model.llm_model == "tiny"  # from the tiny model type, under the run config
     assert config.preprocess.vis_processor.eval.name == "blip_image_eval"
+    # the export decodes as the evaluation did: run.num_beams 3, max_len 30, and min_len from the options
+    assert run_decoding(cfg_path, ["run.min_len=2"]) == {"num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 2}
+    assert run_decoding(None, []) == {}
