@@ -30,7 +30,8 @@ mask, so every row sees the same positions as ours (``[pad] [queries] <s> prompt
 ``<image>`` is a new token.  Where the LLM's embedding table has no free row for it (InternLM2's
 is full), one zero row is appended to the input embeddings and the LM head; the exported
 ``generation_config.json`` suppresses it, and stops where ``Blip2InternLM.generate`` stops (end
-of text and the real newline token), with our defaults (5 beams, at most 30 new tokens).
+of text and the real newline token), with its defaults (5 beams, 1 to 30 new tokens) or, with
+``--cfg-path``, the run config's ``num_beams`` / ``max_len`` / ``min_len``.
 
 One numerical difference is left: LAVIS's ``ln_vision`` uses LayerNorm's eps 1e-5 while the
 EVA blocks use 1e-6, and ``Blip2VisionConfig`` has one ``layer_norm_eps`` for both; the export
