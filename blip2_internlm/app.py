@@ -221,6 +221,7 @@ def demo_stage2_checkpoint(demo_output: Path) -> Path:
 def resolve_demo(args) -> None:
     """Turn ``--from-demo DIR`` into the model, LLM, samples and language ``make demo`` used there."""
     from blip2_internlm.datasets.builders import default_data_root, generator_args
+    from blip2_internlm.datasets.shapes import generate_shapes
     from blip2_internlm.demo import GENERATOR
 
     output = args.from_demo.absolute()
@@ -232,7 +233,10 @@ def resolve_demo(args) -> None:
     lang = json.loads(result.read_text())["lang"] if result.is_file() else None
     args.model_type, args.cfg_path, args.checkpoint = "tiny", None, checkpoint
     args.options = [f"model.llm_model={llm_dir}", *args.options]
-    args.samples = args.samples or Path(default_data_root(generator_args(GENERATOR)))
+    if args.samples is None:
+        data = generator_args(GENERATOR)
+        args.samples = Path(default_data_root(data))
+        generate_shapes(args.samples, **data)  # the demo's data again if the cache was cleared (seconds)
     args.lang = args.lang or lang
 
 
