@@ -634,8 +634,9 @@ def machine_info(device: str) -> dict:
     return info
 
 
-#: What ``--sections`` may name: LAVIS's model, ours with its toggles, the training runner's additions.
-SECTIONS = ("lavis", "ours", "reliability")
+#: What ``--sections`` may name: LAVIS's model, ours with its toggles, the training runner's additions,
+#: the captioning command's loop.
+SECTIONS = ("lavis", "ours", "reliability", "caption_cli")
 
 
 class Bench:
@@ -822,6 +823,56 @@ class Bench:
         del side, model, optimizer, state
         gc.collect()
 
+    def caption_cli(self, batches: int = 8) -> None:
+        """What ``python -m blip2_internlm.caption`` adds to generation: its batched loop (JPEG files
+        decoded and resized in DataLoader workers, ``generate``, JSONL rows written and flushed)
+        against the model's own batched ``generate`` on the same images already in memory."""
+        import tempfile
+
+        from lavis.processors.blip_processors import BlipImageEvalProcessor
+        from PIL import Image
+
+        from blip2_internlm import caption
+
+        side = self.ours()
+        model = side.model.eval()
+        count, new_tokens = batches * self.batch_size, self.size["caption_tokens"]
+        processor = BlipImageEvalProcessor(image_size=self.size["image_size"])
+        generation = caption.Generation(mode="caption", prompt=model.prompt, num_beams=NUM_BEAMS, max_len=new_tokens,
+                                        min_len=new_tokens)
+        generator = torch.Generator().manual_seed(0)
+        with tempfile.TemporaryDirectory(dir=self.out_dir) as directory:
+            folder = Path(directory)
+            for index in range(count):
+                # photo-sized and smooth, so the JPEGs decode like photos rather than noise
+                coarse = torch.randint(0, 256, (3, 12, 16), generator=generator, dtype=torch.uint8).float()
+                pixels = torch.nn.functional.interpolate(coarse[None], size=(480, 640), mode="bicubic")[0]
+                array = pixels.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+                Image.fromarray(array).save(folder / f"{index:04d}.jpg", quality=90)
+            items = caption.collect_items([folder])
+            images = torch.stack([processor(Image.open(item.path).convert("RGB")) for item in items]).to(self.device)
+            in_memory = list(images.split(self.batch_size))
+            out = folder / "captions.jsonl"
+
+            def command_loop():
+                out.unlink(missing_ok=True)
+                summary = caption.run(model, processor, items, out, generation, batch_size=self.batch_size)
+                if summary.errors or summary.written != count:
+                    raise RuntimeError(f"the caption loop wrote {summary.written} rows, {summary.errors} errors")
+
+            rows = {
+                "generate": self.row("caption_cli", "generate, batched, images in memory", side,
+                                     lambda: lambda: [generation(model, batch, None) for batch in in_memory], count),
+                "command": self.row("caption_cli", f"caption command loop: {caption.WORKERS} decode workers + JSONL",
+                                    side, lambda: command_loop, count),
+            }
+        if all(row["status"] == "ok" for row in rows.values()):
+            ratio = rows["command"]["median_s"] / rows["generate"]["median_s"]
+            self.note(f"caption command: {rows['command']['images_per_s']:.2f} images/s against generate's "
+                      f"{rows['generate']['images_per_s']:.2f}: time ratio {ratio:.3f}, "
+                      f"overhead {100 * (ratio - 1):.1f}% "
+                      f"(target <= 10%; {count} JPEGs of 640x480, batch {self.batch_size})")
+
     def length_sorted_vqa(self, side: Side) -> None:
         from blip2_internlm.compat.tasks import sort_by_question_length
 
@@ -894,6 +945,8 @@ class Bench:
                 self.ours_and_toggles(skip_toggles)
         if "reliability" in sections:
             self.reliability()
+        if "caption_cli" in sections:
+            self.caption_cli()
         self.ratios()
         return dict(
             size=self.size_name, device=self.device, batch_size=self.batch_size, repeats=self.repeats,

@@ -52,6 +52,8 @@ LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 #: Record keys carried from an input record to its output row, for joining results back.
 CARRIED_KEYS = ("image_id", "question_id")
 CSV_COLUMNS = ("image", "image_id", "question_id", "question", "prompt", "text", "error", "settings")
+#: Images per batch and DataLoader workers unless told otherwise.
+BATCH_SIZE, WORKERS = 8, 2
 #: LAVIS's defaults: ``Blip2*.generate`` for captions, ``predict_answers`` / ``VQATask`` for answers.
 DEFAULTS = {
     "caption": {"num_beams": 5, "max_len": 30, "min_len": 1},
@@ -271,10 +273,10 @@ def output_format(path, requested: str | None) -> str:
     return "csv" if str(path).lower().endswith(".csv") else "jsonl"
 
 
-def read_done(path: Path, fmt: str, settings: dict) -> set[tuple]:
+def read_done(path: Path, fmt: str, settings: dict, prompt: str) -> set[tuple]:
     """Keys of the rows already in ``path``, after cutting off a partial last line.
 
-    Rows made with other settings are refused: one file holds one run's results."""
+    Rows made with another prompt or other settings are refused: one file holds one run's results."""
     if not path.is_file():
         return set()
     data = path.read_bytes()
@@ -306,9 +308,10 @@ def read_done(path: Path, fmt: str, settings: dict) -> set[tuple]:
     for number, row in rows:
         if not isinstance(row, dict) or "image" not in row:
             raise UsageError(f"{path}, line {number}: no 'image'; is it an output of this tool?")
-        if row.get("settings") != settings:
+        if row.get("settings") != settings or row.get("prompt") != prompt:
             raise UsageError(
-                f"{path}, line {number} was made with other settings ({row.get('settings')}; now {settings}): "
+                f"{path}, line {number} was made with other settings (prompt {row.get('prompt')!r}, "
+                f"{row.get('settings')}; now prompt {prompt!r}, {settings}): "
                 "write to another file, or delete it to start over"
             )
         done.add((row["image"], row.get("question") or None))
@@ -403,15 +406,15 @@ def run(
     generation: Generation,
     *,
     fmt: str | None = None,
-    batch_size: int = 8,
-    workers: int = 2,
+    batch_size: int = BATCH_SIZE,
+    workers: int = WORKERS,
     question_processor=None,
     progress: bool = False,
 ) -> Summary:
     """Run ``generation`` over ``items`` not yet in ``output`` and append their rows, in input order."""
     output = Path(output)
     fmt = output_format(output, fmt)
-    done = read_done(output, fmt, generation.settings())
+    done = read_done(output, fmt, generation.settings(), generation.prompt)
     todo = [item for item in items if item.key not in done]
     summary = Summary(total=len(items), already_done=len(items) - len(todo))
     if not todo:
@@ -461,6 +464,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m blip2_internlm.caption",
         description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -498,9 +502,9 @@ def parse_args(argv=None):
     mode.add_argument("--prompt", help="caption prompt, or in VQA a template with {} for the question")
     mode.add_argument("--question", help="VQA: ask this of every image without a question of its own")
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--num-beams", type=int)
+    gen.add_argument("--num-beams", type=int, help="default 5, or the --cfg-path config's run.num_beams")
     gen.add_argument("--max-len", type=int, help="new tokens at most (default 30 for captions, 10 for answers)")
-    gen.add_argument("--min-len", type=int)
+    gen.add_argument("--min-len", type=int, help="new tokens at least (default 1)")
     gen.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search (captions only)")
     gen.add_argument("--top-p", type=float, help="with --sample (default 0.9)")
     gen.add_argument("--temperature", type=float, help="with --sample (default 1)")
@@ -510,9 +514,9 @@ def parse_args(argv=None):
     )
     gen.add_argument("--seed", type=int, default=0, help="torch seed, for --sample")
     run_group = parser.add_argument_group("running")
-    run_group.add_argument("--batch-size", type=int, default=8)
+    run_group.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     run_group.add_argument(
-        "--workers", type=int, default=2, help="DataLoader workers decoding images (0: in this process)"
+        "--workers", type=int, default=WORKERS, help="DataLoader workers decoding images (0: in this process)"
     )
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
@@ -532,9 +536,8 @@ def model_options(pairs: list[str]) -> dict:
             raise UsageError(f"--options {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
         key = key.removeprefix("model.")
-        options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))[
-            "value"
-        ]  # YAML-typed, as LAVIS's --options
+        # typed as YAML, as LAVIS's --options are
+        options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
     return options
 
 
