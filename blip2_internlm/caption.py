@@ -524,6 +524,8 @@ def parse_args(argv=None):
         parser.error("--batch-size must be >= 1 and --workers >= 0")
     if not args.sample and (args.top_p is not None or args.temperature is not None):
         parser.error("--top-p and --temperature apply with --sample")
+    if args.sample and args.num_beams not in (None, 1):
+        parser.error("--num-beams with --sample: nucleus sampling draws one sequence per image, no beams")
     return parser, args
 
 
@@ -541,12 +543,8 @@ def model_options(pairs: list[str]) -> dict:
     return options
 
 
-def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
-    from omegaconf import OmegaConf
-
-    from blip2_internlm.inference import DEFAULT_ARCH
-    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
-
+def mode_of(args, items: list[Item]) -> str:
+    """``vqa`` when the items carry questions, else ``caption``; flags that do not fit are errors."""
     asked = [item for item in items if item.question is not None]
     if asked and len(asked) != len(items):
         missing = next(item for item in items if item.question is None)
@@ -554,10 +552,19 @@ def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
             f"{missing.image} has no question while other inputs have one: give --question for it, "
             "or run captions and answers separately"
         )
-    mode = "vqa" if asked else "caption"
+    if asked and (args.sample or args.repetition_penalty is not None):
+        raise UsageError("--sample and --repetition-penalty apply to captions; predict_answers searches beams")
+    return "vqa" if asked else "caption"
+
+
+def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
+    from omegaconf import OmegaConf
+
+    from blip2_internlm.inference import DEFAULT_ARCH
+    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+
+    mode = mode_of(args, items)
     if mode == "vqa":
-        if args.sample or args.repetition_penalty is not None:
-            raise UsageError("--sample and --repetition-penalty apply to captions; predict_answers searches beams")
         prompt = args.prompt or (VQA_PROMPTS[args.lang] if args.lang else run_cfg.get("prompt") or VQA_PROMPTS["en"])
     else:
         prompt = args.prompt if args.prompt is not None else CAPTION_PROMPTS[args.lang] if args.lang else model.prompt
@@ -565,6 +572,8 @@ def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if args.sample:
+        settings["num_beams"] = 1  # what generate runs with when it samples; the rows say so
     sampling = (
         {
             "top_p": 0.9 if args.top_p is None else args.top_p,
@@ -605,10 +614,13 @@ def main(argv=None) -> int:
 
     try:
         items = collect_items(args.inputs, args.image_root, args.question)
+        mode_of(args, items)  # before the model loads, which can take minutes
         options = model_options(args.options)
     except (UsageError, OSError) as err:
         parser.error(str(err))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device visible")
     try:
         model, vis_processors, txt_processors = load_model_and_preprocess(
             args.arch,
