@@ -820,8 +820,7 @@ class Bench:
             }
             for key, value in self.overheads.items():
                 self.note(f"{key}: {value}")
-        del side, model, optimizer, state
-        gc.collect()
+        gc.collect()  # the model goes with this frame; the next section builds its own
 
     def caption_cli(self, batches: int = 8) -> None:
         """What ``python -m blip2_internlm.caption`` adds to generation: its batched loop (JPEG files
