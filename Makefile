@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# pip takes these two from this machine's disk; PyPI's torchvision does not import beside torch 2.13
+	# a torch/torchvision pair that imports together (torchvision built for another torch fails on import)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[test]'
 	# LAVIS's own pins (transformers<4.27, timm==0.4.12, ...) do not install on Python 3.11
