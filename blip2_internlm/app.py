@@ -60,20 +60,6 @@ class ServedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def model_options(options: list[str]) -> tuple[tuple[str, object], ...]:
-    """``KEY=VALUE`` (``model.KEY=VALUE`` as train/evaluate take it) to model options, values read as YAML
-    as LAVIS reads ``--options``."""
-    import yaml
-
-    parsed = []
-    for option in options:
-        key, equals, value = option.partition("=")
-        if not equals or not key:
-            raise ValueError(f"--options {option!r}: expected KEY=VALUE, e.g. model.llm_model=/path/to/llm")
-        parsed.append((key.removeprefix("model."), yaml.safe_load(value)))
-    return tuple(parsed)
-
-
 def check_source(source: ModelSource) -> None:
     """Fail on an unknown arch, model type, config file or model option, without building anything."""
     from blip2_internlm.inference import model_config
@@ -294,10 +280,12 @@ def resolve_args(argv) -> argparse.Namespace:
 
 
 def model_source(args) -> ModelSource:
+    from blip2_internlm.inference import parse_model_options
+
     return ModelSource(
         checkpoint=str(Path(args.checkpoint).absolute()), model_type=args.model_type,
         cfg_path=str(Path(args.cfg_path).absolute()) if args.cfg_path else None,
-        arch=args.arch, options=model_options(args.options), device=args.device,
+        arch=args.arch, options=tuple(parse_model_options(args.options).items()), device=args.device,
     )
 
 

@@ -529,20 +529,6 @@ def parse_args(argv=None):
     return parser, args
 
 
-def model_options(pairs: list[str]) -> dict:
-    from omegaconf import OmegaConf
-
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UsageError(f"--options {pair!r}: expected KEY=VALUE")
-        key, value = pair.split("=", 1)
-        key = key.removeprefix("model.")
-        # typed as YAML, as LAVIS's --options are
-        options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
-    return options
-
-
 def mode_of(args, items: list[Item]) -> str:
     """``vqa`` when the items carry questions, else ``caption``; flags that do not fit are errors."""
     asked = [item for item in items if item.question is not None]
@@ -610,13 +596,13 @@ def main(argv=None) -> int:
 
     import blip2_internlm  # noqa: F401  (compat fixes, registration)
     from blip2_internlm.checkpoint import CheckpointError
-    from blip2_internlm.inference import load_model_and_preprocess
+    from blip2_internlm.inference import ModelOptionError, load_model_and_preprocess, parse_model_options
 
     try:
         items = collect_items(args.inputs, args.image_root, args.question)
         mode_of(args, items)  # before the model loads, which can take minutes
-        options = model_options(args.options)
-    except (UsageError, OSError) as err:
+        options = parse_model_options(args.options)
+    except (UsageError, ModelOptionError, OSError) as err:
         parser.error(str(err))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():

@@ -46,6 +46,20 @@ class ModelOptionError(ValueError):
     """A model option (``model_options`` / ``--options``) that the model's config has no key for."""
 
 
+def parse_model_options(pairs) -> dict:
+    """``KEY=VALUE`` command-line options (``model.KEY=VALUE`` as train/evaluate take them) to model
+    options, values typed as YAML as LAVIS reads ``--options``."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ModelOptionError(f"--options {pair!r}: expected KEY=VALUE, e.g. model.llm_model=/path/to/llm")
+        options[key.removeprefix("model.")] = yaml.safe_load(value)
+    return options
+
+
 def load_model_and_preprocess(
     name: str | None = None,
     model_type: str | None = None,

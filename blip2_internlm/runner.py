@@ -40,10 +40,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from blip2_internlm.checkpoint import (
     CheckpointError,
     load_checkpoint_file,
-    load_weights,
     nonfinite_tensors,
     save_checkpoint_file,
-    state_dict_of,
 )
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.datasets import guard
@@ -125,12 +123,6 @@ class EpochLoader:
         self.sampler.start = start_batch * self.batch_size
         guard.set_epoch(self.dataset, epoch)  # per-sample seeding: augmentations independent of workers
         return iter(self.loader)
-
-
-def is_map_style(dataset) -> bool:
-    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and not isinstance(
-        dataset, torch.utils.data.IterableDataset
-    )
 
 
 def rng_state() -> dict:
@@ -274,7 +266,7 @@ class ReliableRunner(RunnerBase):
         """Map-style train data gets an ``EpochLoader`` (resumable at any batch); everything else
         (evaluation, webdataset streams, ratio-mixed datasets) LAVIS's loaders."""
         resumable = [
-            is_train and not isinstance(dataset, (list, tuple)) and is_map_style(dataset)
+            is_train and not isinstance(dataset, (list, tuple)) and guard.is_map_style(dataset)
             for dataset, is_train in zip(datasets, is_trains)
         ]
         others = [k for k, ours in enumerate(resumable) if not ours]
@@ -568,18 +560,9 @@ class ReliableRunner(RunnerBase):
         return None
 
     def _load_checkpoint(self, url_or_filename, checkpoint: dict | None = None):
-        from blip2_internlm.compat.checkpoints import resolve_checkpoint, trainable_keys
+        from blip2_internlm.compat.checkpoints import restore_training_state
 
-        path = resolve_checkpoint("run.resume_ckpt_path", url_or_filename)
-        if checkpoint is None:
-            checkpoint = load_checkpoint_file(
-                path, map_location=self.device, allow_unsafe=self.config.run_cfg.get("allow_unsafe_checkpoints", None)
-            )
-        model = self.unwrap_dist_model(self.model)
-        load_weights(model, path, required_prefixes=trainable_keys(model), state_dict=state_dict_of(checkpoint, path))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scaler and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
+        path, checkpoint = restore_training_state(self, url_or_filename, checkpoint)
         progress = checkpoint.get("progress")
         if progress is None:  # a LAVIS checkpoint: epoch boundaries only, no counters
             self.progress = Progress(epoch=checkpoint["epoch"] + 1)

@@ -69,6 +69,24 @@ def trainable_keys(model) -> tuple:
     return tuple(name for name, param in model.named_parameters() if param.requires_grad)
 
 
+def restore_training_state(runner, url_or_filename, checkpoint: dict | None = None) -> tuple[str, dict]:
+    """Load a runner checkpoint's weights, optimizer and scaler into ``runner``, safely; returns
+    (path, checkpoint) for what else the runner keeps in it.  ``checkpoint``: already read."""
+    from blip2_internlm.checkpoint import load_checkpoint_file, load_weights, state_dict_of
+
+    path = resolve_checkpoint("run.resume_ckpt_path", url_or_filename)
+    if checkpoint is None:
+        allow_unsafe = runner.config.run_cfg.get("allow_unsafe_checkpoints", None)
+        checkpoint = load_checkpoint_file(path, map_location=runner.device, allow_unsafe=allow_unsafe)
+    model = runner.unwrap_dist_model(runner.model)
+    # every trainable parameter must come back, or training would silently restart it
+    load_weights(model, path, required_prefixes=trainable_keys(model), state_dict=state_dict_of(checkpoint, path))
+    runner.optimizer.load_state_dict(checkpoint["optimizer"])
+    if runner.scaler and checkpoint.get("scaler"):
+        runner.scaler.load_state_dict(checkpoint["scaler"])
+    return path, checkpoint
+
+
 @fix
 def safe_runner_checkpoint_loading():
     """RunnerBase resumes with bare torch.load and a strict load that fails on checkpoints it saved itself (frozen weights are not saved)."""
@@ -76,18 +94,10 @@ def safe_runner_checkpoint_loading():
 
     from lavis.runners.runner_base import RunnerBase
 
-    from blip2_internlm.checkpoint import load_checkpoint_file, load_weights, state_dict_of
+    from blip2_internlm.checkpoint import load_weights
 
     def load_resume_state(self, url_or_filename):
-        path = resolve_checkpoint("run.resume_ckpt_path", url_or_filename)
-        allow_unsafe = self.config.run_cfg.get("allow_unsafe_checkpoints", None)
-        checkpoint = load_checkpoint_file(path, map_location=self.device, allow_unsafe=allow_unsafe)
-        model = self.unwrap_dist_model(self.model)
-        # every trainable parameter must come back, or training would silently restart it
-        load_weights(model, path, required_prefixes=trainable_keys(model), state_dict=state_dict_of(checkpoint, path))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scaler and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
+        path, checkpoint = restore_training_state(self, url_or_filename)
         self.start_epoch = checkpoint["epoch"] + 1
         logger.info("Resume checkpoint from %s", path)
 
