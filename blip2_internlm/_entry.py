@@ -23,11 +23,11 @@ def parse_args(description: str, argv=None):
 
 def setup(description: str, argv=None):
     """Config, distributed mode, seeds and logging, as LAVIS's scripts do; returns (cfg, job_id)."""
-    import blip2_internlm  # noqa: F401  (compat + registration before LAVIS reads the config)
     from lavis.common.config import Config
     from lavis.common.dist_utils import init_distributed_mode
     from lavis.common.logger import setup_logger
 
+    import blip2_internlm  # noqa: F401  (compat + registration before LAVIS reads the config)
     from blip2_internlm.run_config import RunConfigError, validate_run_config
 
     args = parse_args(description, argv)

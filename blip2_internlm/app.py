@@ -32,6 +32,7 @@ MAX_SAMPLES = 48
 
 # --- what to serve ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ModelSource:
     """Everything that decides which model is built; hashable, so it keys Streamlit's resource cache."""
@@ -88,8 +89,13 @@ def load_served_model(source: ModelSource) -> ServedModel:
 
     started = time.perf_counter()
     model, vis_processors, txt_processors = load_model_and_preprocess(
-        source.arch, source.model_type, is_eval=True, device=source.device, checkpoint=source.checkpoint,
-        cfg_path=source.cfg_path, **dict(source.options),
+        source.arch,
+        source.model_type,
+        is_eval=True,
+        device=source.device,
+        checkpoint=source.checkpoint,
+        cfg_path=source.cfg_path,
+        **dict(source.options),
     )
     if type(vis_processors["eval"]) is BaseProcessor:  # LAVIS's stand-in when no processor is configured
         raise ValueError(f"{source.describe()} names no eval image processor (preprocess.vis_processor.eval)")
@@ -101,14 +107,23 @@ def load_served_model(source: ModelSource) -> ServedModel:
 
 # --- generation ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Generation:
     text: str
     seconds: float
 
 
-def caption_image(served: ServedModel, image, *, prompt: str, num_beams: int, max_length: int,
-                  top_p: float | None = None, seed: int = 0) -> Generation:
+def caption_image(
+    served: ServedModel,
+    image,
+    *,
+    prompt: str,
+    num_beams: int,
+    max_length: int,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> Generation:
     """The model's ``generate`` on one PIL image: beam search, or nucleus sampling when ``top_p`` is given
     (seeded, so the same settings give the same caption)."""
     import torch
@@ -120,14 +135,19 @@ def caption_image(served: ServedModel, image, *, prompt: str, num_beams: int, ma
         if sampling:
             torch.manual_seed(seed)
         (text,) = served.model.generate(
-            {"image": pixels}, prompt=prompt, num_beams=num_beams, max_length=max_length,
-            use_nucleus_sampling=sampling, top_p=top_p if sampling else 0.9,
+            {"image": pixels},
+            prompt=prompt,
+            num_beams=num_beams,
+            max_length=max_length,
+            use_nucleus_sampling=sampling,
+            top_p=top_p if sampling else 0.9,
         )
         return Generation(text, time.perf_counter() - started)
 
 
-def answer_question(served: ServedModel, image, question: str, *, prompt: str, num_beams: int,
-                    max_length: int) -> Generation:
+def answer_question(
+    served: ServedModel, image, question: str, *, prompt: str, num_beams: int, max_length: int
+) -> Generation:
     """The model's ``predict_answers`` (LAVIS's VQA contract) on one image and question, the question
     normalised by the evaluation's question processor."""
     import torch
@@ -137,12 +157,15 @@ def answer_question(served: ServedModel, image, question: str, *, prompt: str, n
         pixels = served.vis_processor(image).unsqueeze(0).to(served.source.device)
         (answer,) = served.model.predict_answers(
             {"image": pixels, "text_input": [served.question_processor(question)]},
-            prompt=prompt, num_beams=num_beams, max_len=max_length,
+            prompt=prompt,
+            num_beams=num_beams,
+            max_len=max_length,
         )
         return Generation(answer, time.perf_counter() - started)
 
 
 # --- samples --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -188,6 +211,7 @@ def load_samples(root: Path) -> list[Sample]:
 
 # --- the demo's model -----------------------------------------------------------------------
 
+
 def demo_stage2_checkpoint(demo_output: Path) -> Path:
     """The checkpoint the demo evaluates: ``checkpoint_last.pth`` of the newest stage-2 job under ``demo_output``
     that has a checkpoint, else that job's last epoch checkpoint."""
@@ -200,8 +224,10 @@ def demo_stage2_checkpoint(demo_output: Path) -> Path:
         epochs = [(int(m.group(1)), p) for p in job.iterdir() if (m := EPOCH_CHECKPOINT.match(p.name))]
         if epochs:
             return max(epochs)[1]
-    raise SystemExit(f"no stage-2 checkpoint under {demo_output / 'stage2'}: run `make demo` first "
-                     f"(or pass --checkpoint with --model-type / --cfg-path)")
+    raise SystemExit(
+        f"no stage-2 checkpoint under {demo_output / 'stage2'}: run `make demo` first "
+        f"(or pass --checkpoint with --model-type / --cfg-path)"
+    )
 
 
 def resolve_demo(args) -> None:
@@ -228,20 +254,29 @@ def resolve_demo(args) -> None:
 
 # --- command line ---------------------------------------------------------------------------
 
+
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m blip2_internlm.app",
-        description="Web demo (Streamlit): captions and answers from a stage-2 or fine-tuned checkpoint.")
+        description="Web demo (Streamlit): captions and answers from a stage-2 or fine-tuned checkpoint.",
+    )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
-    which.add_argument("--cfg-path", type=Path,
-                       help="a training/evaluation YAML: its model: section and its dataset's eval processors")
-    which.add_argument("--from-demo", type=Path, metavar="DIR",
-                       help="the model `make demo` trained under DIR (output/demo)")
+    which.add_argument(
+        "--cfg-path", type=Path, help="a training/evaluation YAML: its model: section and its dataset's eval processors"
+    )
+    which.add_argument(
+        "--from-demo", type=Path, metavar="DIR", help="the model `make demo` trained under DIR (output/demo)"
+    )
     parser.add_argument("--checkpoint", type=Path, help="stage-2 or fine-tuned checkpoint (.pth or .safetensors)")
     parser.add_argument("--arch", help="the registered model of --model-type (default: blip2_internlm)")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="model-config overrides, e.g. model.llm_model=DIR (the model. prefix is optional)")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model-config overrides, e.g. model.llm_model=DIR (the model. prefix is optional)",
+    )
     parser.add_argument("--samples", type=Path, help="sample images: a shapes data set or a folder of images")
     parser.add_argument("--lang", choices=sorted(LANGUAGES), help="language selected at start (default zh)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
@@ -283,9 +318,12 @@ def model_source(args) -> ModelSource:
     from blip2_internlm.inference import parse_model_options
 
     return ModelSource(
-        checkpoint=str(Path(args.checkpoint).absolute()), model_type=args.model_type,
+        checkpoint=str(Path(args.checkpoint).absolute()),
+        model_type=args.model_type,
         cfg_path=str(Path(args.cfg_path).absolute()) if args.cfg_path else None,
-        arch=args.arch, options=tuple(parse_model_options(args.options).items()), device=args.device,
+        arch=args.arch,
+        options=tuple(parse_model_options(args.options).items()),
+        device=args.device,
     )
 
 
@@ -311,16 +349,31 @@ def main(argv=None):
 
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port}", flush=True)
     sys.argv = [
-        "streamlit", "run", __file__,
-        "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",
-        "--server.fileWatcherType", "none", "--server.runOnSave", "false", "--browser.gatherUsageStats", "false",
-        "--client.toolbarMode", "minimal",
-        "--", *script_argv(args),
+        "streamlit",
+        "run",
+        __file__,
+        "--server.address",
+        args.host,
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--server.fileWatcherType",
+        "none",
+        "--server.runOnSave",
+        "false",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+        "--",
+        *script_argv(args),
     ]
     sys.exit(cli.main())
 
 
 # --- the page (Streamlit runs this file as a script on every interaction) ---------------------
+
 
 def page(argv) -> None:
     import streamlit as st
@@ -342,30 +395,47 @@ def page(argv) -> None:
 
     with st.sidebar:
         st.header("Model")
-        st.caption(f"{served.source.describe()}  \ncheckpoint `{served.source.checkpoint}`  \n"
-                   f"device {served.source.device}, built in {served.load_seconds:.1f} s")
+        st.caption(
+            f"{served.source.describe()}  \ncheckpoint `{served.source.checkpoint}`  \n"
+            f"device {served.source.device}, built in {served.load_seconds:.1f} s"
+        )
         with st.expander("Checkpoint load report"):
             st.text(served.load_report)
-        lang = st.radio("Language", list(LANGUAGES), index=list(LANGUAGES).index(args.lang),
-                        format_func=LANGUAGES.get, horizontal=True, key="lang")
+        lang = st.radio(
+            "Language",
+            list(LANGUAGES),
+            index=list(LANGUAGES).index(args.lang),
+            format_func=LANGUAGES.get,
+            horizontal=True,
+            key="lang",
+        )
         st.header("Generation")
         num_beams = st.slider("Beam size", 1, 10, 5, key="num_beams")
-        sampling = st.toggle("Nucleus sampling (captions)", key="sampling",
-                             help="Answers always use beam search, as VQA evaluation does.")
+        sampling = st.toggle(
+            "Nucleus sampling (captions)",
+            key="sampling",
+            help="Answers always use beam search, as VQA evaluation does.",
+        )
         top_p = st.slider("top-p", 0.05, 1.0, 0.9, 0.05, disabled=not sampling, key="top_p")
         seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, disabled=not sampling, key="seed"))
         max_caption = st.slider("Max caption length (tokens)", 1, 100, 30, key="max_caption")
         max_answer = st.slider("Max answer length (tokens)", 1, 50, 10, key="max_answer")
         with st.expander("Prompts"):
             caption_prompt = st.text_input("Caption prompt", CAPTION_PROMPTS[lang], key=f"caption_prompt_{lang}")
-            vqa_prompt = st.text_input("Question prompt ({} is the question)", VQA_PROMPTS[lang],
-                                       key=f"vqa_prompt_{lang}")
+            vqa_prompt = st.text_input(
+                "Question prompt ({} is the question)", VQA_PROMPTS[lang], key=f"vqa_prompt_{lang}"
+            )
 
     image_column, text_column = st.columns([1, 2])
     with image_column:
         upload = st.file_uploader("Upload an image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES], key="upload")
-        sample = st.selectbox("…or pick a sample", samples, format_func=lambda s: s.name, key="sample",
-                              disabled=upload is not None) if samples else None
+        sample = (
+            st.selectbox(
+                "…or pick a sample", samples, format_func=lambda s: s.name, key="sample", disabled=upload is not None
+            )
+            if samples
+            else None
+        )
         if upload is not None:
             data, name = upload.getvalue(), upload.name
         elif sample is not None:
@@ -388,19 +458,29 @@ def page(argv) -> None:
         caption_settings = (digest, caption_prompt, num_beams, max_caption) + ((top_p, seed) if sampling else ())
         if st.session_state.get("caption_settings") != caption_settings:
             st.session_state.caption = caption_image(
-                served, image, prompt=caption_prompt, num_beams=num_beams, max_length=max_caption,
-                top_p=top_p if sampling else None, seed=seed,
+                served,
+                image,
+                prompt=caption_prompt,
+                num_beams=num_beams,
+                max_length=max_caption,
+                top_p=top_p if sampling else None,
+                seed=seed,
             )
             st.session_state.caption_settings = caption_settings
         how = f"sampling top-p {top_p:g} seed {seed}" if sampling else f"beam {num_beams}"
-        show_generation("caption", st.session_state.caption, served.source.device,
-                        f"{name} · {LANGUAGES[lang]} · {how} · max {max_caption} tokens")
+        show_generation(
+            "caption",
+            st.session_state.caption,
+            served.source.device,
+            f"{name} · {LANGUAGES[lang]} · {how} · max {max_caption} tokens",
+        )
 
         st.subheader("Question")
         with st.form("ask", border=False):
             suggestions = sample.questions.get(lang, []) if upload is None and sample is not None else []
-            question = st.text_input("Question", key="question",
-                                     placeholder=suggestions[0][0] if suggestions else VQA_EXAMPLES[lang])
+            question = st.text_input(
+                "Question", key="question", placeholder=suggestions[0][0] if suggestions else VQA_EXAMPLES[lang]
+            )
             if st.form_submit_button("Ask") and question.strip():
                 st.session_state.asked = question.strip()
         asked = st.session_state.get("asked")
@@ -408,11 +488,20 @@ def page(argv) -> None:
             answer_settings = (digest, asked, vqa_prompt, num_beams, max_answer)
             if st.session_state.get("answer_settings") != answer_settings:
                 st.session_state.answer = answer_question(
-                    served, image, asked, prompt=vqa_prompt, num_beams=num_beams, max_length=max_answer,
+                    served,
+                    image,
+                    asked,
+                    prompt=vqa_prompt,
+                    num_beams=num_beams,
+                    max_length=max_answer,
                 )
                 st.session_state.answer_settings = answer_settings
-            show_generation("answer", st.session_state.answer, served.source.device,
-                            f"{asked} · {name} · {LANGUAGES[lang]} · beam {num_beams} · max {max_answer} tokens")
+            show_generation(
+                "answer",
+                st.session_state.answer,
+                served.source.device,
+                f"{asked} · {name} · {LANGUAGES[lang]} · beam {num_beams} · max {max_answer} tokens",
+            )
         if suggestions:
             st.caption("Questions with reference answers: " + "; ".join(f"{q} → {a}" for q, a in suggestions))
 

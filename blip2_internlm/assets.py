@@ -204,12 +204,14 @@ def _build_tiny_bert_zh(out: Path) -> None:
     # (https://huggingface.co/google-bert/bert-base-chinese/blob/main/tokenizer_config.json);
     # tokenize_chinese_chars is BertTokenizer's default there, spelled out here.
     (out / "tokenizer_config.json").write_text(
-        json.dumps({
-            "do_lower_case": False,
-            "tokenize_chinese_chars": True,
-            "model_max_length": 128,
-            "tokenizer_class": "BertTokenizer",
-        })
+        json.dumps(
+            {
+                "do_lower_case": False,
+                "tokenize_chinese_chars": True,
+                "model_max_length": 128,
+                "tokenizer_class": "BertTokenizer",
+            }
+        )
     )
 
 
@@ -247,7 +249,9 @@ _VIT_HOW = (
 def resolve_vit_weights(vit_model: str, value, image_size: int, key: str = "model.vit_weights") -> Path:
     if str(value) == TINY:
         if vit_model != TINY:
-            raise AssetMissingError(key, value, f"generated weights exist only for vit_model 'tiny', not {vit_model!r}", _VIT_HOW)
+            raise AssetMissingError(
+                key, value, f"generated weights exist only for vit_model 'tiny', not {vit_model!r}", _VIT_HOW
+            )
         from blip2_internlm.models.vision import build_tiny_vit_weights
 
         directory = generated(f"tiny-vit-{image_size}px", lambda out: build_tiny_vit_weights(out, image_size))

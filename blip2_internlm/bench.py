@@ -50,9 +50,9 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from unittest import mock
 
 import torch
@@ -92,8 +92,18 @@ def load_size(name: str) -> dict:
     if not path.is_file():
         raise ValueError(f"--size {name!r}: no {path}; sizes: {size_names()}")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    required = {"image_size", "batch_size", "vit_model", "qformer", "num_query_token", "cross_attention_freq",
-                "llm", "caption_tokens", "vqa_tokens", "precision"}
+    required = {
+        "image_size",
+        "batch_size",
+        "vit_model",
+        "qformer",
+        "num_query_token",
+        "cross_attention_freq",
+        "llm",
+        "caption_tokens",
+        "vqa_tokens",
+        "precision",
+    }
     missing = sorted(required - set(cfg))
     if missing:
         raise ValueError(f"{path} lacks keys {missing}")
@@ -174,8 +184,12 @@ def _llm_dir(kind: str, config, tokenizer_source: str, files: tuple) -> Path:
 
 def internlm2_dir(size: dict) -> Path:
     """An InternLM2 directory: the size's config and the generated tiny InternLM2's tokenizer."""
-    return _llm_dir("internlm2", internlm2_config(size), "tiny",
-                    ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"))
+    return _llm_dir(
+        "internlm2",
+        internlm2_config(size),
+        "tiny",
+        ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"),
+    )
 
 
 def opt_dir(size: dict) -> Path:
@@ -211,9 +225,11 @@ def random_weights(dtype_override: dict | None = None):
         nothing_missing = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return (model, nothing_missing) if output_loading_info else model
 
-    with mock.patch.object(PreTrainedModel, "from_pretrained", classmethod(from_config)), mock.patch.object(
-        assets, "resolve_vit_weights", lambda *args, **kwargs: None
-    ), mock.patch.object(vision, "load_vit_weights", lambda model, path: None):
+    with (
+        mock.patch.object(PreTrainedModel, "from_pretrained", classmethod(from_config)),
+        mock.patch.object(assets, "resolve_vit_weights", lambda *args, **kwargs: None),
+        mock.patch.object(vision, "load_vit_weights", lambda model, path: None),
+    ):
         yield
 
 
@@ -330,8 +346,14 @@ def build_ours(size: dict, device: str, seed: int = 0, **overrides):
 
     precision = _precision(size, device)
     # autocast as the InternLM2 model types set it: bf16 on GPUs that have it, none on the CPU
-    cfg = {**_model_cfg(size, device), "arch": "blip2_internlm", "llm_model": str(internlm2_dir(size)),
-           "llm_precision": precision["internlm2"], "autocast_dtype": "auto", **overrides}
+    cfg = {
+        **_model_cfg(size, device),
+        "arch": "blip2_internlm",
+        "llm_model": str(internlm2_dir(size)),
+        "llm_precision": precision["internlm2"],
+        "autocast_dtype": "auto",
+        **overrides,
+    }
     torch.manual_seed(seed)
     with random_weights(), _on(device):
         model = Blip2InternLM.from_config(OmegaConf.create(cfg))
@@ -472,8 +494,12 @@ def measure(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1
         times.append(time.perf_counter() - start)
     memory = _peak_memory_growth(device, base)
     flops = count_flops(fn)
-    return dict(times_s=[round(t, 5) for t in times], median_s=statistics.median(times), flops=flops,
-                peak_memory_growth_bytes=memory)
+    return dict(
+        times_s=[round(t, 5) for t in times],
+        median_s=statistics.median(times),
+        flops=flops,
+        peak_memory_growth_bytes=memory,
+    )
 
 
 def peak_matmul_flops(device: str, sizes=None) -> dict:
@@ -598,15 +624,24 @@ class Side:
 
             def run():
                 with counting_new_tokens(self.llm, prompt_tokens, record):
-                    return model.generate({**visual, "prompt": prompt}, num_beams=NUM_BEAMS,
-                                          max_length=new_tokens, min_length=prompt_tokens + new_tokens)
+                    return model.generate(
+                        {**visual, "prompt": prompt},
+                        num_beams=NUM_BEAMS,
+                        max_length=new_tokens,
+                        min_length=prompt_tokens + new_tokens,
+                    )
 
             return run
 
         def run():
             with counting_new_tokens(self.llm, 0, record):
-                return model.predict_answers({**visual, "text_input": questions}, num_beams=NUM_BEAMS,
-                                             max_len=new_tokens, min_len=new_tokens, prompt=VQA_PROMPT)
+                return model.predict_answers(
+                    {**visual, "text_input": questions},
+                    num_beams=NUM_BEAMS,
+                    max_len=new_tokens,
+                    min_len=new_tokens,
+                    prompt=VQA_PROMPT,
+                )
 
         return run
 
@@ -621,8 +656,15 @@ def machine_info(device: str) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), platform=platform.platform(), load_average=os.getloadavg())
+    info = dict(
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        load_average=os.getloadavg(),
+    )
     try:
         import transformers
 
@@ -640,8 +682,14 @@ SECTIONS = ("lavis", "ours", "reliability", "caption_cli")
 
 
 class Bench:
-    def __init__(self, size_name: str, device: str, repeats: int, batch_size: int | None = None,
-                 out_dir: Path = Path("output/bench")):
+    def __init__(
+        self,
+        size_name: str,
+        device: str,
+        repeats: int,
+        batch_size: int | None = None,
+        out_dir: Path = Path("output/bench"),
+    ):
         self.size_name, self.device, self.repeats = size_name, device, repeats
         self.size = load_size(size_name)
         self.batch_size = batch_size or self.size["batch_size"]
@@ -657,8 +705,16 @@ class Bench:
         print(f"  note: {text}", flush=True)
         self.notes.append(text)
 
-    def row(self, task: str, variant: str, side: Side | None, make_fn: Callable[[], Callable], images: int,
-            tokens: list | None = None, status: str | None = None) -> dict:
+    def row(
+        self,
+        task: str,
+        variant: str,
+        side: Side | None,
+        make_fn: Callable[[], Callable],
+        images: int,
+        tokens: list | None = None,
+        status: str | None = None,
+    ) -> dict:
         row = dict(task=task, variant=variant, model=side.label if side else None, images=images, status="ok")
         if status is not None:
             row["status"] = status
@@ -681,7 +737,9 @@ class Bench:
         print(f"  {task:10s} {variant:44s} {shown}", flush=True)
         return row
 
-    def measure_side(self, side: Side, variant: str, tasks=("train", "caption", "vqa"), visual: dict | None = None) -> None:
+    def measure_side(
+        self, side: Side, variant: str, tasks=("train", "caption", "vqa"), visual: dict | None = None
+    ) -> None:
         """``visual``: what stands for the images (default the images; ours may read cached ViT output)."""
         inputs, size, batch = self.inputs, self.size, self.batch_size
         visual = visual or {"image": inputs["images"]}
@@ -690,11 +748,15 @@ class Bench:
             self.row("train_step", variant, side, lambda: side.train_step(samples), batch)
         if "caption" in tasks:
             tokens = []
-            self.row("caption", variant, side, lambda: side.caption(visual, size["caption_tokens"], tokens), batch, tokens)
+            self.row(
+                "caption", variant, side, lambda: side.caption(visual, size["caption_tokens"], tokens), batch, tokens
+            )
         if "vqa" in tasks:
             tokens = []
             questions = [inputs["question"]] * batch
-            self.row("vqa", variant, side, lambda: side.vqa(visual, questions, size["vqa_tokens"], tokens), batch, tokens)
+            self.row(
+                "vqa", variant, side, lambda: side.vqa(visual, questions, size["vqa_tokens"], tokens), batch, tokens
+            )
 
     def baselines(self) -> None:
         variants = [("LAVIS blip2_opt as shipped (OPT fp16)", None)]
@@ -707,8 +769,15 @@ class Bench:
                 for task in ("train_step", "caption", "vqa"):
                     self.row(task, label, None, None, self.batch_size, status=f"error: cannot build: {err}")
                 continue
-            side = Side(label, model, True, notes={"attention": lavis_eager_attention(model),
-                                                   "class": f"{type(model).__module__}.{type(model).__qualname__}"})
+            side = Side(
+                label,
+                model,
+                True,
+                notes={
+                    "attention": lavis_eager_attention(model),
+                    "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                },
+            )
             self.measure_side(side, label)
             del side, model
             gc.collect()
@@ -752,9 +821,14 @@ class Bench:
         no_autocast = dict(autocast_dtype="off")
         if _precision(self.size, self.device)["vit"] == "fp16":  # LAVIS's fp16 ViT runs only under autocast
             no_autocast["vit_precision"] = "fp32"
-        builds = [(dict(autocast_dtype="bf16"), ("train", "caption", "vqa")), (no_autocast, ("train", "caption", "vqa"))]
+        builds = [
+            (dict(autocast_dtype="bf16"), ("train", "caption", "vqa")),
+            (no_autocast, ("train", "caption", "vqa")),
+        ]
         if torch.device(self.device).type != "cuda":
-            self.note("fp16 autocast + loss scaling: not measured on CPU (autocast_dtype fp16 means no autocast on CPU)")
+            self.note(
+                "fp16 autocast + loss scaling: not measured on CPU (autocast_dtype fp16 means no autocast on CPU)"
+            )
         other = "fp32" if _precision(self.size, self.device)["internlm2"] != "fp32" else "bf16"
         builds.append((dict(llm_precision=other), ("train", "caption", "vqa")))
         builds.append((dict(llm_grad_checkpoint=True), ("train",)))
@@ -786,25 +860,50 @@ class Bench:
 
         side = self.ours()
         samples = {"image": self.inputs["images"], "text_input": self.inputs["captions"]}
-        plain = self.row("train_step", "ours: default (reliability baseline)", side, lambda: side.train_step(samples),
-                         self.batch_size)
-        guarded = self.row("train_step", "ours: default + non-finite guard", side,
-                           lambda: side.guarded_train_step(samples), self.batch_size)
+        plain = self.row(
+            "train_step",
+            "ours: default (reliability baseline)",
+            side,
+            lambda: side.train_step(samples),
+            self.batch_size,
+        )
+        guarded = self.row(
+            "train_step",
+            "ours: default + non-finite guard",
+            side,
+            lambda: side.guarded_train_step(samples),
+            self.batch_size,
+        )
         model = side.model
         frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         for param in optimizer.param_groups[0]["params"]:  # optimizer state as after a step
-            optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(param),
-                                      "exp_avg_sq": torch.zeros_like(param)}
-        state = {"model": {k: v for k, v in model.state_dict().items() if k not in frozen},
-                 "optimizer": optimizer.state_dict()}
+            optimizer.state[param] = {
+                "step": torch.tensor(1.0),
+                "exp_avg": torch.zeros_like(param),
+                "exp_avg_sq": torch.zeros_like(param),
+            }
+        state = {
+            "model": {k: v for k, v in model.state_dict().items() if k not in frozen},
+            "optimizer": optimizer.state_dict(),
+        }
         with tempfile.TemporaryDirectory(dir=self.out_dir) as directory:
             target = Path(directory) / "checkpoint_last.pth"
             saves = {
-                "torch.save": self.row("checkpoint_save", "torch.save in place (LAVIS)", None,
-                                       lambda: lambda: torch.save(state, target), self.batch_size),
-                "atomic": self.row("checkpoint_save", "atomic: temporary + fsync + rename", None,
-                                   lambda: lambda: save_checkpoint_file(state, target), self.batch_size),
+                "torch.save": self.row(
+                    "checkpoint_save",
+                    "torch.save in place (LAVIS)",
+                    None,
+                    lambda: lambda: torch.save(state, target),
+                    self.batch_size,
+                ),
+                "atomic": self.row(
+                    "checkpoint_save",
+                    "atomic: temporary + fsync + rename",
+                    None,
+                    lambda: lambda: save_checkpoint_file(state, target),
+                    self.batch_size,
+                ),
             }
             size = target.stat().st_size
         if all(row["status"] == "ok" for row in (plain, guarded, *saves.values())):
@@ -815,8 +914,12 @@ class Bench:
                 "checkpoint bytes": size,
                 "atomic save over torch.save, ms per save": round(extra_save * 1e3, 1),
                 "atomic save over torch.save, % of a step, per save": round(100 * extra_save / step, 2),
-                **{f"atomic save, % of a step, amortised at save_every_iters={n}": round(100 * saves["atomic"]["median_s"] / (n * step), 3)
-                   for n in (100, 1000)},
+                **{
+                    f"atomic save, % of a step, amortised at save_every_iters={n}": round(
+                        100 * saves["atomic"]["median_s"] / (n * step), 3
+                    )
+                    for n in (100, 1000)
+                },
             }
             for key, value in self.overheads.items():
                 self.note(f"{key}: {value}")
@@ -837,8 +940,9 @@ class Bench:
         model = side.model.eval()
         count, new_tokens = batches * self.batch_size, self.size["caption_tokens"]
         processor = BlipImageEvalProcessor(image_size=self.size["image_size"])
-        generation = caption.Generation(mode="caption", prompt=model.prompt, num_beams=NUM_BEAMS, max_len=new_tokens,
-                                        min_len=new_tokens)
+        generation = caption.Generation(
+            mode="caption", prompt=model.prompt, num_beams=NUM_BEAMS, max_len=new_tokens, min_len=new_tokens
+        )
         generator = torch.Generator().manual_seed(0)
         with tempfile.TemporaryDirectory(dir=self.out_dir) as directory:
             folder = Path(directory)
@@ -860,17 +964,29 @@ class Bench:
                     raise RuntimeError(f"the caption loop wrote {summary.written} rows, {summary.errors} errors")
 
             rows = {
-                "generate": self.row("caption_cli", "generate, batched, images in memory", side,
-                                     lambda: lambda: [generation(model, batch, None) for batch in in_memory], count),
-                "command": self.row("caption_cli", f"caption command loop: {caption.WORKERS} decode workers + JSONL",
-                                    side, lambda: command_loop, count),
+                "generate": self.row(
+                    "caption_cli",
+                    "generate, batched, images in memory",
+                    side,
+                    lambda: lambda: [generation(model, batch, None) for batch in in_memory],
+                    count,
+                ),
+                "command": self.row(
+                    "caption_cli",
+                    f"caption command loop: {caption.WORKERS} decode workers + JSONL",
+                    side,
+                    lambda: command_loop,
+                    count,
+                ),
             }
         if all(row["status"] == "ok" for row in rows.values()):
             ratio = rows["command"]["median_s"] / rows["generate"]["median_s"]
-            self.note(f"caption command: {rows['command']['images_per_s']:.2f} images/s against generate's "
-                      f"{rows['generate']['images_per_s']:.2f}: time ratio {ratio:.3f}, "
-                      f"overhead {100 * (ratio - 1):.1f}% "
-                      f"(target <= 10%; {count} JPEGs of 640x480, batch {self.batch_size})")
+            self.note(
+                f"caption command: {rows['command']['images_per_s']:.2f} images/s against generate's "
+                f"{rows['generate']['images_per_s']:.2f}: time ratio {ratio:.3f}, "
+                f"overhead {100 * (ratio - 1):.1f}% "
+                f"(target <= 10%; {count} JPEGs of 640x480, batch {self.batch_size})"
+            )
 
     def length_sorted_vqa(self, side: Side) -> None:
         from blip2_internlm.compat.tasks import sort_by_question_length
@@ -889,8 +1005,10 @@ class Bench:
             tokens = []
 
             def make(questions=questions, tokens=tokens):
-                runs = [side.vqa(visual, questions[i : i + batch], self.size["vqa_tokens"], tokens)
-                        for i in range(0, len(questions), batch)]
+                runs = [
+                    side.vqa(visual, questions[i : i + batch], self.size["vqa_tokens"], tokens)
+                    for i in range(0, len(questions), batch)
+                ]
                 return lambda: [run() for run in runs]
 
             self.row("vqa_mixed", f"ours: mixed questions, {name}", side, make, len(questions), tokens)
@@ -905,8 +1023,14 @@ class Bench:
             if row["status"] != "ok":
                 continue
             if row["task"] == "vqa_mixed":
-                ref = next((r for r in self.rows if r["task"] == "vqa_mixed" and "dataset order" in r["variant"]
-                            and r["status"] == "ok"), None)
+                ref = next(
+                    (
+                        r
+                        for r in self.rows
+                        if r["task"] == "vqa_mixed" and "dataset order" in r["variant"] and r["status"] == "ok"
+                    ),
+                    None,
+                )
                 if ref:
                     row["time_vs"] = {"ours: dataset order": row["median_s"] / ref["median_s"]}
                 continue
@@ -914,27 +1038,39 @@ class Bench:
 
     def targets(self) -> dict:
         def find(task, variant):
-            return next((r for r in self.rows if r["task"] == task and r["variant"] == variant and r["status"] == "ok"), None)
+            return next(
+                (r for r in self.rows if r["task"] == task and r["variant"] == variant and r["status"] == "ok"), None
+            )
 
         out = {}
         for row in self.rows:
             if row["task"] == "train_step" and row["status"] == "ok" and not row["variant"].startswith("LAVIS"):
                 for base, ratio in row.get("time_vs", {}).items():
-                    out.setdefault("train_step_time_vs_lavis (target <= 0.7)", {})[f"{row['variant']} / {base}"] = round(ratio, 3)
-        for uncached, cached in (("ours: default", "ours: feature cache on"),
-                                 ("ours: autocast_dtype=bf16", "ours: autocast_dtype=bf16, feature cache on")):
+                    out.setdefault("train_step_time_vs_lavis (target <= 0.7)", {})[f"{row['variant']} / {base}"] = (
+                        round(ratio, 3)
+                    )
+        for uncached, cached in (
+            ("ours: default", "ours: feature cache on"),
+            ("ours: autocast_dtype=bf16", "ours: autocast_dtype=bf16, feature cache on"),
+        ):
             uncached, cached = find("train_step", uncached), find("train_step", cached)
             if uncached and cached:
                 out.setdefault("cached_step_vs_uncached (target <= 0.5)", {})[
-                    f"{cached['variant']} / {uncached['variant']}"] = round(cached["median_s"] / uncached["median_s"], 3)
+                    f"{cached['variant']} / {uncached['variant']}"
+                ] = round(cached["median_s"] / uncached["median_s"], 3)
         for row in self.rows:
             if row["task"] == "vqa" and row["status"] == "ok" and not row["variant"].startswith("LAVIS"):
                 for base, ratio in row.get("time_vs", {}).items():
-                    out.setdefault("vqa_throughput_vs_lavis (target >= 1.5)", {})[f"{row['variant']} / {base}"] = round(1 / ratio, 3)
+                    out.setdefault("vqa_throughput_vs_lavis (target >= 1.5)", {})[f"{row['variant']} / {base}"] = round(
+                        1 / ratio, 3
+                    )
         return out
 
     def run(self, skip_toggles: bool = False, sections=SECTIONS) -> dict:
-        print(f"bench size={self.size_name} device={self.device} batch={self.batch_size} repeats={self.repeats}", flush=True)
+        print(
+            f"bench size={self.size_name} device={self.device} batch={self.batch_size} repeats={self.repeats}",
+            flush=True,
+        )
         self.peaks = peak_matmul_flops(self.device)
         print("  peak matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peaks.items()), flush=True)
         with lavis_opt_generation():
@@ -948,19 +1084,34 @@ class Bench:
             self.caption_cli()
         self.ratios()
         return dict(
-            size=self.size_name, device=self.device, batch_size=self.batch_size, repeats=self.repeats,
-            size_config=self.size, machine=machine_info(self.device), peak_matmul_flops=self.peaks,
-            notes=self.notes, rows=self.rows, targets=self.targets(), reliability_overheads=self.overheads,
-            generation=dict(num_beams=NUM_BEAMS, caption_new_tokens=self.size["caption_tokens"],
-                            vqa_new_tokens=self.size["vqa_tokens"], vqa_prompt=VQA_PROMPT,
-                            forced_length="min length = max length on both sides (LAVIS: min_length counts its prompt ids)"),
+            size=self.size_name,
+            device=self.device,
+            batch_size=self.batch_size,
+            repeats=self.repeats,
+            size_config=self.size,
+            machine=machine_info(self.device),
+            peak_matmul_flops=self.peaks,
+            notes=self.notes,
+            rows=self.rows,
+            targets=self.targets(),
+            reliability_overheads=self.overheads,
+            generation=dict(
+                num_beams=NUM_BEAMS,
+                caption_new_tokens=self.size["caption_tokens"],
+                vqa_new_tokens=self.size["vqa_tokens"],
+                vqa_prompt=VQA_PROMPT,
+                forced_length="min length = max length on both sides (LAVIS: min_length counts its prompt ids)",
+            ),
         )
 
 
 def format_table(result: dict) -> str:
     bases = sorted({b for r in result["rows"] for b in r.get("time_vs", {}) if b.startswith("LAVIS")})
-    head = ["task", "variant", "median ms", "img/s"] + [f"time / [{i}]" for i in range(len(bases))] + [
-        "GFLOP/s", "% fp32 peak", "% bf16 peak", "peak mem MB"]
+    head = (
+        ["task", "variant", "median ms", "img/s"]
+        + [f"time / [{i}]" for i in range(len(bases))]
+        + ["GFLOP/s", "% fp32 peak", "% bf16 peak", "peak mem MB"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         if r["status"] != "ok":
@@ -969,8 +1120,12 @@ def format_table(result: dict) -> str:
             mem = r.get("peak_memory_growth_bytes")
             cells = [r["task"], r["variant"], f"{r['median_s'] * 1e3:.1f}", f"{r['images_per_s']:.2f}"]
             cells += [f"{r['time_vs'][b]:.3f}" if b in r.get("time_vs", {}) else "" for b in bases]
-            cells += [f"{r['gflops_per_s']:.1f}", f"{r.get('pct_of_fp32_peak', 0):.1f}", f"{r.get('pct_of_bf16_peak', 0):.1f}",
-                      "" if mem is None else f"{mem / 2**20:.0f}"]
+            cells += [
+                f"{r['gflops_per_s']:.1f}",
+                f"{r.get('pct_of_fp32_peak', 0):.1f}",
+                f"{r.get('pct_of_bf16_peak', 0):.1f}",
+                "" if mem is None else f"{mem / 2**20:.0f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     legend = [f"[{i}] = {b}" for i, b in enumerate(bases)]
     return "\n".join(lines + [""] + legend)
@@ -984,8 +1139,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the size's)")
     parser.add_argument("--skip-toggles", action="store_true", help="baseline vs our default only")
     parser.add_argument("--out-dir", type=Path, default=Path("output/bench"))
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)"
+    )
     args = parser.parse_args(argv)
     sections = [name for name in args.sections.split(",") if name]
     if not sections or set(sections) - set(SECTIONS):

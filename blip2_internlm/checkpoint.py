@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 
@@ -94,7 +94,9 @@ def load_checkpoint_file(path, map_location="cpu", allow_unsafe: bool | None = N
         logger.warning("Unpickling %s with weights_only=False (explicit opt-in).", path)
         return torch.load(path, map_location=map_location, weights_only=False)
     except (EOFError, RuntimeError) as err:  # a legacy pickle cut short, or a damaged zip member
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unexpected end of file'})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or truncated ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unexpected end of file'})"
+        ) from None
 
 
 def _legacy_pickles_complete(path: Path) -> bool:
@@ -122,7 +124,9 @@ def _load_safetensors(path: Path, map_location) -> dict:
     try:
         return load_file(str(path), device=str(map_location))
     except SafetensorError as err:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file (truncated or foreign): {err}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable safetensors file (truncated or foreign): {err}"
+        ) from None
 
 
 def save_checkpoint_file(obj, path) -> Path:
@@ -171,7 +175,11 @@ def _os_error_in(err: BaseException | None) -> OSError | None:
 
 def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors in ``state`` that hold a NaN or an infinity."""
-    return [name for name, tensor in state.items() if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    return [
+        name
+        for name, tensor in state.items()
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
 
 
 def state_dict_of(checkpoint: Mapping, path="<checkpoint>") -> Mapping[str, torch.Tensor]:

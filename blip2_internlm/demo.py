@@ -48,8 +48,19 @@ def run_logged(command: list[str], log: Path) -> str:
 
 
 def torchrun(module: str, cfg: str, options: list[str], nproc: int, log: Path) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", module, "--cfg-path", str(CONFIGS / cfg), "--options", *options]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        "--cfg-path",
+        str(CONFIGS / cfg),
+        "--options",
+        *options,
+    ]
     return run_logged(command, log)
 
 
@@ -84,26 +95,66 @@ def main(argv=None):
     started = time.time()
     llm_dir = output / "llm"
     hidden, layers = args.llm.split("x")
-    run_logged([sys.executable, "-m", "blip2_internlm.internlm2.pretrain_text", "--out", str(llm_dir),
-                       "--hidden", hidden, "--layers", layers], output / "logs" / "llm.log")
+    run_logged(
+        [
+            sys.executable,
+            "-m",
+            "blip2_internlm.internlm2.pretrain_text",
+            "--out",
+            str(llm_dir),
+            "--hidden",
+            hidden,
+            "--layers",
+            layers,
+        ],
+        output / "logs" / "llm.log",
+    )
     losses = json.loads((llm_dir / "pretraining.json").read_text())["losses"]
-    result["stages"]["llm_pretraining"] = {"seconds": round(time.time() - started, 1), "final_loss": losses[-1],
-                                           "curve": [(i / len(losses), l) for i, l in enumerate(losses)][::10]}
+    result["stages"]["llm_pretraining"] = {
+        "seconds": round(time.time() - started, 1),
+        "final_loss": losses[-1],
+        "curve": [(i / len(losses), l) for i, l in enumerate(losses)][::10],
+    }
 
     checkpoint = None
     # quoted: LAVIS parses --options values as YAML, and "Question: {}" would be a mapping
     caption_prompt = "model.prompt=" + json.dumps(CAPTION_PROMPTS[lang], ensure_ascii=False)
     plan = [
         ("stage1", "blip2_internlm.train", "pretrain_stage1.yaml", "shapes_caption", []),
-        ("stage2", "blip2_internlm.train", "pretrain_stage2.yaml", "shapes_caption", [f"model.llm_model={llm_dir}", caption_prompt]),
-        ("caption_eval", "blip2_internlm.evaluate", "caption_eval.yaml", "shapes_caption",
-         [f"model.llm_model={llm_dir}", caption_prompt, "run.caption_tokenizer=" + ("char" if lang == "zh" else "words")]),
-        ("vqa_eval", "blip2_internlm.evaluate", "vqa_zeroshot.yaml", "shapes_vqa",
-         [f"model.llm_model={llm_dir}", "run.prompt=" + json.dumps(VQA_PROMPTS[lang], ensure_ascii=False)]),
+        (
+            "stage2",
+            "blip2_internlm.train",
+            "pretrain_stage2.yaml",
+            "shapes_caption",
+            [f"model.llm_model={llm_dir}", caption_prompt],
+        ),
+        (
+            "caption_eval",
+            "blip2_internlm.evaluate",
+            "caption_eval.yaml",
+            "shapes_caption",
+            [
+                f"model.llm_model={llm_dir}",
+                caption_prompt,
+                "run.caption_tokenizer=" + ("char" if lang == "zh" else "words"),
+            ],
+        ),
+        (
+            "vqa_eval",
+            "blip2_internlm.evaluate",
+            "vqa_zeroshot.yaml",
+            "shapes_vqa",
+            [f"model.llm_model={llm_dir}", "run.prompt=" + json.dumps(VQA_PROMPTS[lang], ensure_ascii=False)],
+        ),
     ]
     for name, module, cfg, dataset, extra in plan:
         stage_out = output / name
-        options = common + [o.format(dataset) for o in data] + [f"datasets.{dataset}.lang={lang}", f"run.output_dir={stage_out}"] + extra
+        options = (
+            common
+            + [o.format(dataset) for o in data]
+            + [f"datasets.{dataset}.lang={lang}", f"run.output_dir={stage_out}"]
+            + extra
+        )
         if name == "stage2":
             options.append(f"model.pretrained={checkpoint}")
         if name.endswith("_eval"):
@@ -138,13 +189,17 @@ def main(argv=None):
 
 # --- report ------------------------------------------------------------------------------
 
+
 def svg_curve(points, title, width=420, height=160) -> str:
     if not points:
         return ""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
     span_x, span_y = (x1 - x0) or 1, (y1 - y0) or 1
-    coords = " ".join(f"{30 + (x - x0) / span_x * (width - 40):.1f},{10 + (1 - (y - y0) / span_y) * (height - 30):.1f}" for x, y in points)
+    coords = " ".join(
+        f"{30 + (x - x0) / span_x * (width - 40):.1f},{10 + (1 - (y - y0) / span_y) * (height - 30):.1f}"
+        for x, y in points
+    )
     return (
         f'<figure><svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
         f'<polyline fill="none" stroke="#2a6" stroke-width="1.5" points="{coords}"/>'
@@ -186,10 +241,14 @@ def report_html(result: dict, output: Path, examples: int = 12) -> str:
             f"<td>{html.escape(' / '.join(record['caption']))}</td><td>{mark} {html.escape(predicted)}</td><td><ul>{qa}</ul></td></tr>"
         )
     curves = "".join(svg_curve(s.get("curve", []), name) for name, s in stages.items())
-    summary = "".join(f"<tr><th>{html.escape(k)}</th><td>{v if not isinstance(v, float) else f'{v:.2f}'}</td></tr>" for k, v in result["summary"].items())
+    summary = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{v if not isinstance(v, float) else f'{v:.2f}'}</td></tr>"
+        for k, v in result["summary"].items()
+    )
     metrics = "".join(
         f"<tr><th>{name}</th><td>{html.escape(json.dumps(s['metrics'], ensure_ascii=False))}</td></tr>"
-        for name, s in stages.items() if "metrics" in s
+        for name, s in stages.items()
+        if "metrics" in s
     )
     return f"""<!doctype html><html lang="{lang}"><meta charset="utf-8"><title>blip2-internlm demo</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{image-rendering:pixelated}}</style>
@@ -197,7 +256,7 @@ def report_html(result: dict, output: Path, examples: int = 12) -> str:
 <h2>Summary</h2><table>{summary}</table>
 <h2>Metrics</h2><table>{metrics}</table>
 <h2>Loss curves</h2>{curves}
-<h2>Held-out images</h2><table><tr><th>image</th><th>references</th><th>generated</th><th>VQA (zero-shot)</th></tr>{''.join(rows)}</table>
+<h2>Held-out images</h2><table><tr><th>image</th><th>references</th><th>generated</th><th>VQA (zero-shot)</th></tr>{"".join(rows)}</table>
 </html>"""
 
 

@@ -126,13 +126,23 @@ def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm
     if problems:
         raise ExportError("the EVA ViT cannot map to transformers' Blip2VisionModel: " + "; ".join(problems))
     if ln_vision.eps != eps:
-        logger.info("ln_vision eps %g becomes post_layernorm eps %g (Blip2VisionConfig has one layer_norm_eps)",
-                    ln_vision.eps, eps)
+        logger.info(
+            "ln_vision eps %g becomes post_layernorm eps %g (Blip2VisionConfig has one layer_norm_eps)",
+            ln_vision.eps,
+            eps,
+        )
 
     config = Blip2VisionConfig(
-        hidden_size=dim, intermediate_size=hidden, num_hidden_layers=len(blocks), num_attention_heads=heads,
-        image_size=patch.img_size[0], patch_size=patch.patch_size[0], hidden_act="gelu", layer_norm_eps=eps,
-        attention_dropout=0.0, qkv_bias=first.q_bias is not None,
+        hidden_size=dim,
+        intermediate_size=hidden,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=heads,
+        image_size=patch.img_size[0],
+        patch_size=patch.patch_size[0],
+        hidden_act="gelu",
+        layer_norm_eps=eps,
+        attention_dropout=0.0,
+        qkv_bias=first.q_bias is not None,
     )
     weights = {
         "embeddings.class_embedding": visual_encoder.cls_token,
@@ -146,13 +156,17 @@ def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm
         layer = f"encoder.layers.{i}."
         attn = block.attn
         weights |= {
-            layer + "layer_norm1.weight": block.norm1.weight, layer + "layer_norm1.bias": block.norm1.bias,
-            layer + "layer_norm2.weight": block.norm2.weight, layer + "layer_norm2.bias": block.norm2.bias,
+            layer + "layer_norm1.weight": block.norm1.weight,
+            layer + "layer_norm1.bias": block.norm1.bias,
+            layer + "layer_norm2.weight": block.norm2.weight,
+            layer + "layer_norm2.bias": block.norm2.bias,
             layer + "self_attn.qkv.weight": attn.qkv.weight,
             layer + "self_attn.projection.weight": attn.proj.weight,
             layer + "self_attn.projection.bias": attn.proj.bias,
-            layer + "mlp.fc1.weight": block.mlp.fc1.weight, layer + "mlp.fc1.bias": block.mlp.fc1.bias,
-            layer + "mlp.fc2.weight": block.mlp.fc2.weight, layer + "mlp.fc2.bias": block.mlp.fc2.bias,
+            layer + "mlp.fc1.weight": block.mlp.fc1.weight,
+            layer + "mlp.fc1.bias": block.mlp.fc1.bias,
+            layer + "mlp.fc2.weight": block.mlp.fc2.weight,
+            layer + "mlp.fc2.bias": block.mlp.fc2.bias,
         }
         if attn.q_bias is not None:  # EVA has no key bias: LAVIS concatenates zeros in its forward
             weights[layer + "self_attn.qkv.bias"] = torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias])
@@ -163,8 +177,10 @@ def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm
 
 #: Parts of LAVIS's Q-Former that BLIP-2 generation never runs: the text side (its embeddings and
 #: the feed-forward of text positions; queries have their own ``intermediate_query`` / ``output_query``).
-_QFORMER_TEXT_SIDE = re.compile(r"embeddings\.(position_ids|word_embeddings\.|position_embeddings\.)"
-                                r"|encoder\.layer\.\d+\.(intermediate|output)\.")
+_QFORMER_TEXT_SIDE = re.compile(
+    r"embeddings\.(position_ids|word_embeddings\.|position_embeddings\.)"
+    r"|encoder\.layer\.\d+\.(intermediate|output)\."
+)
 
 
 def qformer_config_and_weights(qformer_bert: nn.Module):
@@ -177,13 +193,21 @@ def qformer_config_and_weights(qformer_bert: nn.Module):
     if not bert.add_cross_attention:
         raise ExportError("the Q-Former has no cross-attention to the image (add_cross_attention is false)")
     config = Blip2QFormerConfig(
-        vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, num_hidden_layers=bert.num_hidden_layers,
-        num_attention_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
-        hidden_act=bert.hidden_act, hidden_dropout_prob=bert.hidden_dropout_prob,
+        vocab_size=bert.vocab_size,
+        hidden_size=bert.hidden_size,
+        num_hidden_layers=bert.num_hidden_layers,
+        num_attention_heads=bert.num_attention_heads,
+        intermediate_size=bert.intermediate_size,
+        hidden_act=bert.hidden_act,
+        hidden_dropout_prob=bert.hidden_dropout_prob,
         attention_probs_dropout_prob=bert.attention_probs_dropout_prob,
-        max_position_embeddings=bert.max_position_embeddings, initializer_range=bert.initializer_range,
-        layer_norm_eps=bert.layer_norm_eps, pad_token_id=bert.pad_token_id, position_embedding_type="absolute",
-        cross_attention_frequency=bert.cross_attention_freq, encoder_hidden_size=bert.encoder_width,
+        max_position_embeddings=bert.max_position_embeddings,
+        initializer_range=bert.initializer_range,
+        layer_norm_eps=bert.layer_norm_eps,
+        pad_token_id=bert.pad_token_id,
+        position_embedding_type="absolute",
+        cross_attention_frequency=bert.cross_attention_freq,
+        encoder_hidden_size=bert.encoder_width,
         use_qformer_text_input=False,
     )
     weights = {}
@@ -250,10 +274,15 @@ def image_processor(image_size: int, preprocess_cfg=None):
             "transformers equivalent (BlipImageProcessor)"
         )
     return BlipImageProcessor(
-        do_resize=True, size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
         image_mean=list(eval_cfg.get("mean") or LAVIS_IMAGE_MEAN),
-        image_std=list(eval_cfg.get("std") or LAVIS_IMAGE_STD), do_convert_rgb=True,
+        image_std=list(eval_cfg.get("std") or LAVIS_IMAGE_STD),
+        do_convert_rgb=True,
     )
 
 
@@ -272,7 +301,13 @@ def _room_for_image_token(llm: nn.Module, image_token_id: int) -> None:
 
 
 def export_to_hf(
-    model, out, *, processor_image=None, dtype: str = "auto", num_beams: int = 5, max_new_tokens: int = 30,
+    model,
+    out,
+    *,
+    processor_image=None,
+    dtype: str = "auto",
+    num_beams: int = 5,
+    max_new_tokens: int = 30,
     min_new_tokens: int = 1,
 ) -> Path:
     """Write ``model`` (``Blip2InternLM`` or the OPT baseline, in memory) to ``out`` for plain transformers.
@@ -309,16 +344,20 @@ def export_to_hf(
     num_query_tokens = model.query_tokens.shape[1]
     processor = Blip2Processor(
         image_processor=processor_image or image_processor(vision_config.image_size),
-        tokenizer=tokenizer, num_query_tokens=num_query_tokens,
+        tokenizer=tokenizer,
+        num_query_tokens=num_query_tokens,
     )
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     generation = {
-        "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
         # the same ids: the converted tokenizer shares the vocabulary
         "eos_token_id": stop_token_ids(model.llm_tokenizer),
         "suppress_tokens": [image_token_id],
-        "num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min_new_tokens,
     }
     llm = plain_language_model(model.llm_model)
     _room_for_image_token(llm, image_token_id)
@@ -330,8 +369,11 @@ def export_to_hf(
     weights |= {"language_model." + name: tensor.detach() for name, tensor in llm.state_dict().items()}
 
     config = Blip2Config(
-        vision_config=vision_config.to_dict(), qformer_config=qformer_config.to_dict(),
-        text_config=llm.config.to_dict(), num_query_tokens=num_query_tokens, image_token_index=image_token_id,
+        vision_config=vision_config.to_dict(),
+        qformer_config=qformer_config.to_dict(),
+        text_config=llm.config.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_id,
     )
     config.architectures = ["Blip2ForConditionalGeneration"]
     with torch.device("meta"):
@@ -409,9 +451,12 @@ def run_decoding(cfg_path: Path | None, options: Sequence[str]) -> dict:
     (what LAVIS's caption task decodes with), so the export decodes as the evaluation that scored it."""
     from omegaconf import OmegaConf
 
-    run = OmegaConf.merge(
-        OmegaConf.load(cfg_path) if cfg_path is not None else {}, OmegaConf.from_dotlist(list(options))
-    ).get("run") or {}
+    run = (
+        OmegaConf.merge(
+            OmegaConf.load(cfg_path) if cfg_path is not None else {}, OmegaConf.from_dotlist(list(options))
+        ).get("run")
+        or {}
+    )
     names = {"num_beams": "num_beams", "max_len": "max_new_tokens", "min_len": "min_new_tokens"}
     return {names[key]: int(run[key]) for key in names if run.get(key) is not None}
 
@@ -432,12 +477,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
     source.add_argument("--cfg-path", type=Path, help="a LAVIS config with a model: section (arch, model_type, ...)")
-    parser.add_argument("--arch", default="blip2_internlm",
-                        help="with --model-type: blip2_internlm (default) or blip2_opt_baseline")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="stage-2 checkpoint (.pth or .safetensors), loaded as model.finetuned")
-    parser.add_argument("--options", nargs="+", default=[],
-                        help="config overrides, key=value (model.llm_model=/path/to/internlm2 ...)")
+    parser.add_argument(
+        "--arch", default="blip2_internlm", help="with --model-type: blip2_internlm (default) or blip2_opt_baseline"
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="stage-2 checkpoint (.pth or .safetensors), loaded as model.finetuned"
+    )
+    parser.add_argument(
+        "--options", nargs="+", default=[], help="config overrides, key=value (model.llm_model=/path/to/internlm2 ...)"
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: the LLM's)")
     args = parser.parse_args(argv)
 
@@ -454,7 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_model(config, args.checkpoint)
         vit_size = model.visual_encoder.patch_embed.img_size[0]
         out = export_to_hf(
-            model, args.to_hf, dtype=args.dtype, processor_image=image_processor(vit_size, config.get("preprocess")),
+            model,
+            args.to_hf,
+            dtype=args.dtype,
+            processor_image=image_processor(vit_size, config.get("preprocess")),
             **decoding,
         )
     except (ExportError, AssetMissingError, CheckpointError) as err:

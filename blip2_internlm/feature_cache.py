@@ -215,7 +215,7 @@ class FeatureStore:
     # construction
 
     @classmethod
-    def open(cls, directory, expected_hash: str | None = None) -> "FeatureStore":
+    def open(cls, directory, expected_hash: str | None = None) -> FeatureStore:
         """Open a complete store; ``FeatureCacheError`` (with the reason) if it is absent,
         partial, of another format or, given ``expected_hash``, built for another setup."""
         directory = Path(directory)
@@ -277,8 +277,17 @@ class FeatureStore:
         }
 
     @classmethod
-    def build(cls, model, dataset, directory, views: int = 1, dtype: str = "fp16", seed: int = 0,
-              batch_size: int = 32, num_workers: int = 0) -> "FeatureStore":
+    def build(
+        cls,
+        model,
+        dataset,
+        directory,
+        views: int = 1,
+        dtype: str = "fp16",
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> FeatureStore:
         """The store of ``dataset`` under ``model``'s frozen ViT at ``directory``: reused when its
         content hash matches, else (re)built, each rank computing images ``rank::world``.
 
@@ -292,7 +301,8 @@ class FeatureStore:
         if rank == 0 and int(views) == 1 and _processor_is_random(dataset, seed):
             logger.warning(
                 "Feature cache %s: the vis_processor is random but views is 1, so every epoch sees the same "
-                "crop of each image; set run.feature_cache.views to keep augmentation", directory,
+                "crop of each image; set run.feature_cache.views to keep augmentation",
+                directory,
             )
 
         lock, plan = None, None
@@ -432,7 +442,7 @@ def _remove_leftovers(directory: Path) -> None:
     """Rank 0, lock held: partial and replaced stores of ``directory`` are those of jobs that died,
     since only the job holding the lock writes them."""
     for path in directory.parent.iterdir():
-        suffix = path.name[len(directory.name):] if path.name.startswith(directory.name) else ""
+        suffix = path.name[len(directory.name) :] if path.name.startswith(directory.name) else ""
         if suffix == ".partial" or suffix.startswith((".partial-", ".old-")):
             logger.info("Feature cache: removing %s, left by a build that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
@@ -560,8 +570,10 @@ def _write_shard(model, dataset, partial: Path, header: dict, rank: int, world: 
     shard = _reserved_npy(path, _shard_shape(header, len(mine)), STORE_DTYPES[header["dtype"]])
     rows = shard.reshape(-1, tokens, width)  # (image, view) pairs in loader order
     loader = torch.utils.data.DataLoader(
-        _Views(dataset, mine, representative, views, int(header["identity"]["seed"])), batch_size=batch_size,
-        num_workers=num_workers, shuffle=False,
+        _Views(dataset, mine, representative, views, int(header["identity"]["seed"])),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=False,
     )
     device = next(model.visual_encoder.parameters()).device
     filled = 0
@@ -572,7 +584,7 @@ def _write_shard(model, dataset, partial: Path, header: dict, rank: int, world: 
                 raise FeatureCacheError(
                     f"{path}: the ViT gave features of shape {tuple(features.shape[1:])}, on image 0 {(tokens, width)}"
                 )
-            rows[filled: filled + len(features)] = features.float().cpu().numpy()
+            rows[filled : filled + len(features)] = features.float().cpu().numpy()
             filled += len(features)
     shard.flush()
     del rows, shard
@@ -620,6 +632,7 @@ def _allocate(file, size: int) -> None:
         file.write(zeros[: size - file.tell()])
     file.flush()
     os.fsync(file.fileno())
+
 
 def vit_features(model, images: torch.Tensor) -> torch.Tensor:
     """The frozen ViT's output for a batch, under the model's own precision/autocast."""
@@ -725,7 +738,9 @@ def apply_feature_cache(cfg, model, datasets):
                 continue
             is_train = split in train_splits
             store = FeatureStore.build(
-                model, by_split[split], root / name / split,
+                model,
+                by_split[split],
+                root / name / split,
                 # eval processors are deterministic: more views would be identical copies
                 views=int(options.get("views", 1)) if is_train else 1,
                 dtype=str(options.get("dtype", "fp16")),

@@ -13,7 +13,7 @@ Two distinct strings collide with probability about n**2 / 2**63.
 from __future__ import annotations
 
 import hashlib
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 import torch
 
@@ -29,7 +29,7 @@ def stable_image_id(image_id: Hashable) -> int:
         return image_id
     if isinstance(image_id, float) and image_id.is_integer():
         return stable_image_id(int(image_id))
-    key = f"{type(image_id).__name__}:{image_id!r}".encode("utf-8")
+    key = f"{type(image_id).__name__}:{image_id!r}".encode()
     digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     return _HASHED_BASE + digest % _HASHED_BASE
 

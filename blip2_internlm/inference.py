@@ -118,7 +118,8 @@ def load_checkpoint(model: torch.nn.Module, checkpoint):
         shown = ", ".join(missing[:5]) + (f", ... (+{len(missing) - 5})" if len(missing) > 5 else "")
         raise CheckpointError(
             f"{path} does not initialise {len(missing)} trainable weights of {type(model).__name__} ({shown}); "
-            "pass a stage-2 or fine-tuned checkpoint")
+            "pass a stage-2 or fine-tuned checkpoint"
+        )
     return report
 
 

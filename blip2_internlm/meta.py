@@ -58,12 +58,25 @@ BERT_BASE_CHINESE = {**BERT_BASE_UNCASED, "vocab_size": 21128}
 #: OPT sizes from the published config.json files (facebook/opt-*); OPT ties lm_head to the
 #: input embeddings, and its vocabulary is padded to 50272.
 OPT_SIZES = {
-    "opt-2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, word_embed_proj_dim=2560),
-    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384, word_embed_proj_dim=4096),
+    "opt-2.7b": dict(
+        hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, word_embed_proj_dim=2560
+    ),
+    "opt-6.7b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384, word_embed_proj_dim=4096
+    ),
 }
 OPT_COMMON = dict(
-    vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, dropout=0.1, attention_dropout=0.0,
-    activation_function="relu", enable_bias=True, bos_token_id=2, eos_token_id=2, pad_token_id=1, tie_word_embeddings=True,
+    vocab_size=50272,
+    max_position_embeddings=2048,
+    do_layer_norm_before=True,
+    dropout=0.1,
+    attention_dropout=0.0,
+    activation_function="relu",
+    enable_bias=True,
+    bos_token_id=2,
+    eos_token_id=2,
+    pad_token_id=1,
+    tie_word_embeddings=True,
 )
 
 
@@ -108,8 +121,15 @@ def llm_config(llm_model):
         return InternLM2Config(vocab_size=800, **TINY_CONFIG)
     if value == "tiny-opt":  # blip2_internlm.models.tiny_opt: an 800-token BPE vocabulary
         return OPTConfig(
-            vocab_size=800, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-            max_position_embeddings=512, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+            vocab_size=800,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+            dropout=0.0,
+            attention_dropout=0.0,
         )
     local = _local_config_json(value)
     if local is not None:
@@ -151,8 +171,16 @@ class TokenizerStub:
 
         return 5 + zlib.crc32(word.encode("utf-8")) % max(self._length - 5, 1)
 
-    def __call__(self, text, padding=False, truncation=False, max_length=None, return_tensors=None,
-                 add_special_tokens=True, **kwargs):
+    def __call__(
+        self,
+        text,
+        padding=False,
+        truncation=False,
+        max_length=None,
+        return_tensors=None,
+        add_special_tokens=True,
+        **kwargs,
+    ):
         from transformers import BatchEncoding
 
         single = isinstance(text, str)
@@ -166,7 +194,9 @@ class TokenizerStub:
             rows.append(ids)
         width = max_length if padding == "max_length" and max_length else max(map(len, rows))
         pad = self.pad_token_id or 0
-        masks = [[1] * len(ids) + [0] * (width - len(ids)) for ids in rows] if padding else [[1] * len(ids) for ids in rows]
+        masks = (
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids in rows] if padding else [[1] * len(ids) for ids in rows]
+        )
         if padding:
             rows = [ids + [pad] * (width - len(ids)) for ids in rows]
         data = {"input_ids": rows[0] if single else rows, "attention_mask": masks[0] if single else masks}
@@ -195,9 +225,11 @@ def _params_on(device):
             tensor = tensor.to(device)
         return register_buffer(module, name, tensor, persistent=persistent)
 
-    with mock.patch.object(nn.Module, "register_parameter", to_device_parameter), mock.patch.object(
-        nn.Module, "register_buffer", to_device_buffer
-    ), torch.device("cpu"):
+    with (
+        mock.patch.object(nn.Module, "register_parameter", to_device_parameter),
+        mock.patch.object(nn.Module, "register_buffer", to_device_buffer),
+        torch.device("cpu"),
+    ):
         yield
 
 
@@ -253,7 +285,9 @@ def _load_frozen_llm(llm_model, llm_precision):
     model.eval()
     model.train = disabled_train.__get__(model)
     tokenizer = TokenizerStub(
-        config.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        config.vocab_size,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
         newline_token_id=-1,  # any id: only generation reads it
     )
@@ -271,10 +305,10 @@ def meta_builders(device="meta"):
     ``device`` other than ``meta`` builds the same model with randomly initialised weights
     there (for memory measurements).
     """
-    import blip2_internlm  # noqa: F401  (compat patches + registration)
     from lavis.models.base_model import BaseModel
     from lavis.models.blip2_models.blip2 import Blip2Base
 
+    import blip2_internlm  # noqa: F401  (compat patches + registration)
     from blip2_internlm.models import blip2_internlm as internlm_module
 
     with contextlib.ExitStack() as stack:
@@ -335,4 +369,11 @@ def merged_model_config(cfg_path, options=()):
     return OmegaConf.merge(model, user).model
 
 
-__all__ = ["build_on_meta", "meta_builders", "merged_model_config", "llm_config", "qformer_bert_config", "TokenizerStub"]
+__all__ = [
+    "build_on_meta",
+    "meta_builders",
+    "merged_model_config",
+    "llm_config",
+    "qformer_bert_config",
+    "TokenizerStub",
+]

@@ -28,7 +28,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 GiB = 1024**3
 
@@ -43,8 +42,18 @@ NCCL_GIB = 0.25
 FRAGMENTATION = 0.08
 
 #: Order of the modules in the printed parameter table.
-MODULE_ORDER = ("visual_encoder", "ln_vision", "Qformer", "query_tokens", "vision_proj", "text_proj", "itm_head",
-                "temp", "llm_proj", "llm_model")
+MODULE_ORDER = (
+    "visual_encoder",
+    "ln_vision",
+    "Qformer",
+    "query_tokens",
+    "vision_proj",
+    "text_proj",
+    "itm_head",
+    "temp",
+    "llm_proj",
+    "llm_model",
+)
 
 
 # --- architecture read off the (meta) model -------------------------------------------------------
@@ -106,7 +115,7 @@ class Arch:
     stage: str  # "stage1" (blip2 Q-Former: ITC+ITM+ITG) | "stage2" (frozen LLM)
     vit: ViT
     qformer: QFormer
-    llm: Optional[LLM]
+    llm: LLM | None
     params: list  # (module, dtype name, numel, bytes, trainable numel)
     trainable_numel: int
     trainable_bytes: int
@@ -147,9 +156,13 @@ def describe(model, model_cfg) -> Arch:
     )
     qcfg = model.Qformer.config
     trainable_fp32_linears = [
-        m.weight for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not name.startswith(("llm_model", "visual_encoder"))
-        and m.weight.requires_grad and m.weight.dtype.is_floating_point and m.weight.element_size() == 4
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and not name.startswith(("llm_model", "visual_encoder"))
+        and m.weight.requires_grad
+        and m.weight.dtype.is_floating_point
+        and m.weight.element_size() == 4
     ]
     if vit_arch.trainable:
         trainable_fp32_linears += [w for w in vit_linear if w.requires_grad and w.element_size() == 4]
@@ -182,7 +195,7 @@ def describe(model, model_cfg) -> Arch:
             layers=cfg.num_hidden_layers,
             heads=cfg.num_attention_heads,
             kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-            ffn=getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim"),
+            ffn=getattr(cfg, "intermediate_size", None) or cfg.ffn_dim,
             vocab=cfg.vocab_size,
             param_bytes=next(model.llm_model.parameters()).element_size(),
             linear_numel=sum(w.numel() for w in {id(w): w for w in llm_linears}.values()),
@@ -204,13 +217,23 @@ def describe(model, model_cfg) -> Arch:
             trainable_bytes += param.numel() * param.element_size()
             largest = max(largest, param.numel())
     order = {name: i for i, name in enumerate(MODULE_ORDER)}
-    params = sorted(((module, dtype, *values) for (module, dtype), values in rows.items()),
-                    key=lambda row: (order.get(row[0], len(order)), row[0], row[1] != "fp32"))
+    params = sorted(
+        ((module, dtype, *values) for (module, dtype), values in rows.items()),
+        key=lambda row: (order.get(row[0], len(order)), row[0], row[1] != "fp32"),
+    )
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return Arch(
-        arch=str(model_cfg.get("arch")), model_type=str(model_cfg.get("model_type")), stage=stage,
-        vit=vit_arch, qformer=qformer, llm=llm, params=params, trainable_numel=trainable,
-        trainable_bytes=trainable_bytes, largest_trainable_numel=largest, buffer_bytes=buffers,
+        arch=str(model_cfg.get("arch")),
+        model_type=str(model_cfg.get("model_type")),
+        stage=stage,
+        vit=vit_arch,
+        qformer=qformer,
+        llm=llm,
+        params=params,
+        trainable_numel=trainable,
+        trainable_bytes=trainable_bytes,
+        largest_trainable_numel=largest,
+        buffer_bytes=buffers,
     )
 
 
@@ -248,8 +271,17 @@ class Precision:
         return 1 if self.cuda else 4
 
 
-def _qformer_layer(q: QFormer, p: Precision, rows: float, tokens: int, queries: int, keys: int,
-                   cross: bool, enc_rows_tokens: float, text_ffn_tokens: int) -> float:
+def _qformer_layer(
+    q: QFormer,
+    p: Precision,
+    rows: float,
+    tokens: int,
+    queries: int,
+    keys: int,
+    cross: bool,
+    enc_rows_tokens: float,
+    text_ffn_tokens: int,
+) -> float:
     """Saved bytes of one Q-Former layer (LAVIS's BertLayer) for ``rows`` sequences.
 
     ``tokens``: sequence length of this pass; ``keys``: self-attention key length (longer than
@@ -295,15 +327,25 @@ def _qformer_layer(q: QFormer, p: Precision, rows: float, tokens: int, queries: 
     return b
 
 
-def _qformer_pass(q: QFormer, p: Precision, rows: float, tokens: int, queries: int, keys: int = None,
-                  image_tokens: int = 0, text_ffn_tokens: int = 0, embeddings: bool = True) -> float:
+def _qformer_pass(
+    q: QFormer,
+    p: Precision,
+    rows: float,
+    tokens: int,
+    queries: int,
+    keys: int = None,
+    image_tokens: int = 0,
+    text_ffn_tokens: int = 0,
+    embeddings: bool = True,
+) -> float:
     keys = tokens if keys is None else keys
     b = 0.0
     if embeddings:  # BertEmbeddings: LayerNorm input + dropout mask (+ fp32 output, the first layer input)
         b += rows * tokens * (q.hidden * (4 + p.mask) + 8)
     for cross in q.cross:
-        b += _qformer_layer(q, p, rows, tokens, queries, keys, cross and image_tokens > 0,
-                            rows * image_tokens, text_ffn_tokens)
+        b += _qformer_layer(
+            q, p, rows, tokens, queries, keys, cross and image_tokens > 0, rows * image_tokens, text_ffn_tokens
+        )
     return b
 
 
@@ -316,8 +358,9 @@ def _vit_block(v: ViT, p: Precision, rows: float) -> float:
     n, d, m, heads = rows * v.tokens, v.width, v.mlp, v.heads
     scores = rows * heads * v.tokens * (1 if v.sdpa else v.tokens)
     if p.amp:
-        return (n * (4 * d + 2 * d + 6 * d + 2 * d + 2 * d + 4 * d + 2 * d + 2 * m + 2 * m)
-                + scores * (4 if v.sdpa else 4 + 2))
+        return n * (4 * d + 2 * d + 6 * d + 2 * d + 2 * d + 4 * d + 2 * d + 2 * m + 2 * m) + scores * (
+            4 if v.sdpa else 4 + 2
+        )
     return n * (4 * d + 4 * d + 12 * d + 4 * d + 4 * d + 4 * d + 4 * d + 4 * m + 4 * m) + scores * 4
 
 
@@ -330,19 +373,28 @@ def _llm_layer_per_token(llm: LLM, p: Precision) -> float:
     # InternLM2 (llama-like, GQA).  amp with bf16 weights: fp16 matmuls meet bf16 norms/rotary
     # tables, so the residual stream and rotated q/k are fp32 (type promotion).
     if p.amp:
-        return (4 * h  # attention_norm input (fp32 residual)
-                + 4 * kv + 2 * (h + 2 * kv)  # KV cache: rotated k (fp32) + the wqkv output (v is a view)
-                + 4 * 2 * h  # SDPA saves fp16 q, repeated k, repeated v, output
-                + 4 * h  # ffn_norm input
-                + 3 * 2 * f)  # SiLU input, SiLU output, up projection
-    return (4 * h  # attention_norm input (the residual itself)
-            + 4 * kv + 4 * (h + 2 * kv)  # KV cache: rotated k + the wqkv output
-            + 4 * h + 4 * h + 4 * h + 4 * h  # SDPA saves rotated q, repeated k, repeated v, output
+        return (
+            4 * h  # attention_norm input (fp32 residual)
+            + 4 * kv
+            + 2 * (h + 2 * kv)  # KV cache: rotated k (fp32) + the wqkv output (v is a view)
+            + 4 * 2 * h  # SDPA saves fp16 q, repeated k, repeated v, output
             + 4 * h  # ffn_norm input
-            + 3 * 4 * f)  # SiLU input, SiLU output, up projection
+            + 3 * 2 * f
+        )  # SiLU input, SiLU output, up projection
+    return (
+        4 * h  # attention_norm input (the residual itself)
+        + 4 * kv
+        + 4 * (h + 2 * kv)  # KV cache: rotated k + the wqkv output
+        + 4 * h
+        + 4 * h
+        + 4 * h
+        + 4 * h  # SDPA saves rotated q, repeated k, repeated v, output
+        + 4 * h  # ffn_norm input
+        + 3 * 4 * f
+    )  # SiLU input, SiLU output, up projection
 
 
-def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_checkpoint: Optional[bool] = None) -> list:
+def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_checkpoint: bool | None = None) -> list:
     """Memory of one training step beyond the static state, at the end of the forward pass.
 
     Saved tensors (what backward needs), tensors still referenced then (inputs, gathered image
@@ -358,8 +410,13 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
     if v.trainable:
         block = _vit_block(v, p, B)
         if ckpt:
-            terms.append(Term("ViT (trainable, checkpointed)", v.depth * B * n_img * v.width * 4 + block,
-                              f"{v.depth} block inputs + one block recomputed"))
+            terms.append(
+                Term(
+                    "ViT (trainable, checkpointed)",
+                    v.depth * B * n_img * v.width * 4 + block,
+                    f"{v.depth} block inputs + one block recomputed",
+                )
+            )
         else:
             terms.append(Term("ViT (trainable)", v.depth * block, f"{v.depth} blocks x {block / GiB:.3f} GiB"))
     else:
@@ -374,8 +431,13 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
         qf += _qformer_pass(q, p, B, tt, 0, text_ffn_tokens=tt)  # text (ITC)
         qf += _qformer_pass(q, p, itm_rows, tq + tt, tq, image_tokens=n_img, text_ffn_tokens=tt)  # ITM
         qf += _qformer_pass(q, p, B, tt, 0, keys=tq + tt, text_ffn_tokens=tt)  # ITG (cached query keys)
-        terms.append(Term("Q-Former: ITC image + text, ITM (3B rows), ITG passes", qf,
-                          f"{len(q.cross)} layers, {tq} queries, {tt} text tokens"))
+        terms.append(
+            Term(
+                "Q-Former: ITC image + text, ITM (3B rows), ITG passes",
+                qf,
+                f"{len(q.cross)} layers, {tq} queries, {tt} text tokens",
+            )
+        )
         if p.amp:  # fp16 casts of what vision_proj, text_proj ([CLS]) and itm_head read
             heads = (B * tq + B + itm_rows * tq) * q.hidden * 2
         else:  # the fp32 outputs they read (a slice keeps its whole tensor alive)
@@ -387,8 +449,13 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
         gathered = ((world if world > 1 else 0) + 1 + 3) * B * n_img * v.width * 4
         terms.append(Term("ITM image features (gathered, negatives, 3B concat)", gathered, "fp32"))
         terms.append(Term("image embeddings (ln_vision output)", B * n_img * v.width * 4, "fp32"))
-        terms.append(Term("ITG loss head (vocab %d)" % q.vocab, 12 * B * tt * q.vocab,
-                          "logits, fp32 copy, log-softmax, its gradient"))
+        terms.append(
+            Term(
+                "ITG loss head (vocab %d)" % q.vocab,
+                12 * B * tt * q.vocab,
+                "logits, fp32 copy, log-softmax, its gradient",
+            )
+        )
     else:
         qf = _qformer_pass(q, p, B, tq, tq, image_tokens=n_img)
         terms.append(Term("Q-Former (queries only)", qf + enc, f"{len(q.cross)} layers, {tq} queries"))
@@ -397,20 +464,39 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
         L = tq + tt
         n = B * L
         per_layer = _llm_layer_per_token(llm, p) * n
-        terms.append(Term(f"LLM layers (frozen, back-propagated), {L} tokens x {B}", llm.layers * per_layer,
-                          f"{llm.layers} x {per_layer / GiB:.3f} GiB"))
+        terms.append(
+            Term(
+                f"LLM layers (frozen, back-propagated), {L} tokens x {B}",
+                llm.layers * per_layer,
+                f"{llm.layers} x {per_layer / GiB:.3f} GiB",
+            )
+        )
         terms.append(Term("LLM final norm input", n * llm.hidden * 4))
         if llm.logits_on_labels_only:  # at most every text token after <s> has a label
             rows = B * (tt - 1)
-            terms.append(Term(f"LLM loss head (vocab {llm.vocab}), {tt - 1} labelled tokens x {B}",
-                              12 * rows * llm.vocab + rows * llm.hidden * 4,
-                              "fp16 logits, fp32 copy, log-softmax, its gradient; gathered hidden states"))
+            terms.append(
+                Term(
+                    f"LLM loss head (vocab {llm.vocab}), {tt - 1} labelled tokens x {B}",
+                    12 * rows * llm.vocab + rows * llm.hidden * 4,
+                    "fp16 logits, fp32 copy, log-softmax, its gradient; gathered hidden states",
+                )
+            )
         else:
-            terms.append(Term(f"LLM loss head (vocab {llm.vocab})", 12 * n * llm.vocab,
-                              "fp16 logits, fp32 copy, log-softmax, its gradient"))
+            terms.append(
+                Term(
+                    f"LLM loss head (vocab {llm.vocab})",
+                    12 * n * llm.vocab,
+                    "fp16 logits, fp32 copy, log-softmax, its gradient",
+                )
+            )
         if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a) and not llm.autocast_bf16:
-            terms.append(Term("LLM weights cast to fp16 by autocast (bf16 != fp16)", llm.linear_numel * 2,
-                              "saved for the backward pass through each frozen Linear"))
+            terms.append(
+                Term(
+                    "LLM weights cast to fp16 by autocast (bf16 != fp16)",
+                    llm.linear_numel * 2,
+                    "saved for the backward pass through each frozen Linear",
+                )
+            )
         elif p.amp and llm.param_bytes == 4:
             terms.append(Term("LLM weights cast to fp16 by autocast", llm.linear_numel * 2))
     if p.amp:
@@ -447,7 +533,7 @@ class Plan:
     params_bytes: float
     state_terms: list
     act_terms: list
-    act_terms_other_ckpt: Optional[list]
+    act_terms_other_ckpt: list | None
     phases: dict
     peak_allocated: float
     context: float
@@ -472,13 +558,17 @@ def static_terms(a: Arch, ddp: bool, on_cuda: bool, training: bool) -> list:
         Term("gradients (trainable, fp32)", t),
         Term("AdamW exp_avg + exp_avg_sq (fp32)", 2 * t),
         Term("DDP gradient buckets", t if ddp else 0.0, "gradient_as_bucket_view=False: a second copy"),
-        Term("optimizer step temporaries", t if on_cuda else a.largest_trainable_numel * 4,
-             "foreach AdamW: one trainable-sized temporary" if on_cuda else "per-tensor AdamW"),
+        Term(
+            "optimizer step temporaries",
+            t if on_cuda else a.largest_trainable_numel * 4,
+            "foreach AdamW: one trainable-sized temporary" if on_cuda else "per-tensor AdamW",
+        ),
     ]
 
 
-def training_peak(a: Arch, p: Precision, batch: int, world: int, ddp: bool, on_cuda: bool,
-                  vit_checkpoint: Optional[bool] = None) -> tuple:
+def training_peak(
+    a: Arch, p: Precision, batch: int, world: int, ddp: bool, on_cuda: bool, vit_checkpoint: bool | None = None
+) -> tuple:
     """(peak allocated bytes, phases, activation terms)."""
     params = sum(row[3] for row in a.params) + a.buffer_bytes
     st = {term.name: term.bytes for term in static_terms(a, ddp, on_cuda, True)}
@@ -510,18 +600,36 @@ def inference_peak(a: Arch, p: Precision, batch: int, run) -> tuple:
         rows = batch * beams
         kv = rows * seq * llm.layers * 2 * llm.kv_dim * 2
         terms.append(Term(f"KV cache ({rows} beams x {seq} tokens)", kv))
-        terms.append(Term("prefill working set (one layer)", rows * (a.qformer.queries + prompt) * (4 * llm.hidden * 4 + 3 * llm.ffn * 2)))
+        terms.append(
+            Term(
+                "prefill working set (one layer)",
+                rows * (a.qformer.queries + prompt) * (4 * llm.hidden * 4 + 3 * llm.ffn * 2),
+            )
+        )
         terms.append(Term("logits and beam scores (fp32)", 3 * rows * llm.vocab * 4))
         if p.amp and llm.param_bytes == 2 and not _llm_is_fp16(a) and not llm.autocast_bf16:
             terms.append(Term("one layer's weights cast to fp16", llm.linear_numel / max(llm.layers, 1) * 2))
     else:
-        terms.append(Term("Q-Former working set", _qformer_pass(a.qformer, p, batch * 3, a.qformer.queries + a.qformer.max_txt_len,
-                                                                a.qformer.queries, image_tokens=a.vit.tokens)))
+        terms.append(
+            Term(
+                "Q-Former working set",
+                _qformer_pass(
+                    a.qformer,
+                    p,
+                    batch * 3,
+                    a.qformer.queries + a.qformer.max_txt_len,
+                    a.qformer.queries,
+                    image_tokens=a.vit.tokens,
+                ),
+            )
+        )
     act = sum(t.bytes for t in terms)
     return params + act, {"inference": params + act}, terms
 
 
-def make_plan(cfg_path, gpus: Optional[int] = None, gpu_mem_gb: float = 24.0, options=(), batch: Optional[int] = None) -> Plan:
+def make_plan(
+    cfg_path, gpus: int | None = None, gpu_mem_gb: float = 24.0, options=(), batch: int | None = None
+) -> Plan:
     """Plan ``cfg_path`` (+ ``--options``) for ``gpus`` GPUs of ``gpu_mem_gb`` GiB each."""
     from blip2_internlm.meta import build_on_meta
 
@@ -567,11 +675,26 @@ def make_plan(cfg_path, gpus: Optional[int] = None, gpu_mem_gb: float = 24.0, op
     max_batch = lo
     params_bytes = sum(row[3] for row in a.params)
     return Plan(
-        cfg_path=str(cfg_path), arch=a, training=training, batch=batch, gpus=gpus, gpu_mem_gib=gpu_mem_gb,
-        amp=amp, ddp=ddp, params_bytes=params_bytes, state_terms=static_terms(a, ddp, on_cuda, training),
-        act_terms=acts, act_terms_other_ckpt=other, phases=phases, peak_allocated=alloc,
-        context=context, fragmentation=alloc * FRAGMENTATION if on_cuda else 0.0,
-        total=tot, fits=tot <= capacity, margin=capacity - tot, max_batch=max_batch,
+        cfg_path=str(cfg_path),
+        arch=a,
+        training=training,
+        batch=batch,
+        gpus=gpus,
+        gpu_mem_gib=gpu_mem_gb,
+        amp=amp,
+        ddp=ddp,
+        params_bytes=params_bytes,
+        state_terms=static_terms(a, ddp, on_cuda, training),
+        act_terms=acts,
+        act_terms_other_ckpt=other,
+        phases=phases,
+        peak_allocated=alloc,
+        context=context,
+        fragmentation=alloc * FRAGMENTATION if on_cuda else 0.0,
+        total=tot,
+        fits=tot <= capacity,
+        margin=capacity - tot,
+        max_batch=max_batch,
         extra={"device": device},
     )
 
@@ -580,8 +703,9 @@ def load_config(cfg_path, options=()):
     """The config LAVIS's ``Config`` builds (run + model with its type's defaults + datasets)."""
     from types import SimpleNamespace
 
-    import blip2_internlm  # noqa: F401
     from lavis.common.config import Config
+
+    import blip2_internlm  # noqa: F401
 
     return Config(SimpleNamespace(cfg_path=str(cfg_path), options=list(options) or None)).config
 
@@ -599,8 +723,10 @@ def format_plan(plan: Plan) -> str:
     if plan.amp and plan.arch.llm is not None and plan.arch.llm.autocast_bf16:
         prec = "amp (fp16 autocast, the model's own regions bf16: autocast_dtype)"
     lines.append(f"Memory plan for {plan.cfg_path}")
-    lines.append(f"  {a.arch} / {a.model_type}: {mode}, batch {plan.batch} per GPU x {plan.gpus} GPU(s) of "
-                 f"{plan.gpu_mem_gib:g} GiB, {prec}{', DDP' if plan.ddp else ''}, device {plan.extra['device']}")
+    lines.append(
+        f"  {a.arch} / {a.model_type}: {mode}, batch {plan.batch} per GPU x {plan.gpus} GPU(s) of "
+        f"{plan.gpu_mem_gib:g} GiB, {prec}{', DDP' if plan.ddp else ''}, device {plan.extra['device']}"
+    )
     seq = f"  ViT {v.depth}x{v.width} on {v.tokens} tokens ({v.image_size} px / {v.patch}), Q-Former {q.layers}x{q.hidden}, {q.queries} queries"
     if a.llm is not None:
         seq += f", LLM {a.llm.kind} {a.llm.layers}x{a.llm.hidden} on {q.queries} + {q.max_txt_len} tokens (max_txt_len)"
@@ -611,7 +737,9 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"{'Parameters per GPU':<26}{'count':>14}  {'dtype':<5} {'GiB':>8}  {'trainable':>12}")
     for module, dtype, numel, nbytes, trainable in a.params:
         lines.append(f"  {module:<24}{numel:>14,}  {dtype:<5} {_g(nbytes)}  {trainable:>12,}")
-    lines.append(f"  {'total':<24}{sum(r[2] for r in a.params):>14,}        {_g(plan.params_bytes)}  {a.trainable_numel:>12,}")
+    lines.append(
+        f"  {'total':<24}{sum(r[2] for r in a.params):>14,}        {_g(plan.params_bytes)}  {a.trainable_numel:>12,}"
+    )
     if plan.training:
         lines.append("")
         lines.append(f"Training state of the {a.trainable_numel:,} trainable parameters (GiB)")
@@ -640,15 +768,19 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {name:<52}{_g(value)}")
     lines.append(f"  {'peak allocated by PyTorch':<52}{_g(plan.peak_allocated)}")
     if plan.context:
-        lines.append(f"  {'CUDA context, cuBLAS' + (', NCCL' if plan.ddp and plan.gpus > 1 else ''):<52}{_g(plan.context)}")
+        lines.append(
+            f"  {'CUDA context, cuBLAS' + (', NCCL' if plan.ddp and plan.gpus > 1 else ''):<52}{_g(plan.context)}"
+        )
         lines.append(f"  {f'allocator fragmentation ({FRAGMENTATION:.0%})':<52}{_g(plan.fragmentation)}")
     lines.append(f"  {'total':<52}{_g(plan.total)}")
     lines.append("")
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     share = plan.margin / (plan.gpu_mem_gib * GiB)
     largest = f"{plan.max_batch} per GPU" if plan.max_batch else "none, not even 1"
-    lines.append(f"Verdict: {verdict} in {plan.gpu_mem_gib:g} GiB: margin {plan.margin / GiB:+.2f} GiB ({share:+.0%}); "
-                 f"largest batch that fits: {largest}")
+    lines.append(
+        f"Verdict: {verdict} in {plan.gpu_mem_gib:g} GiB: margin {plan.margin / GiB:+.2f} GiB ({share:+.0%}); "
+        f"largest batch that fits: {largest}"
+    )
     return "\n".join(lines)
 
 
@@ -729,7 +861,7 @@ class LiveTensorBytes:
         return self._mode.__exit__(*exc)
 
 
-def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cpu", steps: int = 2) -> dict:
+def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu", steps: int = 2) -> dict:
     """Run LAVIS's training step with random weights and return measured and predicted peaks."""
     import torch
 
@@ -759,7 +891,9 @@ def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cp
         samples = synthetic_samples(a, batch, device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             loss = model(samples)["loss"]
-        marks["end of forward"] = torch.cuda.memory_allocated() if on_cuda else getattr(marks.get("tracker"), "current", 0)
+        marks["end of forward"] = (
+            torch.cuda.memory_allocated() if on_cuda else getattr(marks.get("tracker"), "current", 0)
+        )
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -783,7 +917,8 @@ def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cp
             step()
         torch.cuda.synchronize()
         result.update(
-            measured_peak=torch.cuda.max_memory_allocated(), measured_reserved=torch.cuda.max_memory_reserved(),
+            measured_peak=torch.cuda.max_memory_allocated(),
+            measured_reserved=torch.cuda.max_memory_reserved(),
             resident=base,
         )
         try:
@@ -793,8 +928,11 @@ def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cp
             pass
     else:
         tracker = marks["tracker"] = LiveTensorBytes()
-        tracker.add(model.parameters(), model.buffers(),
-                    (t for state in optimizer.state.values() for t in state.values() if hasattr(t, "untyped_storage")))
+        tracker.add(
+            model.parameters(),
+            model.buffers(),
+            (t for state in optimizer.state.values() for t in state.values() if hasattr(t, "untyped_storage")),
+        )
         resident = tracker.current
         with tracker:
             for _ in range(steps):
@@ -807,9 +945,12 @@ def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cp
         result["gpu"] = torch.cuda.get_device_name()
     p = Precision(amp=amp, cuda=on_cuda)
     predicted, phases, acts = training_peak(a, p, batch, 1, False, on_cuda)
-    result.update(predicted_peak=predicted, predicted_phases=phases,
-                  predicted_activations={t.name: t.bytes for t in acts},
-                  error=(predicted - result["measured_peak"]) / result["measured_peak"])
+    result.update(
+        predicted_peak=predicted,
+        predicted_phases=phases,
+        predicted_activations={t.name: t.bytes for t in acts},
+        error=(predicted - result["measured_peak"]) / result["measured_peak"],
+    )
     return result
 
 
@@ -819,12 +960,34 @@ def measure(cfg_path, options=(), batch: Optional[int] = None, device: str = "cp
 #: sizes where the activations dominate as they do at full size (257 ViT tokens as for ViT-g at
 #: 224 px, a 4-layer Q-Former, 4-layer LLMs with vocabularies large enough that the loss head
 #: matters).  Only config.json files are written: measure() initialises weights randomly.
-CALIBRATION_BERT = dict(vocab_size=2000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=1024, max_position_embeddings=128)
-CALIBRATION_INTERNLM2 = dict(vocab_size=4000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=688, max_position_embeddings=512)
-CALIBRATION_OPT = dict(vocab_size=4000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
-                       word_embed_proj_dim=256, max_position_embeddings=512, dropout=0.0, attention_dropout=0.0)
+CALIBRATION_BERT = dict(
+    vocab_size=2000,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=1024,
+    max_position_embeddings=128,
+)
+CALIBRATION_INTERNLM2 = dict(
+    vocab_size=4000,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=688,
+    max_position_embeddings=512,
+)
+CALIBRATION_OPT = dict(
+    vocab_size=4000,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    ffn_dim=1024,
+    word_embed_proj_dim=256,
+    max_position_embeddings=512,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 def write_calibration_assets(directory) -> dict:
@@ -837,8 +1000,11 @@ def write_calibration_assets(directory) -> dict:
 
     directory = Path(directory)
     paths = {}
-    for name, config in (("bert", BertConfig(**CALIBRATION_BERT)), ("internlm2", InternLM2Config(**CALIBRATION_INTERNLM2)),
-                         ("opt", OPTConfig(**CALIBRATION_OPT))):
+    for name, config in (
+        ("bert", BertConfig(**CALIBRATION_BERT)),
+        ("internlm2", InternLM2Config(**CALIBRATION_INTERNLM2)),
+        ("opt", OPTConfig(**CALIBRATION_OPT)),
+    ):
         (directory / name).mkdir(parents=True, exist_ok=True)
         config.to_json_file(str(directory / name / "config.json"))
         paths[name] = str(directory / name)
@@ -851,18 +1017,37 @@ def calibration_cases(directory) -> list:
 
     root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
     paths = write_calibration_assets(directory)
-    small = [f"model.qformer_text_model={paths['bert']}", "model.num_query_token=16", "model.image_size=128",
-             "model.max_txt_len=24"]
+    small = [
+        f"model.qformer_text_model={paths['bert']}",
+        "model.num_query_token=16",
+        "model.image_size=128",
+        "model.max_txt_len=24",
+    ]
     stage1, stage2 = str(root / "pretrain_stage1.yaml"), str(root / "pretrain_stage2.yaml")
     return [
         ("tiny stage 2 (InternLM2)", stage2, [], 8),
         ("tiny stage 1", stage1, [], 8),
         ("small stage 2, InternLM2 4x256", stage2, small + [f"model.llm_model={paths['internlm2']}"], 8),
-        ("small stage 2, OPT 4x256", stage2, small + ["model.arch=blip2_opt_baseline", f"model.llm_model={paths['opt']}"], 8),
+        (
+            "small stage 2, OPT 4x256",
+            stage2,
+            small + ["model.arch=blip2_opt_baseline", f"model.llm_model={paths['opt']}"],
+            8,
+        ),
         ("small stage 1", stage1, small, 8),
-        ("small stage 2, trainable ViT", stage2, small + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False"], 4),
-        ("small stage 2, trainable ViT + checkpointing", stage2,
-         small + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False", "model.use_grad_checkpoint=True"], 4),
+        (
+            "small stage 2, trainable ViT",
+            stage2,
+            small + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False"],
+            4,
+        ),
+        (
+            "small stage 2, trainable ViT + checkpointing",
+            stage2,
+            small
+            + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False", "model.use_grad_checkpoint=True"],
+            4,
+        ),
     ]
 
 
@@ -898,8 +1083,10 @@ def main(argv=None) -> int:
             rows = calibrate(directory, args.device)
         print(f"{'calibration run':<46}{'batch':>6}{'measured MiB':>14}{'predicted MiB':>15}{'error':>8}")
         for row in rows:
-            print(f"{row['name']:<46}{row['batch']:>6}{row['measured_peak'] / 2**20:>14.1f}"
-                  f"{row['predicted_peak'] / 2**20:>15.1f}{row['error']:>+8.1%}")
+            print(
+                f"{row['name']:<46}{row['batch']:>6}{row['measured_peak'] / 2**20:>14.1f}"
+                f"{row['predicted_peak'] / 2**20:>15.1f}{row['error']:>+8.1%}"
+            )
         return 0
     if not args.cfg_path:
         parser.error("--cfg-path is required")
@@ -909,11 +1096,22 @@ def main(argv=None) -> int:
         return 0
     plan = make_plan(args.cfg_path, args.gpus, args.gpu_mem_gb, args.options, args.batch)
     if args.json:
-        print(json.dumps({
-            "cfg_path": plan.cfg_path, "batch": plan.batch, "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib,
-            "peak_allocated_gib": plan.peak_allocated / GiB, "total_gib": plan.total / GiB, "fits": plan.fits,
-            "margin_gib": plan.margin / GiB, "max_batch": plan.max_batch,
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "cfg_path": plan.cfg_path,
+                    "batch": plan.batch,
+                    "gpus": plan.gpus,
+                    "gpu_mem_gib": plan.gpu_mem_gib,
+                    "peak_allocated_gib": plan.peak_allocated / GiB,
+                    "total_gib": plan.total / GiB,
+                    "fits": plan.fits,
+                    "margin_gib": plan.margin / GiB,
+                    "max_batch": plan.max_batch,
+                },
+                indent=1,
+            )
+        )
     else:
         print(format_plan(plan))
     return 0

@@ -110,8 +110,13 @@ class EpochLoader:
         self.batch_size = batch_size
         self.sampler = ResumableSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), seed=seed)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers, collate_fn=collate_fn,
-            drop_last=True, pin_memory=pin_memory,
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            drop_last=True,
+            pin_memory=pin_memory,
         )
         self.batches_per_epoch = self.sampler.num_samples // batch_size
 
@@ -183,7 +188,12 @@ class StepOutcome:
 
 
 def guarded_optimizer_step(
-    optimizer, scaler, loss_finite: bool, *, grad_clip_norm: float | None = None, nonfinite_check: bool = True,
+    optimizer,
+    scaler,
+    loss_finite: bool,
+    *,
+    grad_clip_norm: float | None = None,
+    nonfinite_check: bool = True,
     collective_device=torch.device("cpu"),
 ) -> StepOutcome:
     """The optimizer step of one accumulated batch, skipped on every rank alike when any rank saw a
@@ -270,10 +280,18 @@ class ReliableRunner(RunnerBase):
             for dataset, is_train in zip(datasets, is_trains)
         ]
         others = [k for k, ours in enumerate(resumable) if not ours]
-        built = super().create_loaders(
-            [datasets[k] for k in others], num_workers, [batch_sizes[k] for k in others],
-            [is_trains[k] for k in others], [collate_fns[k] for k in others], dataset_ratios,
-        ) if others else []
+        built = (
+            super().create_loaders(
+                [datasets[k] for k in others],
+                num_workers,
+                [batch_sizes[k] for k in others],
+                [is_trains[k] for k in others],
+                [collate_fns[k] for k in others],
+                dataset_ratios,
+            )
+            if others
+            else []
+        )
         loaders = dict(zip(others, built))
         seed = int(self._run("seed", 42))
         for k, ours in enumerate(resumable):
@@ -364,7 +382,8 @@ class ReliableRunner(RunnerBase):
         if start:
             logger.warning(
                 "Resuming mid-epoch on streamed or ratio-mixed data: skipping %d batches by drawing them; "
-                "the order of the rest is not that of the interrupted run.", start,
+                "the order of the rest is not that of the interrupted run.",
+                start,
             )
             for _ in range(start):
                 next(loader)
@@ -420,7 +439,8 @@ class ReliableRunner(RunnerBase):
         logger.info("Averaged stats: %s", metric_logger.global_avg())
         stats = {k: f"{meter.global_avg:.3f}" for k, meter in metric_logger.meters.items()}
         stats.update(
-            nonfinite_steps=self.progress.nonfinite_steps, scaler_skips=self.progress.scaler_skips,
+            nonfinite_steps=self.progress.nonfinite_steps,
+            scaler_skips=self.progress.scaler_skips,
             bad_samples=self.bad_samples.bad,
         )
         return stats
@@ -428,7 +448,11 @@ class ReliableRunner(RunnerBase):
     def _optimizer_step(self, optimizer, scaler, loss_finite: bool, step_ids: list, epoch: int, i: int) -> bool:
         """Step unless any rank saw a non-finite loss or gradient; True if the weights moved."""
         outcome = guarded_optimizer_step(
-            optimizer, scaler, loss_finite, grad_clip_norm=self.grad_clip_norm, nonfinite_check=self.nonfinite_check,
+            optimizer,
+            scaler,
+            loss_finite,
+            grad_clip_norm=self.grad_clip_norm,
+            nonfinite_check=self.nonfinite_check,
             collective_device=self.collective_device,
         )
         if outcome.nonfinite:
@@ -439,7 +463,11 @@ class ReliableRunner(RunnerBase):
             self.progress.scaler_skips += 1
             logger.warning(
                 "GradScaler skipped the step at epoch %d iteration %d (fp16 overflow, scale lowered to %g); "
-                "%d such steps so far", epoch, i, scaler.get_scale(), self.progress.scaler_skips,
+                "%d such steps so far",
+                epoch,
+                i,
+                scaler.get_scale(),
+                self.progress.scaler_skips,
             )
         return True
 
@@ -449,7 +477,13 @@ class ReliableRunner(RunnerBase):
         logger.warning(
             "Non-finite %s at epoch %d iteration %d (rank %d): step skipped on every rank "
             "(%d in a row, %d in the run). Sample ids on this rank: %s",
-            what, epoch, i, get_rank(), self.progress.consecutive_nonfinite, self.progress.nonfinite_steps, step_ids,
+            what,
+            epoch,
+            i,
+            get_rank(),
+            self.progress.consecutive_nonfinite,
+            self.progress.nonfinite_steps,
+            step_ids,
         )
         if self.progress.consecutive_nonfinite >= self.max_nonfinite_steps:
             raise NonFiniteTrainingError(
@@ -509,7 +543,10 @@ class ReliableRunner(RunnerBase):
             if is_best:
                 link_or_copy(directory / LAST, directory / BEST)
             logger.info(
-                "Saved checkpoint at epoch %d, %d batches into it, to %s", epoch, self.progress.iters_done, directory / LAST
+                "Saved checkpoint at epoch %d, %d batches into it, to %s",
+                epoch,
+                self.progress.iters_done,
+                directory / LAST,
             )
         self.last_checkpoint = Path(self.output_dir) / LAST
 
@@ -538,7 +575,9 @@ class ReliableRunner(RunnerBase):
         elif mode == "auto":
             found = self._auto_resume_checkpoint()
             if found is None:
-                logger.info("run.resume = auto: no checkpoint under %s, starting from scratch", Path(self.output_dir).parent)
+                logger.info(
+                    "run.resume = auto: no checkpoint under %s, starting from scratch", Path(self.output_dir).parent
+                )
             else:
                 self._load_checkpoint(str(found[0]), checkpoint=found[1])
 
@@ -547,7 +586,8 @@ class ReliableRunner(RunnerBase):
         root = Path(self.output_dir).parent
         candidates = sorted(
             (p for p in root.glob("*/checkpoint_*.pth") if p.name != BEST),
-            key=lambda p: p.stat().st_mtime, reverse=True,
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
         )
         for path in candidates:
             try:
@@ -574,8 +614,10 @@ class ReliableRunner(RunnerBase):
                 self._resume_rng = checkpoint["rng"]
             else:
                 logger.warning(
-                    "%s was written by %s ranks, this run has %d: RNG states are not restored", path,
-                    checkpoint.get("world_size"), get_world_size(),
+                    "%s was written by %s ranks, this run has %d: RNG states are not restored",
+                    path,
+                    checkpoint.get("world_size"),
+                    get_world_size(),
                 )
         self.start_epoch = self.progress.epoch
         self.last_checkpoint = Path(path)
@@ -584,8 +626,12 @@ class ReliableRunner(RunnerBase):
             # the test phase reloads the best model from this job's directory
             link_or_copy(earlier_best, Path(self.output_dir) / BEST)
         logger.info(
-            "Resumed from %s: epoch %d, %d batches into it, best %s at epoch %d", path, self.progress.epoch,
-            self.progress.iters_done, self.progress.best_agg_metric, self.progress.best_epoch,
+            "Resumed from %s: epoch %d, %d batches into it, best %s at epoch %d",
+            path,
+            self.progress.epoch,
+            self.progress.iters_done,
+            self.progress.best_agg_metric,
+            self.progress.best_epoch,
         )
 
     # --- distributed ---------------------------------------------------------------------
@@ -655,7 +701,9 @@ class ReliableRunnerIter(ReliableRunner):
             position = epoch * self.iters_per_inner_epoch + start
             self._stream = self._data_stream(loader, position) if isinstance(loader, EpochLoader) else loader
             if position and not isinstance(loader, EpochLoader):
-                logger.warning("Resuming streamed data at iteration %d: the stream restarts, not where it stood", position)
+                logger.warning(
+                    "Resuming streamed data at iteration %d: the stream restarts, not where it stood", position
+                )
         return self._stream
 
     @staticmethod

@@ -20,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def main(batch_file: str, out_dir: str) -> None:
-    import blip2_internlm  # noqa: F401  (applies compat, registers the model)
     from lavis.models import load_model_and_preprocess
 
+    import blip2_internlm  # noqa: F401  (applies compat, registers the model)
     import blip2_internlm.models.blip2_internlm as blip2_module
 
     dist.init_process_group("gloo")

@@ -17,8 +17,13 @@ def run_python(*args, env=None, timeout=300, cwd=REPO):
     """
     full_env = {**os.environ, **(env or {})}
     with subprocess.Popen(
-        [sys.executable, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        [sys.executable, *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)

@@ -23,8 +23,16 @@ from spec_helpers import REPO
 from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/lib/chromium/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 #: the page's initial settings
 BEAMS, MAX_CAPTION, MAX_ANSWER, TOP_P = 5, 30, 10, 0.9
 QUESTION = "图中的形状是什么颜色?"  # chinese_question makes the "?" full-width, as VQA evaluation does
@@ -108,9 +116,23 @@ def app_url(chromium_path, stage2_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("app-log") / "app.log"
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "blip2_internlm.app", "--model-type", "tiny", "--checkpoint",
-             str(stage2_checkpoint), "--device", "cpu", "--port", str(port)],
-            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "blip2_internlm.app",
+                "--model-type",
+                "tiny",
+                "--checkpoint",
+                str(stage2_checkpoint),
+                "--device",
+                "cpu",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 120
@@ -173,16 +195,25 @@ def model_caption(reference, path, lang, *, num_beams=BEAMS, top_p=None, seed=0)
     model, vis_processor = reference
     if top_p is not None:
         torch.manual_seed(seed)
-    (caption,) = model.generate({"image": image_tensor(vis_processor, path)}, prompt=CAPTION_PROMPTS[lang],
-                                num_beams=num_beams, max_length=MAX_CAPTION,
-                                use_nucleus_sampling=top_p is not None, top_p=top_p or 0.9)
+    (caption,) = model.generate(
+        {"image": image_tensor(vis_processor, path)},
+        prompt=CAPTION_PROMPTS[lang],
+        num_beams=num_beams,
+        max_length=MAX_CAPTION,
+        use_nucleus_sampling=top_p is not None,
+        top_p=top_p or 0.9,
+    )
     return caption
 
 
 def model_answer(reference, path, question, lang):
     model, vis_processor = reference
-    (answer,) = model.predict_answers({"image": image_tensor(vis_processor, path), "text_input": [question]},
-                                      prompt=VQA_PROMPTS[lang], num_beams=BEAMS, max_len=MAX_ANSWER)
+    (answer,) = model.predict_answers(
+        {"image": image_tensor(vis_processor, path), "text_input": [question]},
+        prompt=VQA_PROMPTS[lang],
+        num_beams=BEAMS,
+        max_len=MAX_ANSWER,
+    )
     return answer
 
 
@@ -191,7 +222,8 @@ def test_the_checkpoint_decides_the_reference_outputs(reference, upload_image):
     untrained, vis_processor = perturbed_tiny_model(seed=2)
     assert model_caption((untrained, vis_processor), upload_image, "zh") != model_caption(reference, upload_image, "zh")
     assert model_answer((untrained, vis_processor), upload_image, "图中的形状是什么颜色？", "zh") != model_answer(
-        reference, upload_image, "图中的形状是什么颜色？", "zh")
+        reference, upload_image, "图中的形状是什么颜色？", "zh"
+    )
 
 
 def test_an_uploaded_image_gets_the_models_caption_with_its_latency(page, reference, upload_image):
@@ -244,8 +276,10 @@ def test_the_demo_model_is_the_newest_stage2_jobs_last_checkpoint(tmp_path):
 
     stage2 = tmp_path / "stage2"
     older, newer = stage2 / "20260101000000", stage2 / "20260102000000"
-    for job, names in ((older, ["checkpoint_0.pth", "checkpoint_5.pth", "checkpoint_last.pth"]),
-                       (newer, ["checkpoint_2.pth", "checkpoint_10.pth"])):
+    for job, names in (
+        (older, ["checkpoint_0.pth", "checkpoint_5.pth", "checkpoint_last.pth"]),
+        (newer, ["checkpoint_2.pth", "checkpoint_10.pth"]),
+    ):
         job.mkdir(parents=True)
         for name in names:
             (job / name).write_bytes(b"")

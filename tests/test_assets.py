@@ -14,7 +14,9 @@ def test_tiny_assets_are_generated_once_and_deterministically(tmp_path, monkeypa
         monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / run))
         bert = assets.resolve_text_model("tiny")
         vit = assets.resolve_vit_weights("tiny", "tiny", 64)
-        digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in (bert / "vocab.txt", bert / "model.safetensors", vit)])
+        digests.append(
+            [hashlib.sha256(p.read_bytes()).hexdigest() for p in (bert / "vocab.txt", bert / "model.safetensors", vit)]
+        )
         assert assets.resolve_text_model("tiny") == bert  # second call reuses
     assert digests[0] == digests[1]
 

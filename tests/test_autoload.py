@@ -18,7 +18,7 @@ OFF = {"BLIP2_INTERNLM_AUTOLOAD": "0"}
 ON = {"BLIP2_INTERNLM_AUTOLOAD": "1"}  # whatever the caller's shell says
 
 # LAVIS 1.0.2's repo-root train.py, unmodified in substance: it knows nothing of blip2_internlm
-LAVIS_TRAIN_PY = '''
+LAVIS_TRAIN_PY = """
 import argparse
 import random
 
@@ -83,7 +83,7 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,13 +114,24 @@ def lavis_train(tmp_path, name, cfg, *options):
     script.write_text(LAVIS_TRAIN_PY)
     output = tmp_path / name
     result = run_python(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script),
-        "--cfg-path", str(REPO / "configs/tiny" / cfg),
-        "--options", "run.max_epoch=1", "run.batch_size_train=8", f"run.output_dir={output}",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(script),
+        "--cfg-path",
+        str(REPO / "configs/tiny" / cfg),
+        "--options",
+        "run.max_epoch=1",
+        "run.batch_size_train=8",
+        f"run.output_dir={output}",
         "datasets.shapes_caption.generator.train=16",
-        "datasets.shapes_caption.generator.val=8", "datasets.shapes_caption.generator.test=8",
+        "datasets.shapes_caption.generator.val=8",
+        "datasets.shapes_caption.generator.test=8",
         *options,
-        env=ON, cwd=tmp_path, timeout=240,
+        env=ON,
+        cwd=tmp_path,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (job_dir,) = output.iterdir()

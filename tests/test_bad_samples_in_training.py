@@ -75,4 +75,6 @@ def test_data_broken_at_scale_stops_the_run_with_the_list(tmp_path, coco_like, s
     result = train(config(tmp_path, coco_like, stage1_run[0] / "checkpoint_2.pth"), "run.max_bad_sample_fraction=0.01")
     assert result.returncode != 0
     log = result.stdout + result.stderr
-    assert "max_bad_sample_fraction" in log and ("corrupt.jpg" in log or "truncated.png" in log or "coco_emptied" in log)
+    assert "max_bad_sample_fraction" in log and (
+        "corrupt.jpg" in log or "truncated.png" in log or "coco_emptied" in log
+    )

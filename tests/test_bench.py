@@ -55,7 +55,10 @@ def test_llms_match_in_width_depth_heads_vocab_and_mlp_parameters(size_name):
     size = bench.load_size(size_name)
     internlm2, opt = bench.internlm2_config(size), bench.opt_config(size)
     assert (internlm2.hidden_size, internlm2.num_hidden_layers, internlm2.num_attention_heads) == (
-        opt.hidden_size, opt.num_hidden_layers, opt.num_attention_heads)
+        opt.hidden_size,
+        opt.num_hidden_layers,
+        opt.num_attention_heads,
+    )
     assert internlm2.vocab_size == opt.vocab_size
     swiglu = 3 * internlm2.hidden_size * internlm2.intermediate_size
     relu = 2 * opt.hidden_size * opt.ffn_dim
@@ -110,7 +113,10 @@ def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkey
             assert {"gflops_per_s", "pct_of_fp32_peak", "time_vs"} <= set(row)
         assert rows[(task, "ours: default")]["time_vs"][fp32_base] > 0
     # generation lengths are forced equal on both sides
-    for task, tokens in (("caption", result["size_config"]["caption_tokens"]), ("vqa", result["size_config"]["vqa_tokens"])):
+    for task, tokens in (
+        ("caption", result["size_config"]["caption_tokens"]),
+        ("vqa", result["size_config"]["vqa_tokens"]),
+    ):
         assert rows[(task, fp32_base)]["new_tokens"] == rows[(task, "ours: default")]["new_tokens"] == [tokens]
     # LAVIS as shipped (fp16 OPT, no autocast on CPU) is reported, run or not
     assert (("train_step", "LAVIS blip2_opt as shipped (OPT fp16)")) in rows

@@ -29,8 +29,16 @@ def checkpoint(stage1_run, tmp_path_factory):
     """Stage 2 for five short epochs: enough for captions that depend on the image."""
     stage1_dir, _ = stage1_run
     output = tmp_path_factory.mktemp("stage2")
-    torchrun("-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"), "--options",
-             f"model.pretrained={stage1_dir / 'checkpoint_2.pth'}", f"run.output_dir={output}", "run.max_epoch=5")
+    torchrun(
+        "-m",
+        "blip2_internlm.train",
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        f"model.pretrained={stage1_dir / 'checkpoint_2.pth'}",
+        f"run.output_dir={output}",
+        "run.max_epoch=5",
+    )
     (job_dir,) = output.iterdir()
     return job_dir / "checkpoint_4.pth"
 
@@ -51,8 +59,16 @@ def shapes(lavis_ready):
 def evaluated(checkpoint, shapes, tmp_path_factory):
     """``{image_id: caption}`` of ``blip2_internlm.evaluate`` on the test split."""
     output = tmp_path_factory.mktemp("caption_eval")
-    result = run_python("-m", "blip2_internlm.evaluate", "--cfg-path", str(CAPTION_EVAL), "--options",
-                        f"model.finetuned={checkpoint}", f"run.output_dir={output}", f"run.batch_size_eval={BATCH}")
+    result = run_python(
+        "-m",
+        "blip2_internlm.evaluate",
+        "--cfg-path",
+        str(CAPTION_EVAL),
+        "--options",
+        f"model.finetuned={checkpoint}",
+        f"run.output_dir={output}",
+        f"run.batch_size_eval={BATCH}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = output.glob("*/result/test_epochbest.json")
     return {record["image_id"]: record["caption"] for record in json.loads(results.read_text())}
@@ -60,9 +76,20 @@ def evaluated(checkpoint, shapes, tmp_path_factory):
 
 def caption_args(checkpoint, shapes, out) -> list[str]:
     """The test split's caption annotations, as the evaluation config reads them."""
-    return [str(shapes / "annotations" / "caption_zh_test.json"), "--image-root", str(shapes),
-            "--cfg-path", str(CAPTION_EVAL), "--checkpoint", str(checkpoint), "--batch-size", BATCH,
-            "--out", str(out), *QUIET]
+    return [
+        str(shapes / "annotations" / "caption_zh_test.json"),
+        "--image-root",
+        str(shapes),
+        "--cfg-path",
+        str(CAPTION_EVAL),
+        "--checkpoint",
+        str(checkpoint),
+        "--batch-size",
+        BATCH,
+        "--out",
+        str(out),
+        *QUIET,
+    ]
 
 
 def run_in_process(argv) -> str:
@@ -91,7 +118,8 @@ def records(path):
 
 
 def test_captions_equal_what_caption_evaluation_generates_for_the_same_checkpoint_and_images(
-        uninterrupted, evaluated, shapes):
+    uninterrupted, evaluated, shapes
+):
     out, printed = uninterrupted
     ids = {record["image"]: record["image_id_int"] for record in records(shapes / "annotations/caption_zh_test.json")}
     captions = {ids[row["image"]]: row["text"] for row in rows(out)}
@@ -102,13 +130,15 @@ def test_captions_equal_what_caption_evaluation_generates_for_the_same_checkpoin
     assert (settings["num_beams"], settings["max_len"], settings["min_len"]) == (3, 30, 1)  # the config's run section
 
 
-def test_a_killed_run_resumes_to_each_image_once_with_the_uninterrupted_texts(uninterrupted, checkpoint, shapes,
-                                                                               tmp_path):
+def test_a_killed_run_resumes_to_each_image_once_with_the_uninterrupted_texts(
+    uninterrupted, checkpoint, shapes, tmp_path
+):
     reference = rows(uninterrupted[0])
     out = tmp_path / "captions.jsonl"
     command = [sys.executable, "-m", "blip2_internlm.caption", *caption_args(checkpoint, shapes, out)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         while process.poll() is None and (not out.exists() or out.read_bytes().count(b"\n") < 8):
             time.sleep(0.01)
@@ -120,7 +150,7 @@ def test_a_killed_run_resumes_to_each_image_once_with_the_uninterrupted_texts(un
     assert 8 <= complete.count(b"\n") < len(reference), "the kill should land mid-run"
     # and as a kill during a write leaves it: the last line cut in the middle
     last_line = complete.rstrip(b"\n").rfind(b"\n") + 1
-    out.write_bytes(complete[:last_line] + complete[last_line: last_line + 40])
+    out.write_bytes(complete[:last_line] + complete[last_line : last_line + 40])
     kept = complete[:last_line].count(b"\n")
 
     printed = run_in_process(caption_args(checkpoint, shapes, out))
@@ -129,8 +159,9 @@ def test_a_killed_run_resumes_to_each_image_once_with_the_uninterrupted_texts(un
     assert rows(out) == reference
 
 
-def test_an_unreadable_image_is_an_error_row_and_counted_and_the_others_are_captioned(checkpoint, shapes, tmp_path,
-                                                                                      capsys):
+def test_an_unreadable_image_is_an_error_row_and_counted_and_the_others_are_captioned(
+    checkpoint, shapes, tmp_path, capsys
+):
     from blip2_internlm.caption import main
 
     folder = tmp_path / "photos"
@@ -143,8 +174,23 @@ def test_an_unreadable_image_is_an_error_row_and_counted_and_the_others_are_capt
     listed.write_text("gone.png\n")
     out = tmp_path / "captions.jsonl"
 
-    code = main([str(folder), str(listed), "--model-type", "tiny", "--checkpoint", str(checkpoint),
-                 "--out", str(out), "--batch-size", "2", "--workers", "2", *QUIET])
+    code = main(
+        [
+            str(folder),
+            str(listed),
+            "--model-type",
+            "tiny",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--workers",
+            "2",
+            *QUIET,
+        ]
+    )
 
     assert code == 0
     by_image = {os.path.basename(row["image"]): row for row in rows(out)}
@@ -164,23 +210,46 @@ def test_vqa_with_questions_per_image_from_jsonl_equals_predict_answers(checkpoi
 
     asked = records(shapes / "annotations/vqa_zh_test.json")[:6]
     questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps({key: r[key] for key in ("image", "question", "question_id")}) + "\n"
-                                 for r in asked))
+    questions.write_text(
+        "".join(json.dumps({key: r[key] for key in ("image", "question", "question_id")}) + "\n" for r in asked)
+    )
     out = tmp_path / "answers.jsonl"
 
-    assert main([str(questions), "--image-root", str(shapes), "--model-type", "tiny", "--checkpoint", str(checkpoint),
-                 "--lang", "zh", "--out", str(out), "--batch-size", "3", "--workers", "0", *QUIET]) == 0
+    assert (
+        main(
+            [
+                str(questions),
+                "--image-root",
+                str(shapes),
+                "--model-type",
+                "tiny",
+                "--checkpoint",
+                str(checkpoint),
+                "--lang",
+                "zh",
+                "--out",
+                str(out),
+                "--batch-size",
+                "3",
+                "--workers",
+                "0",
+                *QUIET,
+            ]
+        )
+        == 0
+    )
 
     model, vis_processors, _ = load_model_and_preprocess("blip2_internlm", "tiny", checkpoint=checkpoint)
     images = torch.stack([vis_processors["eval"](Image.open(shapes / r["image"]).convert("RGB")) for r in asked])
     expected = []
     for start in (0, 3):
-        batch = {"image": images[start: start + 3], "text_input": [r["question"] for r in asked[start: start + 3]]}
+        batch = {"image": images[start : start + 3], "text_input": [r["question"] for r in asked[start : start + 3]]}
         expected += model.predict_answers(batch, prompt=VQA_PROMPTS["zh"])
     answers = rows(out)
     assert [row["text"] for row in answers] == expected
-    assert [(row["question"], row["question_id"]) for row in answers] == [(r["question"], r["question_id"])
-                                                                          for r in asked]
+    assert [(row["question"], row["question_id"]) for row in answers] == [
+        (r["question"], r["question_id"]) for r in asked
+    ]
     assert {row["prompt"] for row in answers} == {VQA_PROMPTS["zh"]}
 
 

@@ -63,7 +63,10 @@ class TwoPart(nn.Module):
 
 
 def test_load_report_lists_missing_and_unexpected_keys(tmp_path):
-    torch.save({"model": {"Qformer.weight": torch.ones(2, 2), "Qformer.bias": torch.ones(2), "extra": torch.ones(1)}}, tmp_path / "c.pth")
+    torch.save(
+        {"model": {"Qformer.weight": torch.ones(2, 2), "Qformer.bias": torch.ones(2), "extra": torch.ones(1)}},
+        tmp_path / "c.pth",
+    )
     model = TwoPart()
     report = load_weights(model, tmp_path / "c.pth", required_prefixes=("Qformer.",))
     assert sorted(report.loaded) == ["Qformer.bias", "Qformer.weight"]

@@ -132,7 +132,9 @@ def test_a_sigkill_during_a_save_leaves_a_loadable_checkpoint(tmp_path):
 
 def test_a_full_disk_during_a_save_is_a_clear_error_and_the_previous_file_survives(tmp_path):
     path = tmp_path / "checkpoint_last.pth"
-    result = subprocess.run([sys.executable, "-c", SAVER, str(path), "full-disk"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", SAVER, str(path), "full-disk"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 3, result.stderr[-2000:]
     assert f"could not write checkpoint {path}" in result.stdout and "intact" in result.stdout
     assert load_checkpoint_file(path)["step"] == 1

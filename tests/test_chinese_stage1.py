@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from conftest import torchrun
+from omegaconf import OmegaConf
 from spec_helpers import REPO
 
 from blip2_internlm import assets
@@ -87,7 +87,9 @@ def test_the_shapes_data_and_prompts_tokenize_without_unk_one_token_per_characte
 
 
 def test_truncation_counts_tokens_and_keeps_whole_characters(zh_model):
-    tokens = zh_model.tokenizer(["左边有一个红色的圆形"], padding="max_length", truncation=True, max_length=6, return_tensors="pt")
+    tokens = zh_model.tokenizer(
+        ["左边有一个红色的圆形"], padding="max_length", truncation=True, max_length=6, return_tensors="pt"
+    )
     assert tokens.input_ids.shape == (1, 6)
     assert zh_model.tokenizer.decode(tokens.input_ids[0], skip_special_tokens=True).replace(" ", "") == "左边有一"
 
@@ -121,8 +123,11 @@ def test_a_legacy_bert_base_chinese_checkpoint_loads_into_the_qformer(lavis_read
     legacy = BertForPreTraining(BertConfig.from_pretrained(source))
     with torch.no_grad():
         legacy.bert.embeddings.LayerNorm.weight.uniform_(0.5, 1.5)
-    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v.clone()
-             for k, v in legacy.state_dict().items() if k != "cls.predictions.decoder.weight"}
+    state = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v.clone()
+        for k, v in legacy.state_dict().items()
+        if k != "cls.predictions.decoder.weight"
+    }
     torch.save(state, tmp_path / "pytorch_model.bin")
     model = stage1_model(str(tmp_path))
     embeddings = model.Qformer.bert.embeddings
@@ -142,7 +147,11 @@ def zh_batch(tmp_path_factory):
     records = json.loads((root / "annotations" / "caption_zh_train.json").read_text())
     process = BlipImageEvalProcessor(image_size=64)
     images = torch.stack([process(Image.open(root / r["image"]).convert("RGB")) for r in records])
-    return {"image": images, "text_input": [r["caption"] for r in records], "image_id": [r["image_id"] for r in records]}
+    return {
+        "image": images,
+        "text_input": [r["caption"] for r in records],
+        "image_id": [r["image_id"] for r in records],
+    }
 
 
 @pytest.fixture
@@ -178,13 +187,22 @@ def test_stage1_trains_on_chinese_captions_and_generates_them_without_spaces(lav
 
 def test_two_ranks_run_the_tiny_chinese_stage1_config_and_save_a_checkpoint(tmp_path):
     result = torchrun(
-        "-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage1_zh.yaml"),
-        "--options", f"run.output_dir={tmp_path}", "run.max_epoch=1", "datasets.shapes_caption.generator.train=64",
-        "datasets.shapes_caption.generator.val=8", "datasets.shapes_caption.generator.test=8",
+        "-m",
+        "blip2_internlm.train",
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage1_zh.yaml"),
+        "--options",
+        f"run.output_dir={tmp_path}",
+        "run.max_epoch=1",
+        "datasets.shapes_caption.generator.train=64",
+        "datasets.shapes_caption.generator.val=8",
+        "datasets.shapes_caption.generator.test=8",
     )
     assert "distributed init (rank 1, world 2, gloo)" in result.stdout + result.stderr
     (job_dir,) = tmp_path.iterdir()
-    (epoch,) = [json.loads(line) for line in (job_dir / "log.txt").read_text().splitlines() if line.startswith('{"train_')]
+    (epoch,) = [
+        json.loads(line) for line in (job_dir / "log.txt").read_text().splitlines() if line.startswith('{"train_')
+    ]
     assert math.isfinite(float(epoch["train_loss"]))
     saved = torch.load(job_dir / "checkpoint_0.pth", weights_only=True)["model"]
     assert saved["Qformer.bert.embeddings.word_embeddings.weight"].shape[0] == len(assets.tiny_zh_vocab()) + 1
@@ -194,5 +212,8 @@ def test_the_planner_sizes_the_tiny_chinese_stage1_like_the_built_model(zh_model
     from blip2_internlm.meta import build_on_meta, merged_model_config
 
     on_meta = build_on_meta(merged_model_config(REPO / "configs" / "tiny" / "pretrain_stage1_zh.yaml"))
-    assert on_meta.Qformer.bert.embeddings.word_embeddings.weight.shape == zh_model.Qformer.bert.embeddings.word_embeddings.weight.shape
+    assert (
+        on_meta.Qformer.bert.embeddings.word_embeddings.weight.shape
+        == zh_model.Qformer.bert.embeddings.word_embeddings.weight.shape
+    )
     assert sum(p.numel() for p in on_meta.parameters()) == sum(p.numel() for p in zh_model.parameters())

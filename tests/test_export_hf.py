@@ -44,7 +44,8 @@ def fit_bridge(model, pixels):
     with torch.no_grad():
         queries = model.Qformer.bert(
             query_embeds=model.query_tokens.expand(len(pixels), -1, -1),
-            encoder_hidden_states=model.image_embeds({"image": pixels}), return_dict=True,
+            encoder_hidden_states=model.image_embeds({"image": pixels}),
+            return_dict=True,
         ).last_hidden_state  # (B, n_query, qformer_width)
         n_query = queries.shape[1]
         embed = model.llm_model.get_input_embeddings()
@@ -136,8 +137,11 @@ def our_outputs(model, vis_processor, images):
         model.ln_vision.eps = eps
         logits_export_eps = model.llm_model(inputs_embeds=embeds).logits
     return {
-        "pixel_values": pixels, "ids": ids.tolist(), "n_query": queries.shape[1],
-        "logits": logits, "logits_export_eps": logits_export_eps,
+        "pixel_values": pixels,
+        "ids": ids.tolist(),
+        "n_query": queries.shape[1],
+        "logits": logits,
+        "logits_export_eps": logits_export_eps,
         "greedy": captions(PROMPT, num_beams=1, max_length=MAX_NEW, min_length=1),
         "beam": captions(PROMPT, num_beams=BEAMS, max_length=MAX_NEW, min_length=1),
         "defaults": captions(PROMPT),
@@ -172,14 +176,34 @@ def exported(lavis_ready, tmp_path_factory):
             frozen = ("visual_encoder.", "llm_model.")
             trained = {k: v for k, v in model.state_dict().items() if not k.startswith(frozen)}
             checkpoint = save_checkpoint_file({"model": trained}, tmp / "stage2.pth")
-            result = run_python("-m", "blip2_internlm.export", "--to-hf", str(exports[arch]), "--model-type", "tiny",
-                                "--checkpoint", str(checkpoint), timeout=300)
+            result = run_python(
+                "-m",
+                "blip2_internlm.export",
+                "--to-hf",
+                str(exports[arch]),
+                "--model-type",
+                "tiny",
+                "--checkpoint",
+                str(checkpoint),
+                timeout=300,
+            )
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         else:
             export_to_hf(model, exports[arch])
     out_json = tmp / "hf_side.json"
-    result = run_python("-c", HF_SIDE, str(tmp), PROMPT, TEXT, str(MAX_NEW), str(BEAMS), str(out_json),
-                        *(str(path) for path in exports.values()), env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    result = run_python(
+        "-c",
+        HF_SIDE,
+        str(tmp),
+        PROMPT,
+        TEXT,
+        str(MAX_NEW),
+        str(BEAMS),
+        str(out_json),
+        *(str(path) for path in exports.values()),
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     theirs = json.loads(out_json.read_text(encoding="utf-8"))
     assert theirs.pop("modules") == []
@@ -263,8 +287,17 @@ def test_vit_options_without_a_blip2_counterpart_are_named(lavis_ready):
 
     from blip2_internlm.export import ExportError, vision_config_and_weights
 
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, qkv_bias=True,
-                            use_mean_pooling=False, init_values=0.1, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    vit = VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        qkv_bias=True,
+        use_mean_pooling=False,
+        init_values=0.1,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
     with pytest.raises(ExportError, match=r"block 0: layer scale \(init_values\)"):
         vision_config_and_weights(vit, nn.LayerNorm(32))
 

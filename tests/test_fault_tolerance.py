@@ -18,7 +18,9 @@ from blip2_internlm.checkpoint import load_checkpoint_file, nonfinite_tensors
 
 # 128 images, batch 8 on each of 2 ranks: 8 steps per epoch
 OPTIONS = [
-    "run.max_epoch=2", "datasets.shapes_caption.generator.train=128", "run.batch_size_train=8",
+    "run.max_epoch=2",
+    "datasets.shapes_caption.generator.train=128",
+    "run.batch_size_train=8",
     "run.save_every_iters=3",
 ]
 NAN_STEP = 5  # epoch 0, iteration 5, on rank 1 only: every rank must still skip it
@@ -27,10 +29,21 @@ NAN = {"BLIP2_INTERNLM_INJECT_NONFINITE_LOSS": f"{NAN_STEP}@1"}
 
 def stage2(output, stage1_checkpoint, *extra, env=None):
     return run_python(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"),
-        "--options", f"model.pretrained={stage1_checkpoint}", f"run.output_dir={output}", *OPTIONS, *extra,
-        env={**NAN, **(env or {})}, timeout=600,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "blip2_internlm.train",
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        f"model.pretrained={stage1_checkpoint}",
+        f"run.output_dir={output}",
+        *OPTIONS,
+        *extra,
+        env={**NAN, **(env or {})},
+        timeout=600,
     )
 
 
@@ -100,7 +113,9 @@ def test_a_rank_killed_mid_epoch_resumes_automatically_to_bitwise_equal_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_continues(straight, stage1_checkpoint, tmp_path):
+def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_continues(
+    straight, stage1_checkpoint, tmp_path
+):
     # saves: iteration 3, iteration 6, end of epoch 0, iteration 3 of epoch 1 (the 4th: killed mid-write)
     killed = stage2(tmp_path, stage1_checkpoint, env={"BLIP2_INTERNLM_INJECT_KILL_IN_SAVE": "4"})
     assert killed.returncode != 0
@@ -118,7 +133,9 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_conti
     assert "resuming from" in resumed.stdout + resumed.stderr
 
 
-def test_a_diverging_run_stops_naming_the_last_good_checkpoint_and_saves_no_non_finite_weight(stage1_checkpoint, tmp_path):
+def test_a_diverging_run_stops_naming_the_last_good_checkpoint_and_saves_no_non_finite_weight(
+    stage1_checkpoint, tmp_path
+):
     result = stage2(tmp_path, stage1_checkpoint, "run.init_lr=1e12", "run.warmup_lr=1e12", "run.max_nonfinite_steps=2")
     assert result.returncode != 0
     log = result.stdout + result.stderr
@@ -137,14 +154,25 @@ def test_when_a_rank_is_killed_the_other_exits_with_a_clear_message_instead_of_h
     """Ranks launched without torchrun (as a scheduler would): nobody kills the survivor for us."""
     port = free_port()
     command = [
-        sys.executable, "-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"),
-        "--options", f"model.pretrained={stage1_checkpoint}", f"run.output_dir={tmp_path}", *OPTIONS,
+        sys.executable,
+        "-m",
+        "blip2_internlm.train",
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        f"model.pretrained={stage1_checkpoint}",
+        f"run.output_dir={tmp_path}",
+        *OPTIONS,
         "run.dist_timeout_minutes=1",
     ]
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     ranks = [
         subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "BLIP2_INTERNLM_INJECT_KILL_AT_STEP": "4@1"},
         )
         for rank in (0, 1)

@@ -67,11 +67,15 @@ def test_training_loss_from_the_cache_equals_the_loss_from_images(model, data_ro
     assert torch.allclose(fp16_loss, reference, rtol=2e-3, atol=0)
 
 
-def test_one_training_step_gives_the_same_gradients_on_qformer_queries_projection_and_ln_vision(model, data_root, tmp_path):
+def test_one_training_step_gives_the_same_gradients_on_qformer_queries_projection_and_ln_vision(
+    model, data_root, tmp_path
+):
     from blip2_internlm.feature_cache import CachedFeatures, FeatureStore
 
     dataset = caption_train(data_root)
-    cached, from_images = batches(CachedFeatures(dataset, FeatureStore.build(model, dataset, tmp_path, dtype="fp32")), dataset, [1, 2, 5])
+    cached, from_images = batches(
+        CachedFeatures(dataset, FeatureStore.build(model, dataset, tmp_path, dtype="fp32")), dataset, [1, 2, 5]
+    )
 
     def gradients(samples):
         model.zero_grad()
@@ -86,7 +90,9 @@ def test_one_training_step_gives_the_same_gradients_on_qformer_queries_projectio
         assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-6), name
 
 
-def test_view_k_is_the_frozen_vit_on_the_crop_seeded_for_image_and_view_and_training_draws_views(model, data_root, tmp_path):
+def test_view_k_is_the_frozen_vit_on_the_crop_seeded_for_image_and_view_and_training_draws_views(
+    model, data_root, tmp_path
+):
     from lavis.processors.blip_processors import BlipImageTrainProcessor
 
     from blip2_internlm.feature_cache import CachedFeatures, FeatureStore, seeded, view_seed, vit_features
@@ -192,11 +198,15 @@ def test_caption_generation_and_vqa_answers_from_the_cache_equal_those_from_imag
     from blip2_internlm.feature_cache import CachedFeatures, FeatureStore
 
     captions = caption_train(data_root, split="val")
-    cached, from_images = batches(CachedFeatures(captions, FeatureStore.build(model, captions, tmp_path / "c", dtype="fp32")), captions, range(4))
+    cached, from_images = batches(
+        CachedFeatures(captions, FeatureStore.build(model, captions, tmp_path / "c", dtype="fp32")), captions, range(4)
+    )
     assert model.generate(cached, num_beams=2, max_length=8) == model.generate(from_images, num_beams=2, max_length=8)
 
     names = ["vqa_zh_test.json", "answer_list_zh.json", "vqa_zh_test_questions.json", "vqa_zh_test_annotations.json"]
-    vqa = ShapesVQAEvalDataset(BlipImageEvalProcessor(64), BlipQuestionProcessor(), data_root, [f"{data_root}/annotations/{n}" for n in names])
+    vqa = ShapesVQAEvalDataset(
+        BlipImageEvalProcessor(64), BlipQuestionProcessor(), data_root, [f"{data_root}/annotations/{n}" for n in names]
+    )
     store = FeatureStore.build(model, vqa, tmp_path / "v", dtype="fp32")
     assert store.num_images == 4 and len(vqa) > 4  # several questions per image, one cached image each
     wrapped = CachedFeatures(vqa, store)
@@ -238,16 +248,27 @@ def test_two_ranks_each_write_one_shard_and_both_train_from_every_image(model, d
     cache, output = tmp_path / "features", tmp_path / "out"
     monkeypatch.setenv("STORE", str(cache / "shapes_caption" / "train"))
     result = torchrun(
-        str(script), "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"), "--options",
-        "model.load_pretrained=False", f"run.output_dir={output}", "run.max_epoch=1", "run.batch_size_train=4",
+        str(script),
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        "model.load_pretrained=False",
+        f"run.output_dir={output}",
+        "run.max_epoch=1",
+        "run.batch_size_train=4",
         *(f"datasets.shapes_caption.generator.{key}={value}" for key, value in GENERATOR.items()),
-        "run.feature_cache.enabled=True", f"run.feature_cache.dir={cache}", "run.feature_cache.dtype=fp32",
+        "run.feature_cache.enabled=True",
+        f"run.feature_cache.dir={cache}",
+        "run.feature_cache.dtype=fp32",
         timeout=120,
     )
     header = json.loads((cache / "shapes_caption" / "train" / "header.json").read_text())
     assert header["world_size"] == 2 and [s["rows"] for s in header["shards"]] == [6, 6]
     assert sorted(p.name for p in (cache / "shapes_caption" / "train").iterdir()) == [
-        "header.json", "shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+        "header.json",
+        "shard-00000-of-00002.npy",
+        "shard-00001-of-00002.npy",
+    ]
     assert not (cache / "shapes_caption" / "val").exists()  # the run reads no val split
     for rank in (0, 1):
         assert f"rank {rank} read 12 images of 2 shards" in result.stdout

@@ -50,7 +50,9 @@ annotations = [f"{root}/annotations/caption_zh_train.json", f"{root}/annotations
 dataset = ShapesCaptionDataset(BlipImageEvalProcessor(64), BlipCaptionProcessor(), root, annotations)
 """
 
-BUILD_AND_READ = BUILDER + """
+BUILD_AND_READ = (
+    BUILDER
+    + """
 if "RANK" in os.environ:
     import torch.distributed as dist
 
@@ -63,8 +65,11 @@ if "RANK" in os.environ:  # a gloo group left to interpreter shutdown can abort 
     dist.barrier()
     dist.destroy_process_group()
 """
+)
 
-DISK_FILLS_UP = BUILDER + """
+DISK_FILLS_UP = (
+    BUILDER
+    + """
 import resource, shutil, signal
 
 if sys.argv[4] == "file size limit":
@@ -75,6 +80,7 @@ else:  # a filesystem that reports free space it will not give (a quota, another
     shutil.disk_usage = lambda path: real(path)._replace(free=2**40)
 feature_cache.FeatureStore.build(model, dataset, store, views=2, dtype="fp32", batch_size=5)
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +113,11 @@ class Job:
 
     def __init__(self, *args, stderr):
         self.process = subprocess.Popen(
-            [sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            [sys.executable, *map(str, args)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
             start_new_session=True,
         )
         self.lines, self.seen = queue.Queue(), []
@@ -158,8 +168,17 @@ def test_two_jobs_building_one_store_at_once_build_it_once_and_every_rank_reads_
         fcntl.flock(held, fcntl.LOCK_EX)
         with open(tmp_path / "one.err", "w") as one_err, open(tmp_path / "two.err", "w") as two_err:
             one_rank = Job("-c", BUILD_AND_READ, data_root, store, tmp_path / "one", stderr=one_err)
-            two_ranks = Job("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, data_root,
-                            store, tmp_path / "two", stderr=two_err)
+            two_ranks = Job(
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                script,
+                data_root,
+                store,
+                tmp_path / "two",
+                stderr=two_err,
+            )
         jobs += [one_rank, two_ranks]
         one_rank.wait_for("waiting for it")
         two_ranks.wait_for("rank 0: Feature cache: another job is building")
@@ -193,7 +212,10 @@ def test_partial_and_replaced_stores_left_by_dead_builds_are_removed_by_the_next
     built = FeatureStore.build(model, caption_train(data_root), tmp_path / "store", dtype="fp32")
     assert built.num_images == 12
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "store", "store-val.partial-otherhost-4242-0badc0de", "store.lock"]  # another store's partial is kept
+        "store",
+        "store-val.partial-otherhost-4242-0badc0de",
+        "store.lock",
+    ]  # another store's partial is kept
     for name in leftovers:
         assert f"removing {tmp_path / name}" in caplog.text
 
@@ -231,8 +253,9 @@ def small_tmpfs(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
     try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True
+        )
     except FileNotFoundError:
         pytest.skip("no mount command to make a small tmpfs")
     if result.returncode:

@@ -1,9 +1,9 @@
 """Image ids for ITC: any hashable id becomes an integer that every rank agrees on."""
 
 import torch
+from spec_helpers import run_python
 
 from blip2_internlm.ids import image_ids_to_tensor, stable_image_id
-from spec_helpers import run_python
 
 
 def test_small_non_negative_ints_keep_their_value():

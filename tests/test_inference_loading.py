@@ -86,8 +86,9 @@ def test_an_unknown_model_type_lists_the_model_types(lavis_ready):
 def test_model_options_override_the_model_types_keys(lavis_ready):
     from blip2_internlm.inference import load_model_and_preprocess
 
-    model, _, _ = load_model_and_preprocess("blip2_internlm", "tiny", num_query_token=4, prompt="图片描述：",
-                                            llm_precision="bf16")
+    model, _, _ = load_model_and_preprocess(
+        "blip2_internlm", "tiny", num_query_token=4, prompt="图片描述：", llm_precision="bf16"
+    )
     assert model.query_tokens.shape[1] == 4
     assert model.prompt == "图片描述："
     # unlike LAVIS's function, the CPU does not cast the LLM to fp32

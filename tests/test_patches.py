@@ -23,7 +23,9 @@ def test_there_are_patches_for_the_seeds_lavis_bugs():
 
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
 def test_each_patch_applies_cleanly_and_compiles(pristine_lavis, patch):
-    result = subprocess.run(["patch", "-p1", "--forward", "-i", str(patch)], cwd=pristine_lavis, capture_output=True, text=True)
+    result = subprocess.run(
+        ["patch", "-p1", "--forward", "-i", str(patch)], cwd=pristine_lavis, capture_output=True, text=True
+    )
     assert result.returncode == 0 and "FAILED" not in result.stdout, result.stdout + result.stderr
     assert "fuzz" not in result.stdout and "offset" not in result.stdout.lower(), result.stdout
     touched = [line.split()[1][2:] for line in patch.read_text().splitlines() if line.startswith("+++ ")]

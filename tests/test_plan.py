@@ -17,8 +17,12 @@ STAGE2_1_8B = REPO / "configs/blip2_internlm/pretrain_stage2_internlm2_1.8b.yaml
 STAGE2_7B = REPO / "configs/blip2_internlm/pretrain_stage2_internlm2_7b.yaml"
 STAGE2_OPT = REPO / "configs/blip2_opt/pretrain_stage2_opt2.7b.yaml"
 CAPTION_FT = REPO / "configs/blip2_internlm/caption_coco_ft_internlm2_1.8b.yaml"
-LAVIS_CAPTION_RECIPE = ["model.freeze_vit=False", "model.vit_precision=fp32", "model.use_grad_checkpoint=True",
-                        "model.image_size=364"]
+LAVIS_CAPTION_RECIPE = [
+    "model.freeze_vit=False",
+    "model.vit_precision=fp32",
+    "model.use_grad_checkpoint=True",
+    "model.image_size=364",
+]
 
 
 def plan(path, gpus=2, gpu_mem_gb=24, options=(), batch=None):
@@ -33,13 +37,27 @@ def test_prediction_matches_a_measured_training_step(tmp_path):
     prediction, and so is the growth from one batch size to the other."""
     from blip2_internlm.plan import calibration_cases
 
-    name, cfg, options, batch = next(c for c in calibration_cases(tmp_path) if c[0].startswith("small stage 2, InternLM2"))
+    name, cfg, options, batch = next(
+        c for c in calibration_cases(tmp_path) if c[0].startswith("small stage 2, InternLM2")
+    )
     runs = []
     for size in (batch, 2 * batch):
-        result = run_python("-m", "blip2_internlm.plan", "--measure", "--device", "cpu", "--cfg-path", cfg,
-                            "--batch", str(size), "--options", *options, timeout=240)
+        result = run_python(
+            "-m",
+            "blip2_internlm.plan",
+            "--measure",
+            "--device",
+            "cpu",
+            "--cfg-path",
+            cfg,
+            "--batch",
+            str(size),
+            "--options",
+            *options,
+            timeout=240,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        measured = json.loads(result.stdout[result.stdout.index("{"):])
+        measured = json.loads(result.stdout[result.stdout.index("{") :])
         assert measured["optimizer_states"] > 0, "the measured step must include AdamW's state"
         assert measured["measured_peak"] > 50 * 2**20
         assert abs(measured["error"]) < 0.25, measured
@@ -98,7 +116,11 @@ def test_opt_baseline_and_caption_fine_tuning(lavis_ready):
 
 def test_vit_gradient_checkpointing_is_modelled(lavis_ready):
     with_ckpt = plan(CAPTION_FT, gpu_mem_gb=80, options=LAVIS_CAPTION_RECIPE)
-    without = plan(CAPTION_FT, gpu_mem_gb=80, options=LAVIS_CAPTION_RECIPE[:-2] + ["model.image_size=364", "model.use_grad_checkpoint=False"])
+    without = plan(
+        CAPTION_FT,
+        gpu_mem_gb=80,
+        options=LAVIS_CAPTION_RECIPE[:-2] + ["model.image_size=364", "model.use_grad_checkpoint=False"],
+    )
     act = lambda p: sum(t.bytes for t in p.act_terms)  # noqa: E731
     assert act(without) > 2 * act(with_ckpt)  # 2.6x with SDPA (no attention probabilities saved)
     assert sum(t.bytes for t in with_ckpt.act_terms_other_ckpt) == pytest.approx(act(without))

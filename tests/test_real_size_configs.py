@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from spec_helpers import REPO
 
-CONFIGS = sorted((REPO / "configs" / "blip2_internlm").glob("*.yaml")) + sorted((REPO / "configs" / "blip2_opt").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs" / "blip2_internlm").glob("*.yaml")) + sorted(
+    (REPO / "configs" / "blip2_opt").glob("*.yaml")
+)
 LAUNCHER = REPO / "run_scripts" / "torchrun.sh"
 SCRIPTS = sorted(path for path in (REPO / "run_scripts").rglob("*.sh") if path != LAUNCHER)
 CONFIG_IDS = [f"{path.parent.name}/{path.name}" for path in CONFIGS]
@@ -29,9 +31,25 @@ LLMS = {  # llm_model -> (layers, hidden)
     "internlm/internlm2-7b": (32, 4096),
     "facebook/opt-2.7b": (32, 2560),
 }
-PATH_ENV = ("DATA_ROOT", "COCO_ROOT", "VG_ROOT", "VQAV2_ROOT", "OKVQA_ROOT", "GQA_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED", "BERT_BASE_CHINESE",
-            "INTERNLM2_1_8B", "INTERNLM2_7B", "OPT_2_7B", "STAGE1_CHECKPOINT", "STAGE2_CHECKPOINT",
-            "STAGE2_OPT_CHECKPOINT", "CAPTION_CHECKPOINT", "CAPTION_OPT_CHECKPOINT")
+PATH_ENV = (
+    "DATA_ROOT",
+    "COCO_ROOT",
+    "VG_ROOT",
+    "VQAV2_ROOT",
+    "OKVQA_ROOT",
+    "GQA_ROOT",
+    "EVA_VIT_G",
+    "BERT_BASE_UNCASED",
+    "BERT_BASE_CHINESE",
+    "INTERNLM2_1_8B",
+    "INTERNLM2_7B",
+    "OPT_2_7B",
+    "STAGE1_CHECKPOINT",
+    "STAGE2_CHECKPOINT",
+    "STAGE2_OPT_CHECKPOINT",
+    "CAPTION_CHECKPOINT",
+    "CAPTION_OPT_CHECKPOINT",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +170,11 @@ def test_datasets_tasks_and_run_settings(lavis_ready, path):
             assert run.inference_method == "generate" and run.prompt == "Question: {} Short answer:"
     else:
         assert run.lr_sched == "linear_warmup_cosine_lr" and run.train_splits == ["train"]
-        expected_batch = {"image_text_pretrain": 60 if cfg.model.arch == "blip2" else 32, "captioning": 16, "captioning_offline": 16}[run.task]
+        expected_batch = {
+            "image_text_pretrain": 60 if cfg.model.arch == "blip2" else 32,
+            "captioning": 16,
+            "captioning_offline": 16,
+        }[run.task]
         assert run.batch_size_train == expected_batch
     if cfg.model.arch != "blip2":
         # every checkpoint is an env var; none is a URL (the offline loader would refuse it anyway)
@@ -177,7 +199,9 @@ def test_paths_follow_environment_variables_and_options(lavis_ready, monkeypatch
     monkeypatch.setenv("EVA_VIT_G", "/w/eva_vit_g.pth")
     monkeypatch.setenv("INTERNLM2_1_8B", "/w/internlm2-1_8b")
     monkeypatch.setenv("STAGE1_CHECKPOINT", "/ckpt/stage1.pth")
-    cfg = OmegaConf.to_container(lavis_config(path, ["datasets.coco_caption.build_info.images.storage=/fast/coco/"]), resolve=True)
+    cfg = OmegaConf.to_container(
+        lavis_config(path, ["datasets.coco_caption.build_info.images.storage=/fast/coco/"]), resolve=True
+    )
     build = cfg["datasets"]["coco_caption"]["build_info"]
     assert build["annotations"]["train"]["storage"] == "/data/coco/annotations/coco_karpathy_train.json"
     assert build["images"]["storage"] == "/fast/coco/"
@@ -185,8 +209,13 @@ def test_paths_follow_environment_variables_and_options(lavis_ready, monkeypatch
     assert cfg["model"]["vit_weights"] == "/w/eva_vit_g.pth" and cfg["model"]["llm_model"] == "/w/internlm2-1_8b"
     assert cfg["model"]["pretrained"] == "/ckpt/stage1.pth"
     # VQAv2 annotations default to the COCO root (LAVIS's layout) unless VQAV2_ROOT says otherwise
-    vqa = OmegaConf.to_container(lavis_config(REPO / "configs/blip2_opt/vqav2_zeroshot_opt2.7b_eval.yaml"), resolve=True)
-    assert vqa["datasets"]["coco_vqa"]["build_info"]["annotations"]["val"]["storage"][0] == "/data/coco/annotations/vqa_val_eval.json"
+    vqa = OmegaConf.to_container(
+        lavis_config(REPO / "configs/blip2_opt/vqav2_zeroshot_opt2.7b_eval.yaml"), resolve=True
+    )
+    assert (
+        vqa["datasets"]["coco_vqa"]["build_info"]["annotations"]["val"]["storage"][0]
+        == "/data/coco/annotations/vqa_val_eval.json"
+    )
 
 
 def test_meta_build_sizes_the_llm_from_a_local_config_json(lavis_ready, tmp_path):
@@ -194,7 +223,9 @@ def test_meta_build_sizes_the_llm_from_a_local_config_json(lavis_ready, tmp_path
 
     from blip2_internlm.meta import llm_config
 
-    OPTConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=96).save_pretrained(tmp_path)
+    OPTConfig(
+        hidden_size=96, num_hidden_layers=3, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=96
+    ).save_pretrained(tmp_path)
     assert llm_config(str(tmp_path)).num_hidden_layers == 3
     assert llm_config("/no/such/dir/internlm2-7b").hidden_size == 4096  # a path's name picks the preset
     with pytest.raises(ValueError, match="cannot size it"):
@@ -244,6 +275,17 @@ def test_every_environment_variable_is_documented():
         names |= set(re.findall(r"oc\.env:(\w+)", path.read_text()))
     doc = (REPO / "docs" / "plan.md").read_text()
     section = doc.split("## Real-size configs", 1)[1].split("\n## ", 1)[0]
-    assert {"DATA_ROOT", "COCO_ROOT", "VG_ROOT", "EVA_VIT_G", "BERT_BASE_UNCASED", "BERT_BASE_CHINESE", "INTERNLM2_1_8B", "INTERNLM2_7B",
-            "OPT_2_7B", "STAGE1_CHECKPOINT", "STAGE2_CHECKPOINT"} <= names
+    assert {
+        "DATA_ROOT",
+        "COCO_ROOT",
+        "VG_ROOT",
+        "EVA_VIT_G",
+        "BERT_BASE_UNCASED",
+        "BERT_BASE_CHINESE",
+        "INTERNLM2_1_8B",
+        "INTERNLM2_7B",
+        "OPT_2_7B",
+        "STAGE1_CHECKPOINT",
+        "STAGE2_CHECKPOINT",
+    } <= names
     assert not {name for name in names if f"`{name}`" not in section}

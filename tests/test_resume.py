@@ -13,8 +13,15 @@ OPTIONS = ["run.max_epoch=2", "datasets.shapes_caption.generator.train=128", "ru
 def stage2(tmp_path, stage1_checkpoint, name, *extra):
     output = tmp_path / name
     torchrun(
-        "-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"),
-        "--options", f"model.pretrained={stage1_checkpoint}", f"run.output_dir={output}", *OPTIONS, *extra,
+        "-m",
+        "blip2_internlm.train",
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        f"model.pretrained={stage1_checkpoint}",
+        f"run.output_dir={output}",
+        *OPTIONS,
+        *extra,
     )
     return sorted(output.iterdir())[-1]
 
@@ -41,5 +48,10 @@ def test_resumed_run_ends_with_the_same_weights_and_loss(runs):
     b = torch.load(resumed / "checkpoint_1.pth", weights_only=True)["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    last = [json.loads(l)["train_loss"] for d in runs for l in (d / "log.txt").read_text().splitlines() if l.startswith('{"train_')]
+    last = [
+        json.loads(l)["train_loss"]
+        for d in runs
+        for l in (d / "log.txt").read_text().splitlines()
+        if l.startswith('{"train_')
+    ]
     assert last[-1] == last[1]  # the straight run's second epoch == the resumed run's only epoch

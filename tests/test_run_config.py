@@ -107,17 +107,22 @@ def test_the_table_knows_every_feature_cache_key(lavis_ready):
 
 
 def test_values_are_accepted_in_the_forms_their_readers_take(lavis_ready):
-    assert problems_of({
-        "init_lr": "3e-3",  # a string to YAML 1.1; LAVIS reads it with float()
-        "weight_decay": 0,
-        "max_iters": 2e4,  # a float to OmegaConf; LAVIS reads it with int()
-        "accum_grad_iters": "2",  # LAVIS reads it with int()
-        "batch_size_train": 8,  # what --options run.batch_size_train=8 gives
-        "grad_clip_norm": "1.0",
-        "max_bad_sample_fraction": 0,
-        "resume": False,
-        "save_every_iters": None,
-    }) == []
+    assert (
+        problems_of(
+            {
+                "init_lr": "3e-3",  # a string to YAML 1.1; LAVIS reads it with float()
+                "weight_decay": 0,
+                "max_iters": 2e4,  # a float to OmegaConf; LAVIS reads it with int()
+                "accum_grad_iters": "2",  # LAVIS reads it with int()
+                "batch_size_train": 8,  # what --options run.batch_size_train=8 gives
+                "grad_clip_norm": "1.0",
+                "max_bad_sample_fraction": 0,
+                "resume": False,
+                "save_every_iters": None,
+            }
+        )
+        == []
+    )
     assert problems_of({"resume": "auto", "keep_last_n": None, "device": "cuda:1", "prompt": ""}) == []
 
 
@@ -164,7 +169,9 @@ def test_every_run_setting_that_lavis_or_this_package_reads_is_in_the_table(lavi
 
     run_cfg = [r"run_cfg\.get\(\s*[\"'](\w+)[\"']", r"run_cfg\.(\w+)"]
     run_alias = [  # `run = cfg.run_cfg`, and the planner's _run_value(run, key, default)
-        r"(?<![\w.])run\.get\(\s*[\"'](\w+)[\"']", r"(?<![\w.])run\.(\w+)", r"_run_value\(\s*run,\s*\"(\w+)\""
+        r"(?<![\w.])run\.get\(\s*[\"'](\w+)[\"']",
+        r"(?<![\w.])run\.(\w+)",
+        r"_run_value\(\s*run,\s*\"(\w+)\"",
     ]
     dist_args = [r"(?<![\w.])args\.get\(\s*[\"'](\w+)[\"']", r"(?<![\w.])args\.(\w+)"]
     lavis = installed_lavis_dir()
@@ -198,8 +205,14 @@ def test_lavis_config_refuses_a_bad_run_section_as_it_is_built(lavis_ready):
 
 def test_training_with_a_bad_run_setting_stops_before_anything_is_built(tmp_path):
     result = run_python(
-        "-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"),
-        "--options", "run.batch_size_train=abc", cwd=tmp_path, timeout=180,
+        "-m",
+        "blip2_internlm.train",
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        "run.batch_size_train=abc",
+        cwd=tmp_path,
+        timeout=180,
     )
     assert result.returncode != 0
     config = REPO / "configs/tiny/pretrain_stage2.yaml"
@@ -214,8 +227,14 @@ def test_lavis_own_train_script_stops_at_the_config_too(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(LAVIS_STYLE_TRAIN_PY)
     result = run_python(
-        str(script), "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"),
-        "--options", "run.batch_size_train=abc", env={"BLIP2_INTERNLM_AUTOLOAD": "1"}, cwd=tmp_path, timeout=180,
+        str(script),
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        "run.batch_size_train=abc",
+        env={"BLIP2_INTERNLM_AUTOLOAD": "1"},
+        cwd=tmp_path,
+        timeout=180,
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].endswith("run.batch_size_train = 'abc': expected an integer >= 1")

@@ -45,9 +45,24 @@ def make_runner(toy, output_dir, job_id="job", **run):
 
     Toy, Pairs, BaseTask = toy
     settings = dict(
-        task="image_text_pretrain", lr_sched="linear_warmup_cosine_lr", init_lr=0.01, min_lr=0.01, weight_decay=0.0, max_epoch=3,
-        batch_size_train=8, batch_size_eval=8, num_workers=0, seed=1, output_dir=str(output_dir), amp=False,
-        evaluate=False, train_splits=["train"], valid_splits=[], device="cpu", distributed=False, log_freq=1000,
+        task="image_text_pretrain",
+        lr_sched="linear_warmup_cosine_lr",
+        init_lr=0.01,
+        min_lr=0.01,
+        weight_decay=0.0,
+        max_epoch=3,
+        batch_size_train=8,
+        batch_size_eval=8,
+        num_workers=0,
+        seed=1,
+        output_dir=str(output_dir),
+        amp=False,
+        evaluate=False,
+        train_splits=["train"],
+        valid_splits=[],
+        device="cpu",
+        distributed=False,
+        log_freq=1000,
     )
     settings.update(run)
     cfg = Config.__new__(Config)
@@ -165,5 +180,7 @@ def test_a_run_killed_mid_epoch_resumes_to_bitwise_equal_weights_and_optimizer_s
     a = torch.load(straight.output_dir / "checkpoint_last.pth", weights_only=True)
     b = torch.load(resumed.output_dir / "checkpoint_last.pth", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    moments = [(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
+    moments = [
+        (x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
+    ]
     assert moments and all(torch.equal(x, y) for x, y in moments)

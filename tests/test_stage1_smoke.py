@@ -8,7 +8,9 @@ import torch
 def test_both_ranks_train_and_the_loss_goes_down(stage1_run):
     job_dir, result = stage1_run
     assert "distributed init (rank 1, world 2, gloo)" in result.stdout + result.stderr
-    epochs = [json.loads(line) for line in (job_dir / "log.txt").read_text().splitlines() if line.startswith('{"train_')]
+    epochs = [
+        json.loads(line) for line in (job_dir / "log.txt").read_text().splitlines() if line.startswith('{"train_')
+    ]
     losses = [float(e["train_loss"]) for e in epochs]
     assert len(losses) == 3
     assert losses[-1] < 0.85 * losses[0], losses

@@ -15,9 +15,15 @@ def stage2_run(stage1_run, tmp_path_factory):
     stage1_dir, _ = stage1_run
     output = tmp_path_factory.mktemp("stage2")
     result = torchrun(
-        "-m", "blip2_internlm.train", "--cfg-path", str(REPO / "configs/tiny/pretrain_stage2.yaml"),
-        "--options", f"model.pretrained={stage1_dir / 'checkpoint_2.pth'}", f"run.output_dir={output}",
-        "run.max_epoch=1", SMALL_DATA.format("shapes_caption"),
+        "-m",
+        "blip2_internlm.train",
+        "--cfg-path",
+        str(REPO / "configs/tiny/pretrain_stage2.yaml"),
+        "--options",
+        f"model.pretrained={stage1_dir / 'checkpoint_2.pth'}",
+        f"run.output_dir={output}",
+        "run.max_epoch=1",
+        SMALL_DATA.format("shapes_caption"),
     )
     (job_dir,) = output.iterdir()
     return job_dir, result
@@ -34,11 +40,16 @@ def test_stage2_trains_from_the_stage1_checkpoint(stage2_run):
 def test_zero_shot_vqa_prints_vqav2_metrics(stage2_run, tmp_path):
     job_dir, _ = stage2_run
     result = torchrun(
-        "-m", "blip2_internlm.evaluate", "--cfg-path", str(REPO / "configs/tiny/vqa_zeroshot.yaml"),
-        "--options", f"model.finetuned={job_dir / 'checkpoint_0.pth'}", f"run.output_dir={tmp_path}",
+        "-m",
+        "blip2_internlm.evaluate",
+        "--cfg-path",
+        str(REPO / "configs/tiny/vqa_zeroshot.yaml"),
+        "--options",
+        f"model.finetuned={job_dir / 'checkpoint_0.pth'}",
+        f"run.output_dir={tmp_path}",
         "datasets.shapes_vqa.generator.train=256",
     )
-    printed = result.stdout[result.stdout.index("{"):]
+    printed = result.stdout[result.stdout.index("{") :]
     metrics = json.loads(printed[: printed.rindex("}") + 1])["test"]
     assert {"agg_metrics", "yes/no", "number", "other"} <= set(metrics)
     assert 0 <= metrics["agg_metrics"] <= 100
@@ -47,8 +58,13 @@ def test_zero_shot_vqa_prints_vqav2_metrics(stage2_run, tmp_path):
 def test_caption_evaluation_scores_offline(stage2_run, tmp_path):
     job_dir, _ = stage2_run
     result = torchrun(
-        "-m", "blip2_internlm.evaluate", "--cfg-path", str(REPO / "configs/tiny/caption_eval.yaml"),
-        "--options", f"model.finetuned={job_dir / 'checkpoint_0.pth'}", f"run.output_dir={tmp_path}",
+        "-m",
+        "blip2_internlm.evaluate",
+        "--cfg-path",
+        str(REPO / "configs/tiny/caption_eval.yaml"),
+        "--options",
+        f"model.finetuned={job_dir / 'checkpoint_0.pth'}",
+        f"run.output_dir={tmp_path}",
         SMALL_DATA.format("shapes_caption"),
     )
     (job,) = tmp_path.iterdir()

@@ -9,7 +9,7 @@ to import on the pinned stack otherwise); ``patch_lavis()`` runs after.  Both ar
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 _APPLIED: dict[str, str] = {}
 
@@ -38,7 +38,17 @@ def prepare_imports() -> None:
 
 
 def patch_lavis() -> None:
-    from blip2_internlm.compat import attention, blip2, checkpoints, config, datasets, distributed, runner, tasks, training
+    from blip2_internlm.compat import (
+        attention,
+        blip2,
+        checkpoints,
+        config,
+        datasets,
+        distributed,
+        runner,
+        tasks,
+        training,
+    )
 
     config.run_config_validated_at_start()
     distributed.init_distributed_mode_cpu_aware()

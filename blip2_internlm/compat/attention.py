@@ -31,7 +31,7 @@ Which implementation a module uses, first match wins:
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +118,14 @@ def qformer_self_attention_forward(
         or not uses_sdpa(self)
     ):
         return EAGER_FORWARDS["BertSelfAttention"](
-            self, hidden_states, attention_mask, head_mask, encoder_hidden_states, encoder_attention_mask,
-            past_key_value, output_attentions,
+            self,
+            hidden_states,
+            attention_mask,
+            head_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            past_key_value,
+            output_attentions,
         )
     if encoder_hidden_states is not None:
         key = self.transpose_for_scores(self.key(encoder_hidden_states))
@@ -136,7 +142,9 @@ def qformer_self_attention_forward(
         # LAVIS's masks are additive (0 / -10000 or the dtype's min) and broadcast over heads
         attention_mask = attention_mask.to(query.dtype)
 
-    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=_dropout_p(self.dropout))
+    context = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=_dropout_p(self.dropout)
+    )
     context = context.permute(0, 2, 1, 3).reshape(hidden_states.shape[0], hidden_states.shape[1], self.all_head_size)
     return context, (key, value)
 
@@ -154,8 +162,7 @@ def frozen_llms(model: nn.Module):
     from transformers import PreTrainedModel
 
     return [
-        m for m in model.modules()
-        if isinstance(m, PreTrainedModel) and not type(m).__module__.startswith("lavis.")
+        m for m in model.modules() if isinstance(m, PreTrainedModel) and not type(m).__module__.startswith("lavis.")
     ]
 
 

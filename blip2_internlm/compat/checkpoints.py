@@ -32,7 +32,11 @@ def resolve_checkpoint(key: str, url_or_path) -> str:
 
 def required_prefixes(model) -> tuple:
     """Keys a pretrained/finetuned BLIP-2 checkpoint must provide: the Q-Former and its queries."""
-    return tuple(getattr(model, "checkpoint_required_prefixes", ("Qformer.", "query_tokens") if hasattr(model, "Qformer") else ()))
+    return tuple(
+        getattr(
+            model, "checkpoint_required_prefixes", ("Qformer.", "query_tokens") if hasattr(model, "Qformer") else ()
+        )
+    )
 
 
 @fix

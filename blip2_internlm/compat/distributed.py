@@ -43,7 +43,10 @@ def init_distributed_mode(args):
     args.dist_backend = pick_backend(args)
     if args.dist_backend == "nccl":
         torch.cuda.set_device(args.gpu)
-    print(f"| distributed init (rank {args.rank}, world {args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
+    print(
+        f"| distributed init (rank {args.rank}, world {args.world_size}, {args.dist_backend}): {args.dist_url}",
+        flush=True,
+    )
     dist.init_process_group(
         backend=args.dist_backend,
         init_method=args.dist_url,

@@ -13,7 +13,11 @@ def sort_by_question_length(dataset, key: str = "question") -> bool:
     Longest first: a batch that does not fit in memory fails at the first step.
     """
     annotation = getattr(dataset, "annotation", None)
-    if not isinstance(annotation, list) or not annotation or not all(isinstance(a, dict) and isinstance(a.get(key), str) for a in annotation):
+    if (
+        not isinstance(annotation, list)
+        or not annotation
+        or not all(isinstance(a, dict) and isinstance(a.get(key), str) for a in annotation)
+    ):
         return False
     dataset.annotation = sorted(annotation, key=lambda ann: -len(ann[key]))
     return True

@@ -27,8 +27,12 @@ import sys
 
 from omegaconf import OmegaConf
 
-CORPORA = {"coco-cn": "coco_cn_caption", "flickr8k-cn": "flickr8k_cn_caption",
-           "flickr30k-cn": "flickr30k_cn_caption", "aic": "aic_caption"}
+CORPORA = {
+    "coco-cn": "coco_cn_caption",
+    "flickr8k-cn": "flickr8k_cn_caption",
+    "flickr30k-cn": "flickr30k_cn_caption",
+    "aic": "aic_caption",
+}
 
 
 def default_layout(builder: str) -> dict:
@@ -38,8 +42,15 @@ def default_layout(builder: str) -> dict:
     return OmegaConf.to_container(cfg.build_info)
 
 
-def convert(corpus: str, root: str, split: str, images: str | None = None, files=None, fmt: str | None = None,
-            skip_invalid: bool = False) -> tuple[list[dict], int]:
+def convert(
+    corpus: str,
+    root: str,
+    split: str,
+    images: str | None = None,
+    files=None,
+    fmt: str | None = None,
+    skip_invalid: bool = False,
+) -> tuple[list[dict], int]:
     """``(records, skipped)`` for one split of ``corpus`` (a ``--from`` name)."""
     from blip2_internlm.datasets.chinese_captions import READERS, aic_image_dir, checked, per_caption, per_image
 
@@ -58,14 +69,22 @@ def convert(corpus: str, root: str, split: str, images: str | None = None, files
     default_images = (layout.get("images") or {}).get("storage")
     image_root = images or (os.path.join(root, default_images) if default_images else None)
     vis_root = image_root or aic_image_dir(files[0])
-    records, skipped = checked(READERS[builder](files, image_root), vis_root, skip_invalid, what=f"{corpus} {split} ({files})")
+    records, skipped = checked(
+        READERS[builder](files, image_root), vis_root, skip_invalid, what=f"{corpus} {split} ({files})"
+    )
     # Image paths relative to the image root that zh_caption_json will be given: --images, or
     # --root for AI Challenger's per-split folders.
     out_root = image_root or root
     fmt = fmt or ("per-caption" if split == "train" else "per-image")
     grouped = per_caption(records) if fmt == "per-caption" else per_image(records)
-    out = [{"image": os.path.relpath(os.path.join(vis_root, r["image"]), out_root).replace(os.sep, "/"),
-            "caption": r["caption"], "image_id": r["image_id"]} for r in grouped]
+    out = [
+        {
+            "image": os.path.relpath(os.path.join(vis_root, r["image"]), out_root).replace(os.sep, "/"),
+            "caption": r["caption"],
+            "image_id": r["image_id"],
+        }
+        for r in grouped
+    ]
     return out, skipped
 
 
@@ -77,13 +96,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output JSON file")
     parser.add_argument("--images", help="image root (default: the defaults.yaml one under --root)")
     parser.add_argument("--files", nargs="+", help="this split's annotation files, replacing the defaults")
-    parser.add_argument("--format", choices=["per-caption", "per-image"], help="default: per-caption for train, else per-image")
+    parser.add_argument(
+        "--format", choices=["per-caption", "per-image"], help="default: per-caption for train, else per-image"
+    )
     parser.add_argument("--skip-invalid", action="store_true", help="skip bad records (counted) instead of failing")
     args = parser.parse_args(argv)
     from blip2_internlm.datasets.records import BadRecordError
 
     try:
-        records, skipped = convert(args.corpus, args.root, args.split, args.images, args.files, args.format, args.skip_invalid)
+        records, skipped = convert(
+            args.corpus, args.root, args.split, args.images, args.files, args.format, args.skip_invalid
+        )
     except (BadRecordError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

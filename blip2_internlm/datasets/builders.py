@@ -46,7 +46,11 @@ class ShapesDataset(CheckedMixin, BaseDataset):
 class ShapesCaptionDataset(ShapesDataset):
     def load(self, index):
         ann = self.annotation[index]
-        return {"image": self.image(index), "text_input": self.text_processor(ann["caption"]), "image_id": ann["image_id"]}
+        return {
+            "image": self.image(index),
+            "text_input": self.text_processor(ann["caption"]),
+            "image_id": ann["image_id"],
+        }
 
 
 class ShapesCaptionEvalDataset(ShapesDataset):
@@ -67,7 +71,12 @@ class ShapesVQADataset(ShapesDataset, VQADataset):
         ann = self.annotation[index]
         answers = list(dict.fromkeys(ann["answer"]))
         weights = [ann["answer"].count(a) / len(ann["answer"]) for a in answers]
-        return {"image": self.image(index), "text_input": self.text_processor(ann["question"]), "answers": answers, "weights": weights}
+        return {
+            "image": self.image(index),
+            "text_input": self.text_processor(ann["question"]),
+            "answers": answers,
+            "weights": weights,
+        }
 
 
 class ShapesVQAEvalDataset(ShapesDataset):
@@ -100,7 +109,9 @@ def generator_args(generator_cfg) -> dict:
     """``generate_shapes`` keyword arguments from a dataset config's ``generator`` block."""
     gen = dict(generator_cfg)
     return {
-        "splits": {split: int(gen.get(split, default)) for split, default in (("train", 2000), ("val", 200), ("test", 200))},
+        "splits": {
+            split: int(gen.get(split, default)) for split, default in (("train", 2000), ("val", 200), ("test", 200))
+        },
         "image_size": int(gen.get("image_size", 64)),
         "seed": int(gen.get("seed", 0)),
         "max_objects": int(gen.get("max_objects", 1)),

@@ -111,7 +111,8 @@ def _split_items(split_file, caption_files, image_of, id_of=lambda key: key, **c
             by_key.setdefault(key, []).extend(caps)
     items = [
         (where, {"image": "", "caption": "", "image_id": ""}, problem)
-        for key, caps in by_key.items() if key.startswith("?")
+        for key, caps in by_key.items()
+        if key.startswith("?")
         for _, where, problem in caps
     ]
     for key, split_where in read_split_ids(split_file):
@@ -149,8 +150,13 @@ def _flickr_key(name: str) -> str:
 def read_flickr8k_cn(files, image_root=None):
     """Flickr8k-CN: ``[Flickr_8k.<split>Images.txt, flickr8kzhc.caption.txt, ...]``; ids ``<file>.jpg#zhc#<n>``."""
     split_file, *caption_files = files
-    return _split_items(split_file, caption_files, lambda key: f"{_flickr_key(key)}.jpg", _flickr_key,
-                        key_of=lambda head: _flickr_key(head.split("#", 1)[0]))
+    return _split_items(
+        split_file,
+        caption_files,
+        lambda key: f"{_flickr_key(key)}.jpg",
+        _flickr_key,
+        key_of=lambda head: _flickr_key(head.split("#", 1)[0]),
+    )
 
 
 # Some copies of the Flickr30k-CN release tag every token with its part of speech (``警车:n``).
@@ -167,8 +173,14 @@ def _drop_pos_tags(text: str) -> str:
 def read_flickr30k_cn(files, image_root=None):
     """Flickr30k-CN: ``[<set>/ImageSets/<set>.txt, <set>/TextData/seg.<set>.caption.txt]``; ids ``<n>#zhb#<i>``."""
     split_file, *caption_files = files
-    return _split_items(split_file, caption_files, lambda key: f"{_flickr_key(key)}.jpg", _flickr_key,
-                        key_of=lambda head: _flickr_key(head.split("#", 1)[0]), text_of=_drop_pos_tags)
+    return _split_items(
+        split_file,
+        caption_files,
+        lambda key: f"{_flickr_key(key)}.jpg",
+        _flickr_key,
+        key_of=lambda head: _flickr_key(head.split("#", 1)[0]),
+        text_of=_drop_pos_tags,
+    )
 
 
 def aic_image_dir(annotation_file) -> str:
@@ -218,8 +230,11 @@ def _json_objects(files, items):
 
 
 def _generic_record(obj) -> dict:
-    return {"image": obj.get("image"), "caption": obj.get("caption"),
-            "image_id": str(obj.get("image_id", obj.get("image")))}
+    return {
+        "image": obj.get("image"),
+        "caption": obj.get("caption"),
+        "image_id": str(obj.get("image_id", obj.get("image"))),
+    }
 
 
 _TEXT_READERS = (read_coco_cn, read_flickr8k_cn, read_flickr30k_cn)
@@ -290,8 +305,11 @@ class ZhCaptionDataset(CheckedMixin, BaseDataset):
 
     def load(self, index):
         ann = self.annotation[index]
-        return {"image": self.image(index), "text_input": self.text_processor(ann["caption"]),
-                "image_id": ann["image_id"]}
+        return {
+            "image": self.image(index),
+            "text_input": self.text_processor(ann["caption"]),
+            "image_id": ann["image_id"],
+        }
 
 
 class ZhCaptionEvalDataset(ZhCaptionDataset):
@@ -306,8 +324,11 @@ class ZhCaptionEvalDataset(ZhCaptionDataset):
 
     def load(self, index):
         ann = self.annotation[index]
-        return {"image": self.image(index), "image_id": stable_image_id(ann["image_id"]),
-                "instance_id": ann["instance_id"]}
+        return {
+            "image": self.image(index),
+            "image_id": stable_image_id(ann["image_id"]),
+            "instance_id": ann["instance_id"],
+        }
 
     def references(self) -> dict[int, list[str]]:
         """Reference captions by the integer ``image_id`` of the samples, normalised as the eval
@@ -356,8 +377,10 @@ def missing_split(key: str, split: str, path: str, used: dict[str, str] | None, 
     where = f"{key}: no file at {path}"
     hint = "(see docs/chinese_data.md for where each corpus's files go)"
     if used is not None and split in used:
-        raise BadRecordError(f"{where}, and {used[split]} uses the {split!r} split: point the key at the file "
-                             f"or drop {split!r} from {used[split]} {hint}")
+        raise BadRecordError(
+            f"{where}, and {used[split]} uses the {split!r} split: point the key at the file "
+            f"or drop {split!r} from {used[split]} {hint}"
+        )
     if used is None and nothing_else:
         raise BadRecordError(f"{where} {hint}")
     if used is None:
@@ -393,15 +416,23 @@ class ZhCaptionBuilder(BaseDatasetBuilder):
     def present_splits(self, name) -> dict[str, list[str]]:
         """``split -> files`` of the configured splits whose files all exist (``missing_split``
         decides about the others); a split set to null is left out."""
-        configured = {split: self.split_files(split) for split, info in self.config.build_info.annotations.items()
-                      if split in SPLITS and info is not None}
+        configured = {
+            split: self.split_files(split)
+            for split, info in self.config.build_info.annotations.items()
+            if split in SPLITS and info is not None
+        }
         absent = {split: next((p for p in files if not os.path.exists(p)), None) for split, files in configured.items()}
         present = {split: files for split, files in configured.items() if absent[split] is None}
         used = run_splits()
         for split, path in absent.items():
             if path is not None:
-                missing_split(f"datasets.{name}.build_info.annotations.{split}.storage", split, path, used,
-                              nothing_else=not present)
+                missing_split(
+                    f"datasets.{name}.build_info.annotations.{split}.storage",
+                    split,
+                    path,
+                    used,
+                    nothing_else=not present,
+                )
         return present
 
     def build(self):
@@ -420,8 +451,12 @@ class ZhCaptionBuilder(BaseDatasetBuilder):
             is_train = split == "train"
             kind = "train" if is_train else "eval"
             datasets[split] = (self.train_dataset_cls if is_train else self.eval_dataset_cls)(
-                vis_processor=self.vis_processors[kind], text_processor=self.text_processors[kind],
-                vis_root=vis_root, records=records, skip_invalid=skip_invalid, skipped=skipped,
+                vis_processor=self.vis_processors[kind],
+                text_processor=self.text_processors[kind],
+                vis_root=vis_root,
+                records=records,
+                skip_invalid=skip_invalid,
+                skipped=skipped,
             )
         return datasets
 
@@ -479,8 +514,16 @@ class ZhCaptionWdsDataset(LaionDataset):
     ``location``: a list of shard URLs, or a brace pattern as webdataset expands it.
     """
 
-    def __init__(self, vis_processor, text_processor, location, caption_key="caption", skip_invalid=False,
-                 shuffle=1000, resampled=True):
+    def __init__(
+        self,
+        vis_processor,
+        text_processor,
+        location,
+        caption_key="caption",
+        skip_invalid=False,
+        shuffle=1000,
+        resampled=True,
+    ):
         BaseDataset.__init__(self, vis_processor=vis_processor, text_processor=text_processor)
         self.caption_key, self.skip_invalid = caption_key, skip_invalid
         handler = wds.warn_and_continue if skip_invalid else wds.reraise_exception
@@ -523,8 +566,11 @@ class ZhCaptionWdsDataset(LaionDataset):
 
     def to_dict(self, sample):
         where = f"{sample.get('__url__')}, sample {sample.get('__key__')}"
-        return {"image": self.vis_processor(self.image(sample, where)),
-                "text_input": self.text_processor(self.caption(sample, where)), "image_id": sample["__key__"]}
+        return {
+            "image": self.vis_processor(self.image(sample, where)),
+            "text_input": self.text_processor(self.caption(sample, where)),
+            "image_id": sample["__key__"],
+        }
 
 
 def shard_urls(location: str, key: str, allow_pipe_urls: bool) -> list[str]:
@@ -539,8 +585,10 @@ def shard_urls(location: str, key: str, allow_pipe_urls: bool) -> list[str]:
         scheme = urlparse(url).scheme
         if scheme == "pipe" and not allow_pipe_urls:
             allow = key.rsplit(".", 1)[0] + ".allow_pipe_urls"
-            raise ValueError(f"{key}: {url!r} is a pipe: URL, which webdataset runs as a shell command; set "
-                             f"{allow}: true to allow pipe: URLs (only in configs whose commands you trust)")
+            raise ValueError(
+                f"{key}: {url!r} is a pipe: URL, which webdataset runs as a shell command; set "
+                f"{allow}: true to allow pipe: URLs (only in configs whose commands you trust)"
+            )
         urls.append(resolve(url) if scheme == "" else url)
     return urls
 
@@ -584,8 +632,13 @@ class ZhCaptionWdsBuilder(BaseDatasetBuilder):
                 raise BadRecordError(f"{where} (set skip_invalid: true to train on the others)")
             logger.warning("%s; training on the other %d (skip_invalid: true)", where, len(urls) - len(absent))
             urls = [url for url in urls if url not in absent]
-        return {"train": self.train_dataset_cls(
-            vis_processor=self.vis_processors["train"], text_processor=self.text_processors["train"],
-            location=urls, caption_key=str(self.config.get("caption_key", "caption")), skip_invalid=skip_invalid,
-            shuffle=int(self.config.get("shuffle_buffer", 1000)),
-        ).inner_dataset}
+        return {
+            "train": self.train_dataset_cls(
+                vis_processor=self.vis_processors["train"],
+                text_processor=self.text_processors["train"],
+                location=urls,
+                caption_key=str(self.config.get("caption_key", "caption")),
+                skip_invalid=skip_invalid,
+                shuffle=int(self.config.get("shuffle_buffer", 1000)),
+            ).inner_dataset
+        }

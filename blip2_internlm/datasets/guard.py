@@ -67,8 +67,16 @@ class _UnusableSample(ValueError):
 class GuardedDataset(torch.utils.data.Dataset):
     """``dataset`` whose bad samples raise a named error (``error``) or are replaced (``skip``)."""
 
-    def __init__(self, dataset, policy: str = "skip", name: str | None = None, split: str | None = None,
-                 seed: int = 0, max_substitutes: int = DEFAULT_MAX_SUBSTITUTES, training: bool = True):
+    def __init__(
+        self,
+        dataset,
+        policy: str = "skip",
+        name: str | None = None,
+        split: str | None = None,
+        seed: int = 0,
+        max_substitutes: int = DEFAULT_MAX_SUBSTITUTES,
+        training: bool = True,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"run.bad_samples must be one of {list(POLICIES)}, got {policy!r}")
         self.dataset, self.policy = dataset, policy
@@ -150,12 +158,21 @@ class GuardedDataset(torch.utils.data.Dataset):
             image = record.get("image")
             if isinstance(image, str):
                 file = os.path.join(str(getattr(self.dataset, "vis_root", "") or ""), image)
-            ids = {key: value for key, value in record.items()
-                   if (key == "id" or key.endswith("_id") or key == "where") and isinstance(value, (str, int))}
+            ids = {
+                key: value
+                for key, value in record.items()
+                if (key == "id" or key.endswith("_id") or key == "where") and isinstance(value, (str, int))
+            }
         kind, reason = _cause(err, record)
         return {
-            "dataset": self.name, "split": self.split, "index": int(index), "file": file, "ids": ids,
-            "kind": kind, "reason": reason, "record": _short(record),
+            "dataset": self.name,
+            "split": self.split,
+            "index": int(index),
+            "file": file,
+            "ids": ids,
+            "kind": kind,
+            "reason": reason,
+            "record": _short(record),
         }
 
     @staticmethod
@@ -239,8 +256,7 @@ def _short(record):
 
 
 def is_map_style(dataset) -> bool:
-    return (not isinstance(dataset, IterableDataset)
-            and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
 def guard_datasets(datasets: dict, run_cfg) -> dict:
@@ -261,7 +277,11 @@ def guard_datasets(datasets: dict, run_cfg) -> dict:
             if isinstance(dataset, GuardedDataset) or not is_map_style(dataset):
                 continue
             by_split[split] = GuardedDataset(
-                dataset, policy=policy if split in train_splits else "error", name=name, split=split, seed=seed,
+                dataset,
+                policy=policy if split in train_splits else "error",
+                name=name,
+                split=split,
+                seed=seed,
                 training=split in train_splits,
             )
     return datasets
@@ -296,7 +316,7 @@ class BadSampleTally:
         self.reset()
 
     @classmethod
-    def from_run_config(cls, run_cfg) -> "BadSampleTally":
+    def from_run_config(cls, run_cfg) -> BadSampleTally:
         return cls(max_fraction=float(run_cfg.get("max_bad_sample_fraction", DEFAULT_MAX_BAD_FRACTION)))
 
     def reset(self) -> None:
@@ -346,7 +366,7 @@ class BadSampleTally:
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 or len(self.reports) < self.bad else "")
         return f"bad samples: {self.bad} of {self.seen} read ({self.fraction:.2%}), skipped: {kinds}; {shown}"
 
-    def all_reduce(self) -> "BadSampleTally":
+    def all_reduce(self) -> BadSampleTally:
         """The tally of every rank (this one when not distributed); a collective call.
 
         A new tally: this rank's own keeps counting its batches, so call it again for each check.

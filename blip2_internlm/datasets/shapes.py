@@ -68,21 +68,25 @@ GENERATOR_VERSION = 1
 DATASET_NAME = "shapes"
 
 # Saturated and far apart in hue, so each survives 64 px, noise and resizing.
-PALETTE = MappingProxyType({
-    "red": ((220, 40, 40), "红色"),
-    "green": ((30, 160, 60), "绿色"),
-    "blue": ((40, 80, 220), "蓝色"),
-    "yellow": ((235, 200, 30), "黄色"),
-    "purple": ((140, 60, 190), "紫色"),
-    "orange": ((245, 130, 20), "橙色"),
-})
+PALETTE = MappingProxyType(
+    {
+        "red": ((220, 40, 40), "红色"),
+        "green": ((30, 160, 60), "绿色"),
+        "blue": ((40, 80, 220), "蓝色"),
+        "yellow": ((235, 200, 30), "黄色"),
+        "purple": ((140, 60, 190), "紫色"),
+        "orange": ((245, 130, 20), "橙色"),
+    }
+)
 SHAPE_NAMES_ZH = MappingProxyType({"circle": "圆形", "square": "正方形", "triangle": "三角形"})
 # x centre as a fraction of the width; English phrase; Chinese word.
-POSITION_SLOTS = MappingProxyType({
-    "left": (1 / 6, "on the left", "左边"),
-    "center": (1 / 2, "in the center", "中间"),
-    "right": (5 / 6, "on the right", "右边"),
-})
+POSITION_SLOTS = MappingProxyType(
+    {
+        "left": (1 / 6, "on the left", "左边"),
+        "center": (1 / 2, "in the center", "中间"),
+        "right": (5 / 6, "on the right", "右边"),
+    }
+)
 DEFAULT_COLORS = ("red", "green", "blue", "yellow")
 DEFAULT_SHAPES = ("circle", "square", "triangle")
 DEFAULT_POSITIONS = ("left", "center", "right")
@@ -112,8 +116,9 @@ QUESTION_TYPES = (
 YES_NO = MappingProxyType({"en": ("yes", "no"), "zh": ("是", "否")})
 
 
-def generate_shapes(out_dir, *, splits=DEFAULT_SPLITS, image_size=64, seed=0, max_objects=1,
-                    colors=None, shapes=None, positions=None) -> dict:
+def generate_shapes(
+    out_dir, *, splits=DEFAULT_SPLITS, image_size=64, seed=0, max_objects=1, colors=None, shapes=None, positions=None
+) -> dict:
     """Writes the dataset under ``out_dir`` (or reuses it) and returns its manifest.
 
     The returned dict is ``manifest.json`` plus ``root`` (absolute out_dir), ``seconds``
@@ -139,8 +144,7 @@ def generate_shapes(out_dir, *, splits=DEFAULT_SPLITS, image_size=64, seed=0, ma
 def _normalise_args(splits, image_size, seed, max_objects, colors, shapes, positions):
     colors = _check_names("colors", DEFAULT_COLORS if colors is None else colors, PALETTE)
     shapes = _check_names("shapes", DEFAULT_SHAPES if shapes is None else shapes, SHAPE_NAMES_ZH)
-    positions = _check_names("positions", DEFAULT_POSITIONS if positions is None else positions,
-                             POSITION_SLOTS)
+    positions = _check_names("positions", DEFAULT_POSITIONS if positions is None else positions, POSITION_SLOTS)
     unknown = set(splits) - set(SPLIT_CODES)
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; use {list(SPLIT_CODES)}")
@@ -160,8 +164,15 @@ def _normalise_args(splits, image_size, seed, max_objects, colors, shapes, posit
     # Each object is a distinct colour+shape, and a "no" question needs one more that is absent.
     if len(colors) * len(shapes) <= max_objects:
         raise ValueError("need more colour x shape combinations than max_objects")
-    return {"splits": splits, "image_size": image_size, "seed": seed,
-            "max_objects": max_objects, "colors": colors, "shapes": shapes, "positions": positions}
+    return {
+        "splits": splits,
+        "image_size": image_size,
+        "seed": seed,
+        "max_objects": max_objects,
+        "colors": colors,
+        "shapes": shapes,
+        "positions": positions,
+    }
 
 
 def _check_names(kind, names, known):
@@ -185,8 +196,12 @@ def _read_manifest(path):
 
 
 def _is_complete(root, manifest, args):
-    if not (manifest.get("complete") is True and manifest.get("dataset") == DATASET_NAME
-            and manifest.get("version") == GENERATOR_VERSION and manifest.get("args") == args):
+    if not (
+        manifest.get("complete") is True
+        and manifest.get("dataset") == DATASET_NAME
+        and manifest.get("version") == GENERATOR_VERSION
+        and manifest.get("args") == args
+    ):
         return False
     try:
         paths = [p for group in manifest["files"].values() for p in _leaves(group)]
@@ -211,7 +226,8 @@ def _claim_and_clear(root, previous):
     if not ours and (previous is not None or any(os.path.exists(p) for p in owned)):
         raise FileExistsError(
             f"{root} has a manifest.json, images/ or annotations/ that this generator did "
-            "not write; refusing to overwrite them")
+            "not write; refusing to overwrite them"
+        )
     os.makedirs(root, exist_ok=True)
     # Claimed before clearing, so a run that dies halfway is still ours to redo next time,
     # and an old complete manifest never vouches for half-replaced files.
@@ -233,16 +249,21 @@ def _write_dataset(root, args):
         for i in range(n):
             rng = np.random.default_rng([args["seed"], SPLIT_CODES[split], i])
             scene = _sample_scene(rng, i, args)
-            _draw(scene, rng, args["image_size"]).save(
-                os.path.join(root, _image_path(split, i)), format="PNG")
+            _draw(scene, rng, args["image_size"]).save(os.path.join(root, _image_path(split, i)), format="PNG")
             scenes.append(scene)
         files[split] = {lang: _write_annotations(root, split, lang, scenes) for lang in LANG_CODES}
         counts[split] = {"images": n, "questions_per_language": n * len(QUESTION_TYPES)}
     for lang in LANG_CODES:
         files["answer_list"][lang] = path = f"annotations/answer_list_{lang}.json"
         _write_json(os.path.join(root, path), _answer_list(lang, args))
-    return {"dataset": DATASET_NAME, "version": GENERATOR_VERSION, "complete": True,
-            "args": args, "counts": counts, "files": files}
+    return {
+        "dataset": DATASET_NAME,
+        "version": GENERATOR_VERSION,
+        "complete": True,
+        "args": args,
+        "counts": counts,
+        "files": files,
+    }
 
 
 def _image_path(split, i):
@@ -251,23 +272,29 @@ def _image_path(split, i):
 
 # --- scenes: what is drawn, in a language-neutral form -------------------------------
 
+
 def _sample_scene(rng, i, args):
     """Objects (left to right) and the question choices for one image."""
     size = args["image_size"]
     n = int(rng.integers(1, args["max_objects"] + 1))
-    slots = sorted(rng.choice(len(args["positions"]), n, replace=False),
-                   key=lambda k: POSITION_SLOTS[args["positions"][k]][0])
+    slots = sorted(
+        rng.choice(len(args["positions"]), n, replace=False), key=lambda k: POSITION_SLOTS[args["positions"][k]][0]
+    )
     combos = [(c, s) for c in args["colors"] for s in args["shapes"]]
     picked = rng.choice(len(combos), n, replace=False)
     objects = []
     for slot, combo in zip(slots, picked):
         position = args["positions"][slot]
-        objects.append({
-            "color": combos[combo][0], "shape": combos[combo][1], "position": position,
-            "cx": size * (POSITION_SLOTS[position][0] + rng.uniform(-X_JITTER, X_JITTER)),
-            "cy": size * (0.5 + rng.uniform(-Y_JITTER, Y_JITTER)),
-            "r": size * rng.uniform(*RADIUS_RANGE),
-        })
+        objects.append(
+            {
+                "color": combos[combo][0],
+                "shape": combos[combo][1],
+                "position": position,
+                "cx": size * (POSITION_SLOTS[position][0] + rng.uniform(-X_JITTER, X_JITTER)),
+                "cy": size * (0.5 + rng.uniform(-Y_JITTER, Y_JITTER)),
+                "r": size * rng.uniform(*RADIUS_RANGE),
+            }
+        )
     # Alternating by index makes yes/no exactly balanced; the image content is independent of i.
     present = {(o["color"], o["shape"]) for o in objects}
     if i % 2 == 0:
@@ -276,8 +303,7 @@ def _sample_scene(rng, i, args):
     else:
         absent = [c for c in combos if c not in present]
         exist = (absent[int(rng.integers(len(absent)))], False)
-    return {"split_index": i, "objects": objects, "target": objects[int(rng.integers(n))],
-            "exist": exist}
+    return {"split_index": i, "objects": objects, "target": objects[int(rng.integers(n))], "exist": exist}
 
 
 def _draw(scene, rng, size):
@@ -299,16 +325,15 @@ def _draw(scene, rng, size):
 
 # --- text ----------------------------------------------------------------------------
 
+
 def _captions(objects, lang):
     """[canonical, paraphrase]; the canonical one is what a model must learn exactly."""
     if lang == "en":
         parts = [f"a {o['color']} {o['shape']} {POSITION_SLOTS[o['position']][1]}" for o in objects]
         canonical = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         return [canonical, "there is " + canonical]
-    words = [(POSITION_SLOTS[o["position"]][2], PALETTE[o["color"]][1], SHAPE_NAMES_ZH[o["shape"]])
-             for o in objects]
-    return ["，".join(f"{p}有一个{c}的{s}" for p, c, s in words),
-            "，".join(f"一个{c}的{s}在{p}" for p, c, s in words)]
+    words = [(POSITION_SLOTS[o["position"]][2], PALETTE[o["color"]][1], SHAPE_NAMES_ZH[o["shape"]]) for o in objects]
+    return ["，".join(f"{p}有一个{c}的{s}" for p, c, s in words), "，".join(f"一个{c}的{s}在{p}" for p, c, s in words)]
 
 
 def _questions(scene, lang):
@@ -320,8 +345,7 @@ def _questions(scene, lang):
     yes, no = YES_NO[lang]
     if lang == "en":
         return [
-            ("what color is the shape?" if single else f"what color is the shape {pos_en}?",
-             target["color"]),
+            ("what color is the shape?" if single else f"what color is the shape {pos_en}?", target["color"]),
             ("what shape is it?" if single else f"what shape is {pos_en}?", target["shape"]),
             (f"where is the {target['color']} {target['shape']}?", target["position"]),
             (f"is there a {exist_color} {exist_shape}?", yes if exist_answer else no),
@@ -332,8 +356,7 @@ def _questions(scene, lang):
         ("图中形状是什么颜色？" if single else f"{pos_zh}的形状是什么颜色？", color_zh),
         ("图中是什么形状？" if single else f"{pos_zh}是什么形状？", shape_zh),
         (f"{color_zh}的{shape_zh}在什么位置？", pos_zh),
-        (f"图中有{PALETTE[exist_color][1]}的{SHAPE_NAMES_ZH[exist_shape]}吗？",
-         yes if exist_answer else no),
+        (f"图中有{PALETTE[exist_color][1]}的{SHAPE_NAMES_ZH[exist_shape]}吗？", yes if exist_answer else no),
         ("图中有几个形状？", str(len(objects))),
     ]
 
@@ -349,6 +372,7 @@ def _answer_list(lang, args):
 
 # --- files ---------------------------------------------------------------------------
 
+
 def _write_annotations(root, split, lang, scenes):
     """Writes one language's caption and VQA files for a split; returns their paths."""
     is_train = split == "train"
@@ -359,26 +383,39 @@ def _write_annotations(root, split, lang, scenes):
         i = scene["split_index"]
         image, image_int = _image_path(split, i), code * 100_000 + i
         refs = _captions(scene["objects"], lang)
-        record = {"image": image, "caption": refs[0] if is_train else refs,
-                  "image_id": f"{DATASET_NAME}_{split}_{i:05d}"}
+        record = {
+            "image": image,
+            "caption": refs[0] if is_train else refs,
+            "image_id": f"{DATASET_NAME}_{split}_{i:05d}",
+        }
         if not is_train:
             record["image_id_int"] = image_int
             gt_images.append({"id": image_int})
-            gt_anns += [{"image_id": image_int, "caption": c, "id": image_int * 10 + k}
-                        for k, c in enumerate(refs)]
+            gt_anns += [{"image_id": image_int, "caption": c, "id": image_int * 10 + k} for k, c in enumerate(refs)]
         captions.append(record)
-        for q, ((question, answer), (qtype, atype)) in enumerate(
-                zip(_questions(scene, lang), QUESTION_TYPES)):
+        for q, ((question, answer), (qtype, atype)) in enumerate(zip(_questions(scene, lang), QUESTION_TYPES)):
             qid = LANG_CODES[lang] * 10**7 + code * 10**6 + i * 10 + q
-            vqa.append({"question_id": qid, "question": question, "answer": [answer] * 10,
-                        "image": image, "image_id": image_int, "dataset": DATASET_NAME})
+            vqa.append(
+                {
+                    "question_id": qid,
+                    "question": question,
+                    "answer": [answer] * 10,
+                    "image": image,
+                    "image_id": image_int,
+                    "dataset": DATASET_NAME,
+                }
+            )
             questions.append({"image_id": image_int, "question": question, "question_id": qid})
-            answers.append({
-                "question_id": qid, "image_id": image_int, "question_type": qtype,
-                "answer_type": atype, "multiple_choice_answer": answer,
-                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k}
-                            for k in range(1, 11)],
-            })
+            answers.append(
+                {
+                    "question_id": qid,
+                    "image_id": image_int,
+                    "question_type": qtype,
+                    "answer_type": atype,
+                    "multiple_choice_answer": answer,
+                    "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)],
+                }
+            )
 
     stem = f"annotations/{{}}_{lang}_{split}"
     paths = {"caption": stem.format("caption") + ".json", "vqa": stem.format("vqa") + ".json"}
@@ -389,15 +426,22 @@ def _write_annotations(root, split, lang, scenes):
     contents = {
         "caption": captions,
         "vqa": vqa,
-        "caption_gt": {"images": gt_images, "annotations": gt_anns, "info": {}, "licenses": [],
-                       "type": "captions"},
+        "caption_gt": {"images": gt_images, "annotations": gt_anns, "info": {}, "licenses": [], "type": "captions"},
         # The header fields are the ones VQA.loadRes copies from the questions file.
-        "vqa_questions": {"info": {"description": f"{DATASET_NAME} {lang} {split}"},
-                          "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
-                          "data_subtype": f"{DATASET_NAME}_{lang}_{split}", "questions": questions},
-        "vqa_annotations": {"info": {"description": f"{DATASET_NAME} {lang} {split}"},
-                            "license": {}, "data_subtype": f"{DATASET_NAME}_{lang}_{split}",
-                            "annotations": answers},
+        "vqa_questions": {
+            "info": {"description": f"{DATASET_NAME} {lang} {split}"},
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "license": {},
+            "data_subtype": f"{DATASET_NAME}_{lang}_{split}",
+            "questions": questions,
+        },
+        "vqa_annotations": {
+            "info": {"description": f"{DATASET_NAME} {lang} {split}"},
+            "license": {},
+            "data_subtype": f"{DATASET_NAME}_{lang}_{split}",
+            "annotations": answers,
+        },
     }
     for kind, path in paths.items():
         _write_json(os.path.join(root, path), contents[kind])
@@ -423,8 +467,12 @@ def main(argv=None):
     parser.add_argument("--max-objects", type=int, default=1)
     ns = parser.parse_args(argv)
     manifest = generate_shapes(
-        ns.out, splits={s: getattr(ns, s) for s in DEFAULT_SPLITS}, image_size=ns.image_size,
-        seed=ns.seed, max_objects=ns.max_objects)
+        ns.out,
+        splits={s: getattr(ns, s) for s in DEFAULT_SPLITS},
+        image_size=ns.image_size,
+        seed=ns.seed,
+        max_objects=ns.max_objects,
+    )
     summary = {k: manifest[k] for k in ("root", "counts", "reused")}
     print(json.dumps({**summary, "seconds": round(manifest["seconds"], 3)}, indent=1))
     return 0

@@ -42,8 +42,14 @@ CONFIG_100M = dict(
 
 def _generate_rate(model, prompt_len: int, new_tokens: int, use_cache: bool, repeats: int) -> float:
     ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
-                  pad_token_id=2, eos_token_id=None)
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=2,
+        eos_token_id=None,
+    )
     with torch.inference_mode():
         model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
         best = float("inf")
@@ -62,15 +68,26 @@ def bench_generate(name: str, config_values: dict, prompt_len: int, new_tokens: 
         params = model.num_parameters()
         for use_cache in (False, True):
             rate = _generate_rate(model, prompt_len, new_tokens, use_cache, repeats)
-            rows.append(dict(model=name, params=params, attn=impl, use_cache=use_cache, prompt_len=prompt_len,
-                             new_tokens=new_tokens, tokens_per_s=round(rate, 2)))
-            print(f"  {name:5s} {params / 1e6:7.1f}M  {impl:5s}  cache={str(use_cache):5s}  {rate:9.1f} tok/s",
-                  flush=True)
+            rows.append(
+                dict(
+                    model=name,
+                    params=params,
+                    attn=impl,
+                    use_cache=use_cache,
+                    prompt_len=prompt_len,
+                    new_tokens=new_tokens,
+                    tokens_per_s=round(rate, 2),
+                )
+            )
+            print(
+                f"  {name:5s} {params / 1e6:7.1f}M  {impl:5s}  cache={str(use_cache):5s}  {rate:9.1f} tok/s", flush=True
+            )
     return rows
 
 
-def write_random_checkpoint(out_dir: Path, config: InternLM2Config, dtype=torch.bfloat16,
-                            shard_bytes: int = 2 * 1024**3) -> int:
+def write_random_checkpoint(
+    out_dir: Path, config: InternLM2Config, dtype=torch.bfloat16, shard_bytes: int = 2 * 1024**3
+) -> int:
     """Random weights of ``config``'s shape as sharded safetensors, one tensor at a time."""
     from safetensors.torch import save_file
 
@@ -142,8 +159,9 @@ def bench_load_1_8b(workdir: str | None) -> dict:
         print(f"  wrote {weights / 1e9:.2f} GB of bf16 weights in {write_s:.0f} s", flush=True)
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run([sys.executable, "-c", _LOAD_PROBE, tmp], capture_output=True, text=True, env=env,
-                              check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_PROBE, tmp], capture_output=True, text=True, env=env, check=True
+        )
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     base = probe["rss_after_imports"]
     result = dict(
@@ -161,14 +179,19 @@ def bench_load_1_8b(workdir: str | None) -> dict:
         logits_finite=probe["finite"],
     )
     gb = 1e9
-    print(f"  from_pretrained {result['load_s']} s, first forward {result['first_forward_s']} s; peak RSS: "
-          f"imports {base / gb:.2f} GB, after load {probe['peak_rss_load'] / gb:.2f} GB, after a forward "
-          f"{probe['peak_rss_forward'] / gb:.2f} GB, for {weights / gb:.2f} GB of weights", flush=True)
+    print(
+        f"  from_pretrained {result['load_s']} s, first forward {result['first_forward_s']} s; peak RSS: "
+        f"imports {base / gb:.2f} GB, after load {probe['peak_rss_load'] / gb:.2f} GB, after a forward "
+        f"{probe['peak_rss_forward'] / gb:.2f} GB, for {weights / gb:.2f} GB of weights",
+        flush=True,
+    )
     return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.internlm2.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_internlm.internlm2.bench", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--skip-1_8b", action="store_true", help="skip writing/loading the 1.8B-shaped bf16 checkpoint")
     parser.add_argument("--workdir", default=None, help="where to write the temporary 1.8B checkpoint")
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -177,9 +200,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("output/bench/internlm2.json"))
     args = parser.parse_args(argv)
 
-    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                   cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                   python=platform.python_version())
+    machine = dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
     print(f"machine: {machine}", flush=True)
     tiny = {k: v for k, v in TINY_CONFIG.items()}
     tiny["vocab_size"] = 800
@@ -196,8 +224,10 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| model | params | attn | use_cache | tokens/s |\n|---|---|---|---|---|")
     for row in results["generate"]:
-        print(f"| {row['model']} | {row['params'] / 1e6:.1f}M | {row['attn']} | {row['use_cache']} | "
-              f"{row['tokens_per_s']} |")
+        print(
+            f"| {row['model']} | {row['params'] / 1e6:.1f}M | {row['attn']} | {row['use_cache']} | "
+            f"{row['tokens_per_s']} |"
+        )
     print(f"\nwrote {args.out}")
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -85,19 +85,19 @@ class InternLM2Config(PretrainedConfig):
         intermediate_size: int = 11008,
         num_hidden_layers: int = 32,
         num_attention_heads: int = 32,
-        num_key_value_heads: Optional[int] = None,
+        num_key_value_heads: int | None = None,
         hidden_act: str = "silu",
         max_position_embeddings: int = 2048,
         initializer_range: float = 0.02,
         rms_norm_eps: float = 1e-6,
         use_cache: bool = True,
-        pad_token_id: Optional[int] = 0,
-        bos_token_id: Optional[int] = 1,
-        eos_token_id: Optional[int] = 2,
+        pad_token_id: int | None = 0,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
         tie_word_embeddings: bool = False,
         bias: bool = True,
         rope_theta: float = 10000.0,
-        rope_scaling: Optional[dict] = None,
+        rope_scaling: dict | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -155,7 +155,7 @@ class InternLM2Config(PretrainedConfig):
             raise ValueError(f"head_dim={value} disagrees with hidden_size / num_attention_heads")
 
     @property
-    def rope_scaling_type(self) -> Optional[str]:
+    def rope_scaling_type(self) -> str | None:
         if not self.rope_scaling:
             return None
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -165,7 +165,7 @@ class InternLM2Config(PretrainedConfig):
         return float(self.rope_scaling["factor"]) if self.rope_scaling else 1.0
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "InternLM2Config":
+    def preset(cls, name: str, **overrides) -> InternLM2Config:
         """Config of a public checkpoint's architecture, e.g. ``preset("internlm2-1_8b")``.
 
         Chat variants (``internlm2-chat-7b``) resolve to their base model.

@@ -18,7 +18,6 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlamaTokenizerFast
@@ -47,14 +46,14 @@ _TOP_RENAMES = {
 }
 
 
-def _rope_scaling_to_llama(rope_scaling: Optional[dict]) -> Optional[dict]:
+def _rope_scaling_to_llama(rope_scaling: dict | None) -> dict | None:
     if not rope_scaling:
         return None
     kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
     return {"rope_type": kind, "factor": float(rope_scaling["factor"])}
 
 
-def _rope_scaling_from_llama(rope_scaling: Optional[dict]) -> Optional[dict]:
+def _rope_scaling_from_llama(rope_scaling: dict | None) -> dict | None:
     if not rope_scaling:
         return None
     kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
@@ -120,7 +119,11 @@ def llama_config_to_internlm2(config: LlamaConfig) -> InternLM2Config:
 
 def split_wqkv(wqkv: torch.Tensor, config: InternLM2Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouped ``wqkv`` (weight or bias, rows first) -> separate q, k, v rows."""
-    groups, per_group, head_dim = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, config.head_dim
+    groups, per_group, head_dim = (
+        config.num_key_value_heads,
+        config.num_attention_heads // config.num_key_value_heads,
+        config.head_dim,
+    )
     packed = wqkv.reshape(groups, per_group + 2, head_dim, *wqkv.shape[1:])
     q = packed[:, :per_group].reshape(groups * per_group * head_dim, *wqkv.shape[1:])
     k = packed[:, -2].reshape(groups * head_dim, *wqkv.shape[1:])
@@ -130,7 +133,11 @@ def split_wqkv(wqkv: torch.Tensor, config: InternLM2Config) -> tuple[torch.Tenso
 
 def merge_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: InternLM2Config) -> torch.Tensor:
     """Inverse of :func:`split_wqkv`."""
-    groups, per_group, head_dim = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, config.head_dim
+    groups, per_group, head_dim = (
+        config.num_key_value_heads,
+        config.num_attention_heads // config.num_key_value_heads,
+        config.head_dim,
+    )
     rest = q.shape[1:]
     packed = torch.cat(
         [
@@ -216,8 +223,16 @@ def internlm2_to_llama(model: InternLM2ForCausalLM) -> LlamaForCausalLM:
 #: Chinese, English, digits, runs of spaces and tabs, newlines, chat tokens, emoji (byte fallback).
 TOKENIZER_PROBES = (
     *BUILTIN_CORPUS,
-    "", " ", "  leading spaces", "a\nb\n\nc", "\n", "x  y\t\tz", "1234567890", "Hello , world !",
-    "<|im_start|>user\n你好<|im_end|>\n", "café naïve 😀 ０１２",
+    "",
+    " ",
+    "  leading spaces",
+    "a\nb\n\nc",
+    "\n",
+    "x  y\t\tz",
+    "1234567890",
+    "Hello , world !",
+    "<|im_start|>user\n你好<|im_end|>\n",
+    "café naïve 😀 ０１２",
 )
 
 
@@ -233,11 +248,18 @@ def internlm2_tokenizer_to_llama(tokenizer: InternLM2Tokenizer, probes=TOKENIZER
     Raises ``ValueError`` naming the first probe where either differs.
     """
     options = {
-        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.unk_token,
-        "pad_token": tokenizer.pad_token, "add_bos_token": tokenizer.add_bos_token,
-        "add_eos_token": tokenizer.add_eos_token, "additional_special_tokens": list(tokenizer.additional_special_tokens),
-        "clean_up_tokenization_spaces": True, "legacy": True, "add_prefix_space": False,
-        "model_max_length": tokenizer.model_max_length, "padding_side": tokenizer.padding_side,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "unk_token": tokenizer.unk_token,
+        "pad_token": tokenizer.pad_token,
+        "add_bos_token": tokenizer.add_bos_token,
+        "add_eos_token": tokenizer.add_eos_token,
+        "additional_special_tokens": list(tokenizer.additional_special_tokens),
+        "clean_up_tokenization_spaces": True,
+        "legacy": True,
+        "add_prefix_space": False,
+        "model_max_length": tokenizer.model_max_length,
+        "padding_side": tokenizer.padding_side,
         "chat_template": tokenizer.chat_template,
     }
     slow = LlamaTokenizer(vocab_file=tokenizer.vocab_file, **options)
@@ -264,7 +286,7 @@ def internlm2_tokenizer_to_llama(tokenizer: InternLM2Tokenizer, probes=TOKENIZER
     return fast
 
 
-def convert_to_llama(src: "str | Path", dst: "str | Path") -> Path:
+def convert_to_llama(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     llama = internlm2_to_llama(InternLM2ForCausalLM.from_pretrained(src, dtype="auto"))
     llama.save_pretrained(dst, safe_serialization=True)
@@ -272,7 +294,7 @@ def convert_to_llama(src: "str | Path", dst: "str | Path") -> Path:
     return dst
 
 
-def convert_from_llama(src: "str | Path", dst: "str | Path") -> Path:
+def convert_from_llama(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     llama = LlamaForCausalLM.from_pretrained(src, dtype="auto")
     config = llama_config_to_internlm2(llama.config)
@@ -287,8 +309,10 @@ def convert_from_llama(src: "str | Path", dst: "str | Path") -> Path:
     return dst
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.internlm2.convert", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_internlm.internlm2.convert", description=__doc__.split("\n")[0]
+    )
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to-llama", action="store_true", help="InternLM2 checkpoint -> LlamaForCausalLM")
     direction.add_argument("--from-llama", action="store_true", help="LlamaForCausalLM checkpoint -> InternLM2")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -81,7 +81,7 @@ def shape_mismatches(directory: str, model_cls, config) -> list[str]:
     prefix = getattr(model_cls, "base_model_prefix", "model") + "."
     found = []
     for name, (shape, path) in sorted(_checkpoint_shapes(directory).items()):
-        want = expected.get(name, expected.get(name[len(prefix):] if name.startswith(prefix) else None))
+        want = expected.get(name, expected.get(name[len(prefix) :] if name.startswith(prefix) else None))
         if want is not None and want != shape:
             found.append(f"{name} is {list(shape)} in {path} but config.json implies {list(want)}")
     return found
@@ -99,15 +99,18 @@ def _missing_shards(directory: str) -> list[str]:
         except (OSError, ValueError):
             missing.append(f"{path} (unreadable index)")
             continue
-        missing += [f"{os.path.join(directory, s)} (listed in {index})" for s in shards
-                    if not os.path.isfile(os.path.join(directory, s))]
+        missing += [
+            f"{os.path.join(directory, s)} (listed in {index})"
+            for s in shards
+            if not os.path.isfile(os.path.join(directory, s))
+        ]
     return missing
 
 
 def describe_load_failure(
     directory: str,
-    err: Optional[BaseException],
-    missing: Optional[list[str]] = None,
+    err: BaseException | None,
+    missing: list[str] | None = None,
     model_cls=None,
 ) -> str:
     lines = [f"Cannot load InternLM2 checkpoint {os.path.abspath(directory)}:"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ class InternLM2RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def _inv_freq(base: Union[float, torch.Tensor], dim: int, device=None) -> torch.Tensor:
+def _inv_freq(base: float | torch.Tensor, dim: int, device=None) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     return 1.0 / (base**exponents)
 
@@ -150,11 +150,11 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sd
 
 def build_causal_mask(
     implementation: str,
-    attention_mask: Optional[torch.Tensor],
+    attention_mask: torch.Tensor | None,
     inputs_embeds: torch.Tensor,
     cache_position: torch.LongTensor,
     kv_length: int,
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """4D mask (batch, 1, q_len, kv_len): bool "may attend" for sdpa, additive float for eager.
 
     transformers' vmap-based ``create_causal_mask`` costs ~5 ms per decoding step on
@@ -216,11 +216,11 @@ class InternLM2Attention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
-        cache_position: Optional[torch.LongTensor] = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len, _ = hidden_states.shape
         query, key, value = self.split_qkv(self.wqkv(hidden_states))
         cos, sin = position_embeddings
@@ -263,11 +263,11 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
-        cache_position: Optional[torch.LongTensor] = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, attn_weights = self.attention(
             self.attention_norm(hidden_states),
@@ -329,9 +329,7 @@ class InternLM2PreTrainedModel(PreTrainedModel):
         except Exception as err:  # re-raised with the checkpoint's files named
             raise InternLM2CheckpointError(describe_load_failure(local_dir, err, model_cls=cls)) from err
         if info.get("missing_keys") and not allow_missing:
-            raise InternLM2CheckpointError(
-                describe_load_failure(local_dir, None, missing=sorted(info["missing_keys"]))
-            )
+            raise InternLM2CheckpointError(describe_load_failure(local_dir, None, missing=sorted(info["missing_keys"])))
         return (model, info) if wants_info else model
 
 
@@ -357,18 +355,18 @@ class InternLM2Model(InternLM2PreTrainedModel):
 
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        cache_position: Optional[torch.LongTensor] = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
-    ) -> Union[tuple, BaseModelOutputWithPast]:
+    ) -> tuple | BaseModelOutputWithPast:
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -390,9 +388,7 @@ class InternLM2Model(InternLM2PreTrainedModel):
             past_key_values = None
         if cache_position is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            cache_position = torch.arange(
-                past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device
-            )
+            cache_position = torch.arange(past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device)
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
 
@@ -461,20 +457,20 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        cache_position: Optional[torch.LongTensor] = None,
-        logits_to_keep: Union[int, torch.Tensor] = 0,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> Union[tuple, CausalLMOutputWithPast]:
+    ) -> tuple | CausalLMOutputWithPast:
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 #: The zero-shot VQA prompt of each language (what configs/tiny/vqa_zeroshot*.yaml use).
 VQA_PROMPTS = {"zh": "问题：{} 简短回答：", "en": "Question: {} Short answer:"}
 #: The caption prompt of each language (stage 2 and caption evaluation), as LAVIS's BLIP-2
@@ -74,8 +73,9 @@ def keyword_corpus(colors=None, shapes=None, positions=None, seed=0) -> list[tup
     return rows + [("", "", text) for text in data.text_corpus(colors, shapes_, positions)]
 
 
-def pretrain_causal_lm(model_dir, rows: list[tuple[str, str, str]], *, steps=1500, batch_size=32, lr=3e-3, seed=0,
-                       context_noise=0.5) -> list[float]:
+def pretrain_causal_lm(
+    model_dir, rows: list[tuple[str, str, str]], *, steps=1500, batch_size=32, lr=3e-3, seed=0, context_noise=0.5
+) -> list[float]:
     """Train the checkpoint in ``model_dir`` on ``context <s> prompt text </s>``; save it back.
 
     Prompt and text are tokenized apart, as Blip2InternLM does, so the answer starts on the
@@ -91,10 +91,14 @@ def pretrain_causal_lm(model_dir, rows: list[tuple[str, str, str]], *, steps=150
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+
     def ids(text):
         return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
-    rows = [(ids(context), [tokenizer.bos_token_id] + ids(prompt) + ids(text) + [tokenizer.eos_token_id]) for context, prompt, text in rows]
+    rows = [
+        (ids(context), [tokenizer.bos_token_id] + ids(prompt) + ids(text) + [tokenizer.eos_token_id])
+        for context, prompt, text in rows
+    ]
     rng = random.Random(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -144,8 +148,14 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
     rows = keyword_corpus()
-    build_tiny_internlm2(args.out, corpus=[" ".join(row) for row in rows], seed=args.seed,
-                         hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers)
+    build_tiny_internlm2(
+        args.out,
+        corpus=[" ".join(row) for row in rows],
+        seed=args.seed,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+    )
     losses = pretrain_causal_lm(args.out, rows, steps=args.steps, seed=args.seed)
     (args.out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "losses": losses}))
     print(f"pretrained {args.out} for {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")

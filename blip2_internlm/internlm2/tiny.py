@@ -14,7 +14,6 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import sentencepiece as spm
 import torch
@@ -127,18 +126,35 @@ def train_tokenizer_model(corpus: list[str], vocab_size: int = 800, seed: int = 
 
 def tokenizer_config(added_ids: dict[str, int]) -> dict:
     """tokenizer_config.json in the official layout (auto_map included)."""
+
     def entry(content):
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": True}
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
 
     return {
         "add_bos_token": True,
         "add_eos_token": False,
         "added_tokens_decoder": {str(i): entry(tok) for tok, i in sorted(added_ids.items(), key=lambda kv: kv[1])},
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>",
-                                      "<|interpreter|>", "<|plugin|>"],
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
+        "additional_special_tokens": [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|action_start|>",
+            "<|action_end|>",
+            "<|interpreter|>",
+            "<|plugin|>",
+        ],
+        "auto_map": {
+            "AutoTokenizer": [
+                "tokenization_internlm2.InternLM2Tokenizer",
+                "tokenization_internlm2_fast.InternLM2TokenizerFast",
+            ]
+        },
         "bos_token": "<s>",
         "chat_template": (
             "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
@@ -161,8 +177,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def build_tiny_internlm2(
-    out_dir: "str | os.PathLike",
-    corpus: Optional[list[str]] = None,
+    out_dir: str | os.PathLike,
+    corpus: list[str] | None = None,
     seed: int = 0,
     vocab_size: int = 800,
     **config_overrides,

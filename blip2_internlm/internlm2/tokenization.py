@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from shutil import copyfile
-from typing import Any, Optional
+from typing import Any
 
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
@@ -29,7 +29,7 @@ SPIECE_UNDERLINE = "▁"
 NEWLINE_BYTE_PIECE = "<0x0A>"
 
 
-def newline_token_id(sp_model: "spm.SentencePieceProcessor") -> int:
+def newline_token_id(sp_model: spm.SentencePieceProcessor) -> int:
     """Id of the piece a bare "\\n" encodes to, never a lone "▁" dummy-prefix piece.
 
     With the official model (byte fallback, no dummy prefix) this is the byte piece
@@ -56,12 +56,12 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
 
     def __init__(
         self,
-        vocab_file: Optional[str],
+        vocab_file: str | None,
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
         pad_token="</s>",
-        sp_model_kwargs: Optional[dict[str, Any]] = None,
+        sp_model_kwargs: dict[str, Any] | None = None,
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         decode_with_prefix_space: bool = False,
@@ -103,7 +103,9 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         # raises ImportError when protobuf is absent and hides our message; so check first.
         vocab_file = resolved_vocab_files.get("vocab_file")
         if vocab_file is None or not os.path.isfile(vocab_file):
-            expected = vocab_file or os.path.join(os.fspath(pretrained_model_name_or_path), VOCAB_FILES_NAMES["vocab_file"])
+            expected = vocab_file or os.path.join(
+                os.fspath(pretrained_model_name_or_path), VOCAB_FILES_NAMES["vocab_file"]
+            )
             raise FileNotFoundError(
                 f"InternLM2Tokenizer needs the SentencePiece model file {expected!r}, which does not exist"
             )
@@ -169,7 +171,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return self.clean_up_tokenization(out)
 
     def build_inputs_with_special_tokens(
-        self, token_ids_0: list[int], token_ids_1: Optional[list[int]] = None
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
     ) -> list[int]:
         bos = [self.bos_token_id] if self.add_bos_token else []
         eos = [self.eos_token_id] if self.add_eos_token else []
@@ -181,7 +183,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
     def get_special_tokens_mask(
         self,
         token_ids_0: list[int],
-        token_ids_1: Optional[list[int]] = None,
+        token_ids_1: list[int] | None = None,
         already_has_special_tokens: bool = False,
     ) -> list[int]:
         if already_has_special_tokens:
@@ -194,11 +196,11 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return mask
 
     def create_token_type_ids_from_sequences(
-        self, token_ids_0: list[int], token_ids_1: Optional[list[int]] = None
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
     ) -> list[int]:
         return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None) -> tuple[str]:
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         if not os.path.isdir(save_directory):
             raise NotADirectoryError(f"Vocabulary path ({save_directory}) should be a directory")
         out_file = os.path.join(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,10 +33,12 @@ from blip2_internlm.compat.attention import resolve_attn_implementation, set_att
 from blip2_internlm.compat.blip2 import blip2_assets
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.models.llm_inputs import (
-    autocast_context, checkpoint_frozen_llm_layers, generation_embeds,
-    resolve_autocast_dtype, training_tokens,
+    autocast_context,
+    checkpoint_frozen_llm_layers,
+    generation_embeds,
+    resolve_autocast_dtype,
+    training_tokens,
 )
-
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
 
@@ -47,11 +49,32 @@ _TRAILING_PUNCT = re.compile(r"[\s.,!?;:。，！？；：、]+$")
 
 #: Keys ``from_config`` understands; anything else in ``model:`` is a typo and an error.
 CONFIG_KEYS = {
-    "arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned",
-    "vit_model", "vit_weights", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
-    "freeze_vit", "qformer_text_model", "num_query_token", "cross_attention_freq",
-    "llm_model", "llm_precision", "prompt", "max_txt_len", "apply_lemmatizer", "attn_implementation",
-    "autocast_dtype", "llm_grad_checkpoint", "llm_train_kv_cache", "lm_head_on_labels_only",
+    "arch",
+    "model_type",
+    "load_finetuned",
+    "load_pretrained",
+    "pretrained",
+    "finetuned",
+    "vit_model",
+    "vit_weights",
+    "image_size",
+    "drop_path_rate",
+    "use_grad_checkpoint",
+    "vit_precision",
+    "freeze_vit",
+    "qformer_text_model",
+    "num_query_token",
+    "cross_attention_freq",
+    "llm_model",
+    "llm_precision",
+    "prompt",
+    "max_txt_len",
+    "apply_lemmatizer",
+    "attn_implementation",
+    "autocast_dtype",
+    "llm_grad_checkpoint",
+    "llm_train_kv_cache",
+    "lm_head_on_labels_only",
 }
 
 
@@ -94,7 +117,9 @@ class Blip2InternLM(Blip2Base):
             self.visual_encoder = self.visual_encoder.eval()
             self.visual_encoder.train = disabled_train
 
-        self.Qformer, self.query_tokens = self.init_Qformer(num_query_token, self.visual_encoder.num_features, cross_attention_freq)
+        self.Qformer, self.query_tokens = self.init_Qformer(
+            num_query_token, self.visual_encoder.num_features, cross_attention_freq
+        )
         # stage 2 uses the Q-Former's query path only
         self.Qformer.cls = None
         self.Qformer.bert.embeddings.word_embeddings = None
@@ -193,7 +218,9 @@ class Blip2InternLM(Blip2Base):
         if len(texts) != image_embeds.size(0):
             raise ValueError(f"batch has {image_embeds.size(0)} images but {len(texts)} texts")
         queries = self.query_embeds(image_embeds=image_embeds)
-        input_ids, text_atts, text_targets = (t.to(queries.device) for t in self.text_tokens(self.prompts_for(samples, len(texts)), texts))
+        input_ids, text_atts, text_targets = (
+            t.to(queries.device) for t in self.text_tokens(self.prompts_for(samples, len(texts)), texts)
+        )
 
         query_atts = torch.ones(queries.shape[:-1], dtype=torch.long, device=queries.device)
         query_targets = torch.full(query_atts.shape, -100, dtype=torch.long, device=queries.device)
@@ -207,12 +234,18 @@ class Blip2InternLM(Blip2Base):
                 # transformers' own way to divide by a token count other than the local one
                 normaliser = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
                 loss = self.llm_model(
-                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                    return_dict=True, use_cache=self._train_use_cache, **normaliser,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    labels=labels,
+                    return_dict=True,
+                    use_cache=self._train_use_cache,
+                    **normaliser,
                 ).loss
             else:
                 hidden = self.llm_model.base_model(
-                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    return_dict=True,
                     use_cache=self._train_use_cache,
                 ).last_hidden_state
                 loss = labelled_token_loss(hidden, labels, self.llm_model.get_output_embeddings(), num_items_in_batch)
@@ -317,7 +350,9 @@ class Blip2InternLM(Blip2Base):
     def from_config(cls, cfg):
         unknown = sorted(set(cfg.keys()) - CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"unknown keys in model config for blip2_internlm: {unknown}; known: {sorted(CONFIG_KEYS)}")
+            raise ValueError(
+                f"unknown keys in model config for blip2_internlm: {unknown}; known: {sorted(CONFIG_KEYS)}"
+            )
         with blip2_assets(cfg):
             model = cls(
                 vit_model=cfg.get("vit_model", "eva_clip_g"),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -87,7 +87,9 @@ def checkpoint_frozen_llm_layers(llm: torch.nn.Module) -> int:
             module._frozen_checkpointing = True
             count += 1
     if not count:
-        raise ValueError(f"model.llm_grad_checkpoint: {type(llm).__name__} has no transformers decoder layers to checkpoint")
+        raise ValueError(
+            f"model.llm_grad_checkpoint: {type(llm).__name__} has no transformers decoder layers to checkpoint"
+        )
     return count
 
 
@@ -110,7 +112,9 @@ def ragged(rows: Sequence[Sequence[int]]):
     lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
     width = int(lengths.max()) if len(rows) else 0
     out = torch.zeros((len(rows), width), dtype=torch.long)
-    out[torch.arange(width) < lengths[:, None]] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    out[torch.arange(width) < lengths[:, None]] = torch.tensor(
+        list(itertools.chain.from_iterable(rows)), dtype=torch.long
+    )
     return out, lengths
 
 

@@ -28,7 +28,13 @@ def build_tiny_opt(out: Path, corpus: list[str], vocab_size: int = 800, seed: in
         corpus_file = Path(tmp) / "corpus.txt"
         corpus_file.write_text("\n".join(corpus) + "\n", encoding="utf-8")
         bpe = ByteLevelBPETokenizer()
-        bpe.train([str(corpus_file)], vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False)
+        bpe.train(
+            [str(corpus_file)],
+            vocab_size=vocab_size,
+            min_frequency=1,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        )
     bpe.save_model(str(out))
     vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
     (out / "tokenizer_config.json").write_text(

@@ -69,7 +69,9 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embeddings, (grid*grid, dim)."""
     quarter = dim // 4
     omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for coord in (ys.flatten(), xs.flatten()):
         angles = coord[:, None] * omega[None, :]

@@ -106,8 +106,12 @@ _ABBREVIATIONS = frozenset(
     "jan feb mar apr jun jul aug sep sept oct nov dec".split()
 )
 _WHOLE_WORD_SPLITS = {
-    "cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-    "wanna": ("wan", "na"), "gimme": ("gim", "me"), "lemme": ("lem", "me"),
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "gimme": ("gim", "me"),
+    "lemme": ("lem", "me"),
 }
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'ll|'re|'ve|'m|'d)$")
 _PTB_TOKEN = re.compile(
@@ -121,8 +125,12 @@ _PTB_TOKEN = re.compile(
     re.VERBOSE,
 )
 # What COCOEvalCap removes after tokenizing, with the raw forms its tokenizer maps onto them.
-_PTB_DROPPED = frozenset(["''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"]) | frozenset("()[]{}")
-_PTB_CHARS = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "--", "\u2014": "--", "\u2026": "..."})
+_PTB_DROPPED = frozenset(["''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"]) | frozenset(
+    "()[]{}"
+)
+_PTB_CHARS = str.maketrans(
+    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "--", "\u2014": "--", "\u2026": "..."}
+)
 
 
 def _ptb_tokens(text: str):
@@ -141,7 +149,7 @@ def _ptb_tokens(text: str):
             while split := _CLITIC.match(word):
                 word = split.group(1)
                 clitics.insert(0, split.group(2))
-            numbered = word == "no" and re.match(r"\s*\d", text[match.end():])  # "no. 5", not "there is no."
+            numbered = word == "no" and re.match(r"\s*\d", text[match.end() :])  # "no. 5", not "there is no."
             if match.group("period") and not clitics and (word in _ABBREVIATIONS or numbered):
                 word += "."  # an abbreviation keeps its period; elsewhere the period is dropped
             yield word
@@ -161,6 +169,7 @@ def tokenize(text: str, mode: str) -> str:
 
 
 # --- metrics -------------------------------------------------------------------------------
+
 
 def check_metrics(metrics) -> tuple:
     """``run.caption_metrics`` validated; ``Bleu_4`` etc. are read as ``Bleu``."""
@@ -268,6 +277,7 @@ def caption_scores(predictions: dict, references: dict, mode: str, metrics=OFFLI
 
 # --- references ------------------------------------------------------------------------------
 
+
 def read_coco_references(path) -> dict:
     """image id -> captions from a COCO-format caption file (``annotations``)."""
     with open(path, encoding="utf-8") as handle:
@@ -310,7 +320,9 @@ def reference_source(dataset):
 
 @registry.register_task("captioning_offline")
 class OfflineCaptionTask(CaptionTask):
-    def __init__(self, num_beams, max_len, min_len, evaluate, report_metric=True, tokenizer="char", metrics=OFFLINE_METRICS):
+    def __init__(
+        self, num_beams, max_len, min_len, evaluate, report_metric=True, tokenizer="char", metrics=OFFLINE_METRICS
+    ):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric)
         tokenize("", tokenizer)  # fail at set-up on an unknown mode
         self.tokenizer = tokenizer
@@ -357,7 +369,9 @@ class OfflineCaptionTask(CaptionTask):
             for image_id, captions in source().items():
                 image_id = int(image_id)
                 if image_id in owner:
-                    raise ValueError(f"split {split_name!r}: image id {image_id} is in both {owner[image_id]!r} and {name!r}")
+                    raise ValueError(
+                        f"split {split_name!r}: image id {image_id} is in both {owner[image_id]!r} and {name!r}"
+                    )
                 owner[image_id], references[image_id] = name, list(captions)
         return references
 

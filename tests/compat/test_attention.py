@@ -71,7 +71,9 @@ def eva_attention(window_size=None):
 
 @pytest.mark.parametrize("table", [False, True], ids=["no_window_table", "window_table"])
 @pytest.mark.parametrize("shared_bias", [False, True], ids=["no_rel_pos_bias", "rel_pos_bias"])
-def test_eva_attention_sdpa_equals_eager_with_and_without_relative_position_bias(lavis_ready, sdpa_calls, table, shared_bias):
+def test_eva_attention_sdpa_equals_eager_with_and_without_relative_position_bias(
+    lavis_ready, sdpa_calls, table, shared_bias
+):
     attn = eva_attention((3, 3) if table else None)
     x = torch.randn(2, 10, 32)  # 3x3 patches + cls
     inputs = [x] + ([torch.randn(1, 4, 10, 10)] if shared_bias else [])
@@ -89,9 +91,17 @@ def bert(lavis_ready):
     from lavis.models.blip2_models.Qformer import BertConfig, BertModel
 
     config = BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0, encoder_width=24,
-        add_cross_attention=True, cross_attention_freq=1, query_length=3,
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+        encoder_width=24,
+        add_cross_attention=True,
+        cross_attention_freq=1,
+        query_length=3,
     )
     return BertModel(config, add_pooling_layer=False)
 
@@ -146,7 +156,8 @@ def test_qformer_cross_attention_with_encoder_mask(bert, sdpa_calls):
     attn = self_attention(bert, cross=True)
     encoder_mask = bert.invert_attention_mask(torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]]))
     results = run_both(
-        attn, [torch.randn(2, 3, 32), torch.randn(2, 6, 24)],
+        attn,
+        [torch.randn(2, 3, 32), torch.randn(2, 6, 24)],
         lambda q, image: attn(q, encoder_hidden_states=image, encoder_attention_mask=encoder_mask)[0],
     )
     assert_same(results)
@@ -265,10 +276,15 @@ def test_blip2_internlm_defaults_to_sdpa_and_rejects_an_unknown_implementation(l
         cls.from_config(tiny_internlm_cfg(attn_implementation="flash"))
 
 
-def test_stage1_qformer_loss_equal_eager_vs_sdpa_switched_by_environment(fresh_tiny_stage1_model, sdpa_calls, monkeypatch):
+def test_stage1_qformer_loss_equal_eager_vs_sdpa_switched_by_environment(
+    fresh_tiny_stage1_model, sdpa_calls, monkeypatch
+):
     model = no_dropout(fresh_tiny_stage1_model).train()
     torch.manual_seed(1)
-    samples = {"image": torch.randn(4, 3, 64, 64), "text_input": ["a red circle", "a blue square", "左边有一个红色的圆形", "x"]}
+    samples = {
+        "image": torch.randn(4, 3, 64, 64),
+        "text_input": ["a red circle", "a blue square", "左边有一个红色的圆形", "x"],
+    }
 
     def losses():
         torch.manual_seed(2)  # ITM hard negatives are sampled

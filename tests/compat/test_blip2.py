@@ -45,7 +45,10 @@ def test_load_pretrained_false_really_skips_loading(lavis_ready):
 
 def batch(image_ids=None, size=4):
     torch.manual_seed(1)
-    samples = {"image": torch.randn(size, 3, 64, 64), "text_input": ["a red circle on the left", "a blue square", "左边有一个红色的圆形", "x"][:size]}
+    samples = {
+        "image": torch.randn(size, 3, 64, 64),
+        "text_input": ["a red circle on the left", "a blue square", "左边有一个红色的圆形", "x"][:size],
+    }
     if image_ids is not None:
         samples["image_id"] = image_ids
     return samples
@@ -105,7 +108,9 @@ def test_qformer_captions_join_chinese_characters_without_spaces(lavis_ready, mo
     ids[:, 0] = model.tokenizer.bos_token_id  # what generation starts from
     monkeypatch.setattr(model.Qformer, "generate", lambda **kwargs: ids)
     samples = {"image": torch.randn(1, 3, 64, 64)}
-    assert Blip2Qformer.generate.__wrapped__(model, samples) == ["左 边 有 一 个 红 色 的 圆 形 ， 中 间 有 2 个 blue 三 角 形"]
+    assert Blip2Qformer.generate.__wrapped__(model, samples) == [
+        "左 边 有 一 个 红 色 的 圆 形 ， 中 间 有 2 个 blue 三 角 形"
+    ]
     assert model.generate(samples) == [caption]  # spaces next to digits and Latin words stay
 
 

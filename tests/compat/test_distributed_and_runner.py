@@ -29,7 +29,12 @@ def test_without_torchrun_the_run_is_not_distributed(lavis_ready, monkeypatch):
 def fake_runner(**run_cfg):
     from types import SimpleNamespace
 
-    return SimpleNamespace(config=SimpleNamespace(run_cfg=OmegaConf.create(run_cfg)), device=torch.device("cpu"), _scaler=None, job_id="job")
+    return SimpleNamespace(
+        config=SimpleNamespace(run_cfg=OmegaConf.create(run_cfg)),
+        device=torch.device("cpu"),
+        _scaler=None,
+        job_id="job",
+    )
 
 
 def test_no_grad_scaler_on_cpu_even_with_amp(lavis_ready):

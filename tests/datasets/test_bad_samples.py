@@ -19,7 +19,12 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageFile
 
 from blip2_internlm.datasets.guard import (
-    BadDataError, BadSampleError, BadSampleTally, GuardedDataset, guard_datasets, set_epoch,
+    BadDataError,
+    BadSampleError,
+    BadSampleTally,
+    GuardedDataset,
+    guard_datasets,
+    set_epoch,
 )
 
 IMAGE_SIZE = 48  # pixels a side: 2304 pixels, under the bomb limit set below
@@ -93,8 +98,15 @@ def vg_caption(records, images, processors, tmp_path):
 
 
 def vqa_records(n=5):
-    return [{"image": f"good_{i}.jpg", "question": f"what is in picture {i}?", "question_id": 100 + i,
-             "answer": ["a cat", "a cat", "a dog"]} for i in range(n)]
+    return [
+        {
+            "image": f"good_{i}.jpg",
+            "question": f"what is in picture {i}?",
+            "question_id": 100 + i,
+            "answer": ["a cat", "a cat", "a dog"],
+        }
+        for i in range(n)
+    ]
 
 
 def coco_vqa(records, images, processors, tmp_path):
@@ -114,7 +126,10 @@ def coco_vqa_eval(records, images, processors, tmp_path):
 
 def one_batch(dataset, num_workers=0, batch_size=None):
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size or len(dataset), num_workers=num_workers, collate_fn=dataset.collater,
+        dataset,
+        batch_size=batch_size or len(dataset),
+        num_workers=num_workers,
+        collate_fn=dataset.collater,
     )
     return next(iter(loader))
 
@@ -221,18 +236,23 @@ def test_a_question_the_text_processor_empties_is_replaced(images, processors, t
 def test_an_evaluation_split_errors_on_a_bad_question_even_when_training_skips(images, processors, tmp_path):
     train, val = vqa_records(), vqa_records()
     train[BAD_INDEX]["image"] = val[BAD_INDEX]["image"] = "corrupt.jpg"
-    datasets = {"coco_vqa": {
-        "train": coco_vqa(train, images, processors, tmp_path),
-        "val": coco_vqa_eval(val, images, processors, tmp_path),
-    }}
+    datasets = {
+        "coco_vqa": {
+            "train": coco_vqa(train, images, processors, tmp_path),
+            "val": coco_vqa_eval(val, images, processors, tmp_path),
+        }
+    }
     run_cfg = OmegaConf.create({"bad_samples": "skip", "train_splits": ["train"], "seed": 7})
 
     guarded = guard_datasets(datasets, run_cfg)["coco_vqa"]
 
     assert guarded["train"].policy == "skip" and guarded["val"].policy == "error"
     assert one_batch(guarded["train"])["bad_samples"][0]["index"] == BAD_INDEX
-    with pytest.raises(BadSampleError, match=r"coco_vqa val, record 2 \(.*corrupt\.jpg; question_id=102.*"
-                                             r"evaluation never skips a sample"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"coco_vqa val, record 2 \(.*corrupt\.jpg; question_id=102.*"
+        r"evaluation never skips a sample",
+    ):
         one_batch(guarded["val"])
 
 
@@ -253,8 +273,9 @@ def test_an_unknown_policy_is_refused_naming_the_key():
 
 def test_when_every_substitute_is_bad_too_the_error_lists_each_attempt(images, processors, tmp_path):
     records = [{"image": "corrupt.jpg", "caption": f"caption {i}", "image_id": i} for i in range(4)]
-    dataset = GuardedDataset(coco_caption(records, images, processors, tmp_path), "skip", "coco_caption", "train",
-                             max_substitutes=3)
+    dataset = GuardedDataset(
+        coco_caption(records, images, processors, tmp_path), "skip", "coco_caption", "train", max_substitutes=3
+    )
 
     with pytest.raises(BadSampleError, match=r"record 1 is bad and so were its 3 substitutes") as caught:
         dataset[1]
@@ -321,8 +342,9 @@ def test_workers_give_the_same_batches_as_the_main_process_for_the_same_epoch(im
     dataset.set_epoch(1)
 
     def batches(num_workers):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=num_workers,
-                                             collate_fn=dataset.collater)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=3, num_workers=num_workers, collate_fn=dataset.collater
+        )
         return list(loader)
 
     in_process, in_workers = batches(0), batches(2)
@@ -435,8 +457,16 @@ def test_a_guarded_dataset_answers_for_the_wrapped_one_and_survives_pickling(ima
 
 
 def report(index, kind="UnidentifiedImageError", file=None):
-    return {"dataset": "coco_caption", "split": "train", "index": index, "file": file or f"/data/bad_{index}.jpg",
-            "ids": {"image_id": index}, "kind": kind, "reason": f"{kind}: cannot read", "record": None}
+    return {
+        "dataset": "coco_caption",
+        "split": "train",
+        "index": index,
+        "file": file or f"/data/bad_{index}.jpg",
+        "ids": {"image_id": index},
+        "kind": kind,
+        "reason": f"{kind}: cannot read",
+        "record": None,
+    }
 
 
 def test_too_many_bad_samples_stop_the_run_with_their_list(images, processors, tmp_path):
@@ -493,8 +523,16 @@ def _ranks_add_and_reduce(rank, rendezvous, out):
         tally.add(10 * (rank + 1), [report(rank)] * (rank + 1))
         total = tally.all_reduce()
         if rank == 0:
-            out.write_text(json.dumps({"seen": total.seen, "bad": total.bad, "kinds": dict(total.kinds),
-                                       "indices": [r["index"] for r in total.reports]}))
+            out.write_text(
+                json.dumps(
+                    {
+                        "seen": total.seen,
+                        "bad": total.bad,
+                        "kinds": dict(total.kinds),
+                        "indices": [r["index"] for r in total.reports],
+                    }
+                )
+            )
     finally:
         dist.destroy_process_group()
 
@@ -502,8 +540,15 @@ def _ranks_add_and_reduce(rank, rendezvous, out):
 def test_ranks_add_up_their_counts_so_rank_zero_reports_the_global_one(tmp_path):
     out = tmp_path / "total.json"
     torch.multiprocessing.start_processes(
-        _ranks_add_and_reduce, args=(tmp_path / "rendezvous", out), nprocs=2, start_method="fork",
+        _ranks_add_and_reduce,
+        args=(tmp_path / "rendezvous", out),
+        nprocs=2,
+        start_method="fork",
     )
 
-    assert json.loads(out.read_text()) == {"seen": 33, "bad": 3, "kinds": {"UnidentifiedImageError": 3},
-                                           "indices": [0, 1, 1]}
+    assert json.loads(out.read_text()) == {
+        "seen": 33,
+        "bad": 3,
+        "kinds": {"UnidentifiedImageError": 3},
+        "indices": [0, 1, 1],
+    }

@@ -104,8 +104,14 @@ def test_shard_members_other_than_image_and_caption_are_never_decoded(outside_a_
     assert control.exists()
 
     ran = tmp_path / "ran"
-    tar = shard(tmp_path / "000.tar", [("a0.jpg", image_bytes()), ("a0.txt", "一只 猫 .".encode()),
-                                       (f"a0.{member}", PAYLOADS[member](TouchOnLoad(ran)))])
+    tar = shard(
+        tmp_path / "000.tar",
+        [
+            ("a0.jpg", image_bytes()),
+            ("a0.txt", "一只 猫 .".encode()),
+            (f"a0.{member}", PAYLOADS[member](TouchOnLoad(ran))),
+        ],
+    )
     samples = first(wds_builder(tar).build_datasets()["train"])
     assert not ran.exists()
     # webdataset's map adds __key__ back
@@ -115,10 +121,15 @@ def test_shard_members_other_than_image_and_caption_are_never_decoded(outside_a_
 
 
 def test_png_and_webp_members_decode_to_rgb_and_json_captions_are_read(outside_a_run, tmp_path):
-    tar = shard(tmp_path / "000.tar", [
-        ("a0.png", image_bytes("PNG", "RGBA")), ("a0.txt", "透明的 方块".encode()),
-        ("b0.webp", image_bytes("WEBP")), ("b0.json", json.dumps({"caption": "蓝色 的 方块"}).encode()),
-    ])
+    tar = shard(
+        tmp_path / "000.tar",
+        [
+            ("a0.png", image_bytes("PNG", "RGBA")),
+            ("a0.txt", "透明的 方块".encode()),
+            ("b0.webp", image_bytes("WEBP")),
+            ("b0.json", json.dumps({"caption": "蓝色 的 方块"}).encode()),
+        ],
+    )
     samples = first(wds_builder(tar).build_datasets()["train"])
     assert [(s["image_id"], s["text_input"]) for s in samples] == [("a0", "透明的方块"), ("b0", "蓝色的方块")]
     assert all(s["image"].shape == (3, SIZE, SIZE) for s in samples)
@@ -141,8 +152,11 @@ def test_pipe_urls_are_refused_naming_the_key_that_allows_them(outside_a_run, tm
     command = f"pipe:touch {shlex.quote(str(ran))}; cat {shlex.quote(str(tar))}"
     storage = f"{tar}::{command}" if form == "pipe URL after a shard" else command
     overrides = {"build_info": {"allow_pipe_urls": "yes"}} if form == "truthy string instead of true" else {}
-    with pytest.raises(ValueError, match=r"datasets\.zh_caption_wds\.build_info\.storage: 'pipe:touch .*shell command; "
-                                         r"set datasets\.zh_caption_wds\.build_info\.allow_pipe_urls: true to allow"):
+    with pytest.raises(
+        ValueError,
+        match=r"datasets\.zh_caption_wds\.build_info\.storage: 'pipe:touch .*shell command; "
+        r"set datasets\.zh_caption_wds\.build_info\.allow_pipe_urls: true to allow",
+    ):
         wds_builder(storage, **overrides).build_datasets()
     assert not ran.exists()
 
@@ -188,8 +202,14 @@ def run_datasets(lavis_cache, tmp_path, monkeypatch):
 
     def build(run, datasets):
         path = tmp_path / "run.yaml"
-        OmegaConf.save({"model": {"arch": "blip2_internlm", "model_type": "tiny"}, "datasets": datasets,
-                        "run": {"task": "captioning", **run}}, path)
+        OmegaConf.save(
+            {
+                "model": {"arch": "blip2_internlm", "model_type": "tiny"},
+                "datasets": datasets,
+                "run": {"task": "captioning", **run},
+            },
+            path,
+        )
         return BaseTask().build_datasets(Config(SimpleNamespace(cfg_path=str(path), options=None)))
 
     return build
@@ -197,56 +217,71 @@ def run_datasets(lavis_cache, tmp_path, monkeypatch):
 
 def generic_config(root, **annotations):
     eval_proc = {"name": "blip_image_eval", "image_size": SIZE}
-    return {"zh_caption_json": {
-        "vis_processor": {"train": eval_proc, "eval": eval_proc},
-        "build_info": {"annotations": {split: {"storage": str(path)} for split, path in annotations.items()},
-                       "images": {"storage": str(root / "images")}}}}
+    return {
+        "zh_caption_json": {
+            "vis_processor": {"train": eval_proc, "eval": eval_proc},
+            "build_info": {
+                "annotations": {split: {"storage": str(path)} for split, path in annotations.items()},
+                "images": {"storage": str(root / "images")},
+            },
+        }
+    }
 
 
 def test_a_run_that_trains_on_the_train_file_alone_builds_without_the_default_val_and_test_files(
-        run_datasets, tmp_path):
+    run_datasets, tmp_path
+):
     train = generic_corpus(tmp_path)
     built = run_datasets({"train_splits": ["train"]}, generic_config(tmp_path, train=train))
     assert sorted(built["zh_caption_json"]) == ["train"]
     assert built["zh_caption_json"]["train"][0]["text_input"] == "红色的方块"
 
 
-def test_a_missing_split_that_the_run_uses_is_an_error_naming_key_file_and_run_key(run_datasets, lavis_cache,
-                                                                                    tmp_path):
+def test_a_missing_split_that_the_run_uses_is_an_error_naming_key_file_and_run_key(run_datasets, lavis_cache, tmp_path):
     train = generic_corpus(tmp_path)
     val = re.escape(str(lavis_cache / "zh_caption" / "annotations" / "val.json"))  # the default config's val file
-    with pytest.raises(BadRecordError, match=rf"datasets\.zh_caption_json\.build_info\.annotations\.val\.storage: "
-                                             rf"no file at {val}, and run\.valid_splits uses the 'val' split"):
+    with pytest.raises(
+        BadRecordError,
+        match=rf"datasets\.zh_caption_json\.build_info\.annotations\.val\.storage: "
+        rf"no file at {val}, and run\.valid_splits uses the 'val' split",
+    ):
         run_datasets({"train_splits": ["train"], "valid_splits": ["val"]}, generic_config(tmp_path, train=train))
 
 
 def test_an_evaluate_only_run_does_not_need_the_train_file(run_datasets, tmp_path):
     test = generic_corpus(tmp_path)
-    built = run_datasets({"evaluate": True, "train_splits": ["train"], "test_splits": ["test"]},
-                         generic_config(tmp_path, train=tmp_path / "absent.json", test=test))
+    built = run_datasets(
+        {"evaluate": True, "train_splits": ["train"], "test_splits": ["test"]},
+        generic_config(tmp_path, train=tmp_path / "absent.json", test=test),
+    )
     assert sorted(built["zh_caption_json"]) == ["test"]
 
 
 def test_outside_a_run_missing_splits_are_left_out_with_a_warning_unless_none_is_left(
-        outside_a_run, lavis_cache, tmp_path, caplog):
+    outside_a_run, lavis_cache, tmp_path, caplog
+):
     from lavis.common.registry import registry
 
     cls = registry.get_builder_class("zh_caption_json")
-    cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path()).datasets.zh_caption_json,
-                          generic_config(tmp_path, train=generic_corpus(tmp_path))["zh_caption_json"])
+    cfg = OmegaConf.merge(
+        OmegaConf.load(cls.default_config_path()).datasets.zh_caption_json,
+        generic_config(tmp_path, train=generic_corpus(tmp_path))["zh_caption_json"],
+    )
     with caplog.at_level(logging.WARNING):
         assert sorted(cls(cfg).build_datasets()) == ["train"]
     default_test = lavis_cache / "zh_caption" / "annotations" / "test.json"
     assert f"annotations.test.storage: no file at {default_test}" in caplog.text
     absent = tmp_path / "absent.json"
     cfg.build_info.annotations.train.storage = str(absent)
-    with pytest.raises(BadRecordError, match=rf"annotations\.train\.storage: no file at {re.escape(str(absent))} "
-                                             r"\(see docs"):
+    with pytest.raises(
+        BadRecordError,
+        match=rf"annotations\.train\.storage: no file at {re.escape(str(absent))} "
+        r"\(see docs",
+    ):
         cls(cfg).build_datasets()
 
 
-def test_missing_shards_are_an_error_naming_key_and_path_or_with_skip_invalid_left_out(outside_a_run, tmp_path,
-                                                                                        caplog):
+def test_missing_shards_are_an_error_naming_key_and_path_or_with_skip_invalid_left_out(outside_a_run, tmp_path, caplog):
     shard(tmp_path / "000.tar", [("a0.jpg", image_bytes()), ("a0.txt", "好".encode())])
     absent = re.escape(str(tmp_path / "005.tar"))
     with pytest.raises(BadRecordError, match=rf"datasets\.zh_caption_wds\.build_info\.storage: no file at {absent}"):
@@ -269,8 +304,14 @@ def test_lavis_laion_shards_never_decode_members_other_than_image_and_caption(la
     from lavis.processors.blip_processors import BlipCaptionProcessor, BlipImageEvalProcessor
 
     ran = tmp_path / "ran"
-    tar = shard(tmp_path / "000.tar", [("a0.jpg", image_bytes()), ("a0.json", json.dumps({"caption": "a cat"}).encode()),
-                                       (f"a0.{member}", PAYLOADS[member](TouchOnLoad(ran)))])
+    tar = shard(
+        tmp_path / "000.tar",
+        [
+            ("a0.jpg", image_bytes()),
+            ("a0.json", json.dumps({"caption": "a cat"}).encode()),
+            (f"a0.{member}", PAYLOADS[member](TouchOnLoad(ran))),
+        ],
+    )
     dataset = LaionDataset(BlipImageEvalProcessor(SIZE), BlipCaptionProcessor(), str(tar))
     sample = first(dataset.inner_dataset, 1)[0]
     assert not ran.exists()

@@ -18,7 +18,10 @@ def builder(name, lang="zh", **overrides):
     cfg = OmegaConf.load(cls.default_config_path()).datasets[name]
     cfg.lang = lang
     cfg.generator = dict(SMALL)
-    cfg.vis_processor = {"train": {"name": "blip_image_eval", "image_size": 32}, "eval": {"name": "blip_image_eval", "image_size": 32}}
+    cfg.vis_processor = {
+        "train": {"name": "blip_image_eval", "image_size": 32},
+        "eval": {"name": "blip_image_eval", "image_size": 32},
+    }
     cfg.text_processor = {"train": {"name": "blip_caption"}, "eval": {"name": "blip_caption"}}
     return cls(OmegaConf.merge(cfg, overrides))
 
@@ -28,7 +31,9 @@ def test_caption_builder_yields_images_captions_and_string_ids(lavis_ready):
     assert sorted(datasets) == ["test", "train", "val"]
     sample = datasets["train"][0]
     assert sample["image"].shape == (3, 32, 32)
-    assert sample["image_id"].startswith("shapes_train_") and any("\u4e00" <= ch <= "\u9fff" for ch in sample["text_input"])
+    assert sample["image_id"].startswith("shapes_train_") and any(
+        "\u4e00" <= ch <= "\u9fff" for ch in sample["text_input"]
+    )
     assert isinstance(datasets["val"][0]["image_id"], int)
 
 

@@ -38,17 +38,33 @@ EVAL_SPLITS = ("val", "test")
 
 # Written independently of the generator: what the Chinese words mean.
 ZH_TO_EN = {
-    "红色": "red", "绿色": "green", "蓝色": "blue", "黄色": "yellow",
-    "圆形": "circle", "正方形": "square", "三角形": "triangle",
-    "左边": "left", "中间": "center", "右边": "right",
-    "是": "yes", "否": "no",
+    "红色": "red",
+    "绿色": "green",
+    "蓝色": "blue",
+    "黄色": "yellow",
+    "圆形": "circle",
+    "正方形": "square",
+    "三角形": "triangle",
+    "左边": "left",
+    "中间": "center",
+    "右边": "right",
+    "是": "yes",
+    "否": "no",
 }
 EN_POSITIONS = {"on the left": "left", "in the center": "center", "on the right": "right"}
 # What the colour words mean, as hue ranges in degrees.
-HUES = {"red": (-15, 15), "orange": (20, 40), "yellow": (45, 65), "green": (90, 150),
-        "blue": (200, 250), "purple": (260, 300)}
-_EN_OBJECT = (r"a (red|green|blue|yellow) (circle|square|triangle)"
-              r" (on the left|in the center|on the right)")
+HUES = {
+    "red": (-15, 15),
+    "orange": (20, 40),
+    "yellow": (45, 65),
+    "green": (90, 150),
+    "blue": (200, 250),
+    "purple": (260, 300),
+}
+_EN_OBJECT = (
+    r"a (red|green|blue|yellow) (circle|square|triangle)"
+    r" (on the left|in the center|on the right)"
+)
 _ZH_COLOR, _ZH_SHAPE, _ZH_POS = "(红色|绿色|蓝色|黄色)", "(圆形|正方形|三角形)", "(左边|中间|右边)"
 
 
@@ -167,6 +183,7 @@ def all_files(root):
 
 # --- images and captions -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dataset", ["single", "multi"])
 def test_caption_describes_the_objects_drawn(dataset, request):
     manifest = request.getfixturevalue(dataset)
@@ -190,7 +207,7 @@ def test_every_palette_colour_is_clearly_its_name_and_far_from_the_others():
         assert color_name(rgb) == name
         assert max(abs(c - b) for c, b in zip(rgb, shapes.BACKGROUND)) > 100
     rgbs = [np.array(rgb) for rgb, _ in shapes.PALETTE.values()]
-    assert min(np.abs(a - b).max() for i, a in enumerate(rgbs) for b in rgbs[i + 1:]) > 60
+    assert min(np.abs(a - b).max() for i, a in enumerate(rgbs) for b in rgbs[i + 1 :]) > 60
 
 
 def test_default_task_is_one_object_from_four_colours_three_shapes_three_positions(single):
@@ -259,6 +276,7 @@ def test_coco_ground_truth_matches_the_eval_records(single):
 
 # --- splits, ids, determinism ----------------------------------------------------------
 
+
 def test_splits_share_no_images_or_ids(single):
     image_ids, int_ids, pixel_hashes = [], [], []
     for split in SMALL:
@@ -275,8 +293,9 @@ def test_splits_share_no_images_or_ids(single):
 
 
 def test_question_ids_are_unique_across_splits_and_languages(single):
-    qids = [q["question_id"] for split in SMALL for lang in LANGS
-            for q in load(single, files(single, split, lang)["vqa"])]
+    qids = [
+        q["question_id"] for split in SMALL for lang in LANGS for q in load(single, files(single, split, lang)["vqa"])
+    ]
     assert len(set(qids)) == len(qids) == 5 * 2 * sum(SMALL.values())
 
 
@@ -298,12 +317,12 @@ def test_changing_one_split_size_leaves_other_splits_images_alone(tmp_path):
 
 # --- VQA ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dataset", ["single", "multi"])
 def test_vqa_answers_are_true_of_the_caption(dataset, request):
     manifest = request.getfixturevalue(dataset)
     for split in SMALL:
-        captions = {r["image"]: parse_en(canonical(r))
-                    for r in load(manifest, files(manifest, split, "en")["caption"])}
+        captions = {r["image"]: parse_en(canonical(r)) for r in load(manifest, files(manifest, split, "en")["caption"])}
         en = load(manifest, files(manifest, split, "en")["vqa"])
         zh = load(manifest, files(manifest, split, "zh")["vqa"])
         for q_en, q_zh in zip(en, zh):
@@ -332,9 +351,12 @@ def test_yes_no_questions_are_balanced(single, multi):
     for manifest in (single, multi):
         for split in SMALL:
             for lang in LANGS:
-                yes, no = (shapes.YES_NO[lang])
-                answers = [q["answer"][0] for q in load(manifest, files(manifest, split, lang)["vqa"])
-                           if q["answer"][0] in (yes, no)]
+                yes, no = shapes.YES_NO[lang]
+                answers = [
+                    q["answer"][0]
+                    for q in load(manifest, files(manifest, split, lang)["vqa"])
+                    if q["answer"][0] in (yes, no)
+                ]
                 assert abs(answers.count(yes) - answers.count(no)) <= 1
                 assert len(answers) == SMALL[split]
 
@@ -358,7 +380,8 @@ def test_vqa_files_are_well_formed_and_consistent(dataset, request):
             annotations = load(manifest, files(manifest, split, lang)["vqa_annotations"])
             assert questions["task_type"] == "Open-Ended"
             assert [(q["question_id"], q["question"], q["image_id"]) for q in vqa] == [
-                (q["question_id"], q["question"], q["image_id"]) for q in questions["questions"]]
+                (q["question_id"], q["question"], q["image_id"]) for q in questions["questions"]
+            ]
             assert {a["answer_type"] for a in annotations["annotations"]} == {"yes/no", "number", "other"}
             for q, a in zip(vqa, annotations["annotations"]):
                 assert (a["question_id"], a["image_id"]) == (q["question_id"], q["image_id"])
@@ -375,16 +398,13 @@ def test_lavis_vqaeval_scores_truth_100_and_wrong_answers_0(dataset, lang, reque
     answer_list = load(manifest, manifest["files"]["answer_list"][lang])
     for split in EVAL_SPLITS:
         paths = {k: os.path.join(manifest["root"], v) for k, v in files(manifest, split, lang).items()}
-        truth = {q["question_id"]: q["answer"][0]
-                 for q in load(manifest, files(manifest, split, lang)["vqa"])}
+        truth = {q["question_id"]: q["answer"][0] for q in load(manifest, files(manifest, split, lang)["vqa"])}
         # Another answer from the list: plausible, and wrong for every question.
-        wrong = {qid: answer_list[(answer_list.index(a) + 1) % len(answer_list)]
-                 for qid, a in truth.items()}
+        wrong = {qid: answer_list[(answer_list.index(a) + 1) % len(answer_list)] for qid, a in truth.items()}
         scores = []
         for name, predictions in (("truth", truth), ("wrong", wrong)):
             result_file = tmp_path / f"{split}_{name}.json"  # what VQATask.after_evaluation writes
-            result_file.write_text(
-                json.dumps([{"question_id": k, "answer": v} for k, v in predictions.items()]))
+            result_file.write_text(json.dumps([{"question_id": k, "answer": v} for k, v in predictions.items()]))
             vqa = VQA(paths["vqa_annotations"], paths["vqa_questions"])
             scorer = VQAEval(vqa, vqa.loadRes(str(result_file), paths["vqa_questions"]), n=2)
             scorer.evaluate()
@@ -406,6 +426,7 @@ def test_answers_are_unchanged_by_vqaeval_normalisation(single, multi, lavis_vqa
 
 # --- reuse, CLI, timing ------------------------------------------------------------------
 
+
 def test_same_args_reuse_the_dataset_and_new_args_replace_it(tmp_path):
     first = generate_shapes(tmp_path, splits={"train": 8, "val": 4})
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
@@ -413,7 +434,8 @@ def test_same_args_reuse_the_dataset_and_new_args_replace_it(tmp_path):
     assert (first["reused"], again["reused"]) == (False, True)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == mtimes
     assert {k: v for k, v in again.items() if k not in ("seconds", "reused")} == {
-        k: v for k, v in first.items() if k not in ("seconds", "reused")}
+        k: v for k, v in first.items() if k not in ("seconds", "reused")
+    }
 
     image = tmp_path / "images" / "val" / "val_00000.png"
     before = image.read_bytes()
@@ -423,7 +445,12 @@ def test_same_args_reuse_the_dataset_and_new_args_replace_it(tmp_path):
     smaller = generate_shapes(tmp_path, splits={"train": 3, "test": 2}, seed=1)
     assert not smaller["reused"]
     assert sorted(p.name for p in (tmp_path / "images").rglob("*.png")) == [
-        "test_00000.png", "test_00001.png", "train_00000.png", "train_00001.png", "train_00002.png"]
+        "test_00000.png",
+        "test_00001.png",
+        "train_00000.png",
+        "train_00001.png",
+        "train_00002.png",
+    ]
     assert not list((tmp_path / "annotations").glob("*_val*"))
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["args"]["seed"] == 1 and on_disk["counts"]["train"]["images"] == 3
@@ -472,10 +499,18 @@ def test_leaves_other_files_in_out_dir_alone(tmp_path):
     assert (tmp_path / "README").read_text() == "kept"
 
 
-@pytest.mark.parametrize("bad", [
-    dict(splits={"dev": 3}), dict(splits={"train": -1}), dict(colors=["red", "pink"]),
-    dict(max_objects=4), dict(colors=["red"], shapes=["circle"]), dict(image_size=8), dict(seed=-1),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(splits={"dev": 3}),
+        dict(splits={"train": -1}),
+        dict(colors=["red", "pink"]),
+        dict(max_objects=4),
+        dict(colors=["red"], shapes=["circle"]),
+        dict(image_size=8),
+        dict(seed=-1),
+    ],
+)
 def test_invalid_arguments_are_rejected(bad, tmp_path):
     with pytest.raises(ValueError):
         generate_shapes(tmp_path, **{"splits": {"train": 2}, **bad})

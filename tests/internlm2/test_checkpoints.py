@@ -27,11 +27,18 @@ def test_safetensors_round_trip_keeps_official_names(make_model, tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path, safe_serialization=True)
     names = set(load_file(tmp_path / "model.safetensors"))
-    assert {"model.tok_embeddings.weight", "model.layers.0.attention.wqkv.weight",
-            "model.layers.0.attention.wo.weight", "model.layers.0.feed_forward.w1.weight",
-            "model.layers.0.feed_forward.w2.weight", "model.layers.0.feed_forward.w3.weight",
-            "model.layers.0.attention_norm.weight", "model.layers.0.ffn_norm.weight",
-            "model.norm.weight", "output.weight"} <= names
+    assert {
+        "model.tok_embeddings.weight",
+        "model.layers.0.attention.wqkv.weight",
+        "model.layers.0.attention.wo.weight",
+        "model.layers.0.feed_forward.w1.weight",
+        "model.layers.0.feed_forward.w2.weight",
+        "model.layers.0.feed_forward.w3.weight",
+        "model.layers.0.attention_norm.weight",
+        "model.layers.0.ffn_norm.weight",
+        "model.norm.weight",
+        "output.weight",
+    } <= names
     assert not any("inv_freq" in n for n in names)
     loaded = InternLM2ForCausalLM.from_pretrained(tmp_path)
     assert _same_weights(model, loaded)

@@ -44,10 +44,25 @@ OFFICIAL_1_8B = {
 def test_official_config_json_loads_as_is_and_round_trips(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_1_8B))
     config = InternLM2Config.from_pretrained(tmp_path)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-                "bias", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "auto_map",
-                "pretraining_tp", "rope_scaling"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "bias",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "auto_map",
+        "pretraining_tp",
+        "rope_scaling",
+    ):
         assert getattr(config, key) == OFFICIAL_1_8B[key], key
     assert config.rope_scaling_type == "dynamic" and config.rope_scaling_factor == 2.0
     assert config.head_dim == 128
@@ -65,9 +80,22 @@ def test_official_config_json_loads_as_is_and_round_trips(tmp_path):
 def test_preset_matches_official_1_8b_config():
     config = InternLM2Config.preset("internlm2-1_8b")
     for key, value in OFFICIAL_1_8B.items():
-        if key in ("architectures", "auto_map", "model_type", "hidden_act", "bias", "rope_scaling",
-                   "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "intermediate_size", "rope_theta", "max_position_embeddings"):
+        if key in (
+            "architectures",
+            "auto_map",
+            "model_type",
+            "hidden_act",
+            "bias",
+            "rope_scaling",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "rope_theta",
+            "max_position_embeddings",
+        ):
             assert getattr(config, key) == value, key
     assert InternLM2Config.preset("internlm/internlm2-chat-1_8b").to_dict() == config.to_dict()
 
@@ -84,8 +112,10 @@ def test_presets_build_real_size_models_on_meta(name, params):
     wqkv = model.model.layers[0].attention.wqkv.weight
     preset = PRESETS[name]
     head_dim = preset["hidden_size"] // preset["num_attention_heads"]
-    assert wqkv.shape == ((preset["num_attention_heads"] + 2 * preset["num_key_value_heads"]) * head_dim,
-                          preset["hidden_size"])
+    assert wqkv.shape == (
+        (preset["num_attention_heads"] + 2 * preset["num_key_value_heads"]) * head_dim,
+        preset["hidden_size"],
+    )
 
 
 def test_rope_type_key_is_accepted_and_bad_scaling_rejected():

@@ -14,8 +14,9 @@ ATOL = 1e-5
 
 def test_wqkv_rows_are_grouped_per_kv_head_by_hand():
     """4 query heads, 2 kv heads, head_dim 2: wqkv rows are [q0 q1 k0 v0 | q2 q3 k1 v1]."""
-    config = InternLM2Config(hidden_size=8, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=8, vocab_size=8, bias=False)
+    config = InternLM2Config(
+        hidden_size=8, num_attention_heads=4, num_key_value_heads=2, intermediate_size=8, vocab_size=8, bias=False
+    )
     attn = InternLM2Attention(config, layer_idx=0)
     torch.manual_seed(0)
     q = [torch.randn(2, 8) for _ in range(4)]  # per query head: head_dim x hidden
@@ -81,8 +82,9 @@ def _left_padded(generator_seed=3):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("gen_kwargs", [dict(do_sample=False), dict(do_sample=False, num_beams=3)],
-                         ids=["greedy", "beam"])
+@pytest.mark.parametrize(
+    "gen_kwargs", [dict(do_sample=False), dict(do_sample=False, num_beams=3)], ids=["greedy", "beam"]
+)
 def test_generate_from_inputs_embeds_equals_generate_from_ids(make_model, impl, gen_kwargs):
     model = make_model(attn_implementation=impl)
     ids, mask = _left_padded()
@@ -91,31 +93,40 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids(make_model, impl, 
         from_ids = model.generate(input_ids=ids, **common)
         embeds = model.get_input_embeddings()(ids)
         from_embeds = model.generate(inputs_embeds=embeds, **common)
-    assert torch.equal(from_ids[:, ids.shape[1]:], from_embeds)
+    assert torch.equal(from_ids[:, ids.shape[1] :], from_embeds)
 
 
 def test_sampling_from_inputs_embeds_equals_sampling_from_ids(make_model):
     model = make_model()
     ids, mask = _left_padded()
-    common = dict(attention_mask=mask, max_new_tokens=6, pad_token_id=2, eos_token_id=None,
-                  do_sample=True, top_k=20, temperature=0.9)
+    common = dict(
+        attention_mask=mask,
+        max_new_tokens=6,
+        pad_token_id=2,
+        eos_token_id=None,
+        do_sample=True,
+        top_k=20,
+        temperature=0.9,
+    )
     with torch.no_grad():
         torch.manual_seed(7)
         from_ids = model.generate(input_ids=ids, **common)
         torch.manual_seed(7)
         from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **common)
-    assert torch.equal(from_ids[:, ids.shape[1]:], from_embeds)
+    assert torch.equal(from_ids[:, ids.shape[1] :], from_embeds)
 
 
 def test_left_padding_does_not_change_a_rows_generation(make_model):
     model = make_model()
     ids, mask = _left_padded()
     with torch.no_grad():
-        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                               pad_token_id=2, eos_token_id=None)
-        alone = model.generate(input_ids=ids[:1, 4:], max_new_tokens=6, do_sample=False,
-                               pad_token_id=2, eos_token_id=None)
-    assert torch.equal(batch[0, ids.shape[1]:], alone[0, 5:])
+        batch = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None
+        )
+        alone = model.generate(
+            input_ids=ids[:1, 4:], max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None
+        )
+    assert torch.equal(batch[0, ids.shape[1] :], alone[0, 5:])
 
 
 def test_generate_uses_the_kv_cache(make_model):
@@ -123,14 +134,21 @@ def test_generate_uses_the_kv_cache(make_model):
     ids, mask = _left_padded()
     lengths = []
     hook = model.model.register_forward_pre_hook(
-        lambda mod, args, kwargs: lengths.append((kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None
-                                                  else kwargs["input_ids"]).shape[1]),
+        lambda mod, args, kwargs: lengths.append(
+            (kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None else kwargs["input_ids"]).shape[1]
+        ),
         with_kwargs=True,
     )
     try:
         with torch.no_grad():
-            model.generate(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
-                           max_new_tokens=4, do_sample=False, pad_token_id=2, eos_token_id=None)
+            model.generate(
+                inputs_embeds=model.get_input_embeddings()(ids),
+                attention_mask=mask,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=2,
+                eos_token_id=None,
+            )
     finally:
         hook.remove()
     assert lengths == [9, 1, 1, 1]
@@ -190,8 +208,12 @@ def _rope_tables(config, positions):
 
 def test_linear_rope_scaling_divides_positions():
     base = InternLM2Config(hidden_size=32, num_attention_heads=2, max_position_embeddings=16)
-    scaled = InternLM2Config(hidden_size=32, num_attention_heads=2, max_position_embeddings=16,
-                             rope_scaling={"type": "linear", "factor": 4.0})
+    scaled = InternLM2Config(
+        hidden_size=32,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        rope_scaling={"type": "linear", "factor": 4.0},
+    )
     cos_s, sin_s = _rope_tables(scaled, [0, 4, 8, 40])
     cos_b, sin_b = _rope_tables(base, [0, 1, 2, 10])
     torch.testing.assert_close(cos_s, cos_b)

@@ -7,8 +7,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blip2_internlm.internlm2.tiny import build_tiny_internlm2
 
-FILES = {"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-         "tokenizer.model", "tokenizer_config.json"}
+FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+}
 
 
 def test_same_seed_gives_identical_files_and_other_seed_does_not(tiny_dir, tmp_path):
@@ -33,8 +39,9 @@ def test_tiny_checkpoint_is_small_gqa_and_generates(tiny_dir, tokenizer):
 
 
 def test_extra_corpus_and_config_overrides(tmp_path):
-    path = build_tiny_internlm2(tmp_path, corpus=["Zebra quagga okapi.", "斑马 霍加狓"], num_key_value_heads=4,
-                                vocab_size=900)
+    path = build_tiny_internlm2(
+        tmp_path, corpus=["Zebra quagga okapi.", "斑马 霍加狓"], num_key_value_heads=4, vocab_size=900
+    )
     tok = AutoTokenizer.from_pretrained(path)
     assert "霍" in tok.get_vocab()
     config = json.loads((path / "config.json").read_text())

@@ -68,8 +68,9 @@ def test_chat_tokens_are_single_special_ids(tokenizer):
         ids = tokenizer(token, add_special_tokens=False).input_ids
         assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token
         assert token in tokenizer.all_special_tokens
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -86,13 +87,20 @@ def test_newline_token_is_the_real_newline_piece(tokenizer, sp):
 
 def test_newline_helper_skips_a_dummy_prefix_piece(tmp_path):
     """With a model that adds the "▁" dummy prefix, "\\n" is ["▁", "<0x0A>"]; the helper gives the latter."""
-    from blip2_internlm.internlm2.tiny import BUILTIN_CORPUS, SPM_TRAINER_OPTIONS
     import io
+
+    from blip2_internlm.internlm2.tiny import BUILTIN_CORPUS, SPM_TRAINER_OPTIONS
 
     model = io.BytesIO()
     options = {**SPM_TRAINER_OPTIONS, "add_dummy_prefix": True}
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(BUILTIN_CORPUS), model_writer=model, vocab_size=600,
-                                   num_threads=1, minloglevel=2, **options)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(BUILTIN_CORPUS),
+        model_writer=model,
+        vocab_size=600,
+        num_threads=1,
+        minloglevel=2,
+        **options,
+    )
     proc = spm.SentencePieceProcessor(model_proto=model.getvalue())
     assert [proc.id_to_piece(i) for i in proc.encode("\n")] == ["▁", "<0x0A>"]
     assert proc.id_to_piece(newline_token_id(proc)) == "<0x0A>"

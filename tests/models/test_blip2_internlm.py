@@ -34,7 +34,11 @@ def images(n=4, seed=0):
 
 def test_loss_is_cross_entropy_on_text_and_end_marker_only(model):
     tok = model.llm_tokenizer
-    samples = {"image": images(3), "text_input": ["a red circle on the left", "左边", "x y"], "prompt": ["", "Question: what is it? Answer:", ""]}
+    samples = {
+        "image": images(3),
+        "text_input": ["a red circle on the left", "左边", "x y"],
+        "prompt": ["", "Question: what is it? Answer:", ""],
+    }
     loss = model(samples)["loss"]
 
     # reference, built here from the tokenizer: [queries] <s> prompt text </s> [pad]
@@ -51,7 +55,11 @@ def test_loss_is_cross_entropy_on_text_and_end_marker_only(model):
     embeds, masks, targets = [], [], []
     for b, (row, label) in enumerate(zip(rows, labels)):
         pad = width - len(row)
-        embeds.append(torch.cat([queries[b], model.llm_model.get_input_embeddings()(torch.tensor(row + [tok.pad_token_id] * pad))]))
+        embeds.append(
+            torch.cat(
+                [queries[b], model.llm_model.get_input_embeddings()(torch.tensor(row + [tok.pad_token_id] * pad))]
+            )
+        )
         masks.append(torch.tensor([1] * (queries.shape[1] + len(row)) + [0] * pad))
         targets.append(torch.tensor(label + [-100] * pad))
     logits = model.llm_model(inputs_embeds=torch.stack(embeds), attention_mask=torch.stack(masks)).logits
@@ -63,7 +71,9 @@ def test_loss_is_cross_entropy_on_text_and_end_marker_only(model):
 def test_end_marker_is_learned_even_though_it_is_also_the_pad_token(model):
     tok = model.llm_tokenizer
     assert tok.pad_token_id == tok.eos_token_id  # InternLM2's convention: the trap of the original port
-    input_ids, attention_mask, labels = model.text_tokens(["", "Question: a? Answer:"], ["左边", "a red circle on the left"])
+    input_ids, attention_mask, labels = model.text_tokens(
+        ["", "Question: a? Answer:"], ["左边", "a red circle on the left"]
+    )
     short = int(attention_mask[0].sum())
     assert labels[0, short - 1] == tok.eos_token_id  # </s> carries loss ...
     assert (labels[0, short:] == -100).all()  # ... padding does not
@@ -98,7 +108,9 @@ def test_only_qformer_queries_projection_and_ln_vision_train(fresh_model):
     model = fresh_model
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"Qformer", "query_tokens", "llm_proj", "ln_vision"}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("llm_model", "visual_encoder"))}
+    frozen = {
+        n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("llm_model", "visual_encoder"))
+    }
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     model({"image": images(2), "text_input": CAPTIONS[:2]})["loss"].backward()
@@ -172,8 +184,38 @@ def test_predict_answers_returns_bare_answers_that_vqaeval_scores_correct(lavis_
     assert predictions == answers
 
     ids = list(range(1, 5))
-    (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": i, "image_id": i, "question": q} for i, q in zip(ids, questions)], "info": {}, "task_type": "", "data_type": "", "license": {}, "data_subtype": ""}))
-    (tmp_path / "a.json").write_text(json.dumps({"annotations": [{"question_id": i, "image_id": i, "question_type": "what", "answer_type": "number" if a == "1" else "other", "multiple_choice_answer": a, "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)]} for i, a in zip(ids, answers)], "info": {}, "license": {}, "data_subtype": ""}))
+    (tmp_path / "q.json").write_text(
+        json.dumps(
+            {
+                "questions": [{"question_id": i, "image_id": i, "question": q} for i, q in zip(ids, questions)],
+                "info": {},
+                "task_type": "",
+                "data_type": "",
+                "license": {},
+                "data_subtype": "",
+            }
+        )
+    )
+    (tmp_path / "a.json").write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {
+                        "question_id": i,
+                        "image_id": i,
+                        "question_type": "what",
+                        "answer_type": "number" if a == "1" else "other",
+                        "multiple_choice_answer": a,
+                        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)],
+                    }
+                    for i, a in zip(ids, answers)
+                ],
+                "info": {},
+                "license": {},
+                "data_subtype": "",
+            }
+        )
+    )
     (tmp_path / "r.json").write_text(json.dumps([{"question_id": i, "answer": p} for i, p in zip(ids, predictions)]))
     vqa = VQA(str(tmp_path / "a.json"), str(tmp_path / "q.json"))
     evaluator = VQAEval(vqa, vqa.loadRes(str(tmp_path / "r.json"), str(tmp_path / "q.json")), n=2)

@@ -7,8 +7,12 @@ from conftest import torchrun
 from spec_helpers import REPO
 
 # rank 0 gets the two short captions, rank 1 the two long ones: 6 vs 32 label tokens
-CAPTIONS = ["红", "一只猫", "a red circle on the left of a big blue square next to a green triangle",
-            "中间有一个绿色的三角形，右边有一个蓝色的正方形，左边有一个红色的圆形"]
+CAPTIONS = [
+    "红",
+    "一只猫",
+    "a red circle on the left of a big blue square next to a green triangle",
+    "中间有一个绿色的三角形，右边有一个蓝色的正方形，左边有一个红色的圆形",
+]
 RTOL, ATOL = 1e-5, 1e-6
 LOSS_PATHS = pytest.mark.parametrize("labels_only", [True, False], ids=["lm_head_on_labels_only", "labels_path"])
 
@@ -35,8 +39,9 @@ def runs(lavis_ready, tmp_path_factory):
         model.lm_head_on_labels_only = labels_only
         single[labels_only] = step(model, {"image": images, "text_input": CAPTIONS})
         with torch.no_grad():
-            single[labels_only]["halves"] = [model({"image": images[i:i + 2], "text_input": CAPTIONS[i:i + 2]})
-                                             for i in (0, 2)]
+            single[labels_only]["halves"] = [
+                model({"image": images[i : i + 2], "text_input": CAPTIONS[i : i + 2]}) for i in (0, 2)
+            ]
     work = tmp_path_factory.mktemp("ddp_token_loss")
     torch.save({"state_dict": model.state_dict(), "images": images, "captions": CAPTIONS}, work / "batch.pt")
     torchrun(str(REPO / "tests" / "ddp_token_loss_worker.py"), str(work / "batch.pt"), str(work), nproc=2)
@@ -49,7 +54,8 @@ def gradient_mismatches(grads, reference):
     each tensor's largest entry: summing per-sample gradients as 2 + 2 instead of 4 rounds
     differently, and where they cancel (small entries of query_tokens) that is all that is left."""
     return [
-        name for name, ref in reference.items()
+        name
+        for name, ref in reference.items()
         if not torch.allclose(grads[name], ref, rtol=RTOL, atol=ATOL + RTOL * ref.abs().max())
     ]
 
@@ -85,8 +91,9 @@ def test_ddp_gradients_equal_the_single_process_gradients(runs, labels_only):
 def test_a_per_rank_token_mean_would_not_give_the_single_process_step(runs, labels_only):
     """What DDP did before the loss was weighted across ranks: the batch above tells them apart."""
     single, ranks = runs
-    assert not torch.allclose(mean_over_ranks(ranks, labels_only, "per_rank_mean"), single[labels_only]["loss"],
-                              rtol=RTOL, atol=ATOL)
+    assert not torch.allclose(
+        mean_over_ranks(ranks, labels_only, "per_rank_mean"), single[labels_only]["loss"], rtol=RTOL, atol=ATOL
+    )
     reference = single[labels_only]["grads"]
     assert len(gradient_mismatches(ranks[0][labels_only, "per_rank_mean"]["grads"], reference)) > len(reference) // 2
 

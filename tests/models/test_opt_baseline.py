@@ -28,7 +28,12 @@ def test_opt_stops_on_its_end_marker_and_its_single_newline_token(opt_model):
 
 def test_opt_baseline_learns_captions_like_the_internlm2_model(opt_model):
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    captions = ["a red circle on the left", "a blue square on the right", "a green triangle in the center", "a yellow circle in the center"]
+    captions = [
+        "a red circle on the left",
+        "a blue square on the right",
+        "a green triangle in the center",
+        "a yellow circle in the center",
+    ]
     optimizer = torch.optim.AdamW([p for p in opt_model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0)
     opt_model.train()
     losses = []

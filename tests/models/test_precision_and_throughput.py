@@ -137,19 +137,27 @@ def test_batched_prompt_embeds_equal_the_per_sample_construction(model):
     assert torch.equal(got_embeds, want_embeds) and torch.equal(got_mask, want_mask)
     assert got_mask.dtype == want_mask.dtype
     same_length = ["a b", "a b"]
-    assert torch.equal(model.prompt_embeds(queries[:2], same_length)[0], reference_prompt_embeds(model, queries[:2], same_length)[0])
+    assert torch.equal(
+        model.prompt_embeds(queries[:2], same_length)[0], reference_prompt_embeds(model, queries[:2], same_length)[0]
+    )
 
 
 def test_generate_and_predict_answers_are_unchanged_greedy_and_beam_3(model, monkeypatch):
     questions = ["图中形状是什么颜色？", "形状？", "What colour is the shape in the middle of the picture?", "几个"]
     batch = {"image": images(4, seed=3), "text_input": questions}
-    got = {beams: (model.predict_answers(batch, num_beams=beams, max_len=6, prompt="问题：{} 简短回答："),
-                   model.generate({"image": batch["image"], "prompt": questions}, num_beams=beams, max_length=6))
-           for beams in (1, 3)}
+    got = {
+        beams: (
+            model.predict_answers(batch, num_beams=beams, max_len=6, prompt="问题：{} 简短回答："),
+            model.generate({"image": batch["image"], "prompt": questions}, num_beams=beams, max_length=6),
+        )
+        for beams in (1, 3)
+    }
     monkeypatch.setattr(type(model), "prompt_embeds", reference_prompt_embeds)
     for beams in (1, 3):
-        want = (model.predict_answers(batch, num_beams=beams, max_len=6, prompt="问题：{} 简短回答："),
-                model.generate({"image": batch["image"], "prompt": questions}, num_beams=beams, max_length=6))
+        want = (
+            model.predict_answers(batch, num_beams=beams, max_len=6, prompt="问题：{} 简短回答："),
+            model.generate({"image": batch["image"], "prompt": questions}, num_beams=beams, max_length=6),
+        )
         assert got[beams] == want
 
 
@@ -157,12 +165,19 @@ def test_generate_and_predict_answers_are_unchanged_greedy_and_beam_3(model, mon
 
 
 def training_batch():
-    return {"image": images(3, seed=1), "text_input": ["左边有一个红色的圆形", "a red circle", "中间"],
-            "prompt": ["", "Caption:", "问题：什么？ 回答："]}
+    return {
+        "image": images(3, seed=1),
+        "text_input": ["左边有一个红色的圆形", "a red circle", "中间"],
+        "prompt": ["", "Caption:", "问题：什么？ 回答："],
+    }
 
 
 def qformer_grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and n.startswith("Qformer")}
+    return {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None and n.startswith("Qformer")
+    }
 
 
 def test_bf16_autocast_loss_is_within_2_percent_of_fp32_on_cpu(model):
@@ -183,7 +198,12 @@ def test_autocast_settings_resolve_per_device():
     from blip2_internlm.models.llm_inputs import resolve_autocast_dtype
 
     cpu = torch.device("cpu")
-    assert [resolve_autocast_dtype(s, cpu) for s in ("auto", "fp16", "off", "bf16")] == [None, None, None, torch.bfloat16]
+    assert [resolve_autocast_dtype(s, cpu) for s in ("auto", "fp16", "off", "bf16")] == [
+        None,
+        None,
+        None,
+        torch.bfloat16,
+    ]
     assert resolve_autocast_dtype("fp16", torch.device("cuda")) is torch.float16  # LAVIS's default on a GPU
     with pytest.raises(ValueError, match="autocast_dtype = 'fp32'"):
         resolve_autocast_dtype("fp32", cpu)
@@ -228,7 +248,9 @@ def test_llm_grad_checkpointing_recomputes_layers_with_the_same_loss_and_qformer
 
 def test_training_without_the_llm_kv_cache_gives_the_identical_loss(model):
     caches = []
-    hook = model.llm_model.base_model.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
+    hook = model.llm_model.base_model.register_forward_hook(
+        lambda module, args, out: caches.append(out.past_key_values)
+    )
     try:
         with_cache = model(training_batch())["loss"]
         model._train_use_cache = False  # what llm_train_kv_cache: False sets
@@ -245,7 +267,9 @@ def test_training_without_the_llm_kv_cache_gives_the_identical_loss(model):
 def test_lm_head_on_labelled_positions_only_gives_the_loss_and_gradients_of_the_full_head(lavis_ready, llm_model):
     model = build(llm_model=llm_model).train()
     projected = []
-    hook = model.llm_model.get_output_embeddings().register_forward_hook(lambda m, args, out: projected.append(out.shape[:-1]))
+    hook = model.llm_model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: projected.append(out.shape[:-1])
+    )
     results = []
     try:
         for labels_only in (True, False):
@@ -314,8 +338,14 @@ def test_llm_loads_in_bf16_without_a_second_fp32_copy(lavis_ready, tmp_path):
     from blip2_internlm.internlm2 import InternLM2Config
     from blip2_internlm.internlm2.bench import write_random_checkpoint
 
-    config = InternLM2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
-                             num_attention_heads=12, num_key_value_heads=4)
+    config = InternLM2Config(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    )
     weights = write_random_checkpoint(tmp_path, config, shard_bytes=64 * 1024**2)
     assert 100e6 < weights < 300e6
     tiny = resolve_llm("tiny")
@@ -337,8 +367,11 @@ def vqa_eval_set(length_sorted: bool):
     from lavis.common.registry import registry
     from spec_helpers import REPO
 
-    options = ["datasets.shapes_vqa.generator.test=10", "datasets.shapes_vqa.generator.max_objects=2",
-               f"run.length_sorted_eval={length_sorted}"]
+    options = [
+        "datasets.shapes_vqa.generator.test=10",
+        "datasets.shapes_vqa.generator.max_objects=2",
+        f"run.length_sorted_eval={length_sorted}",
+    ]
     cfg = Config(SimpleNamespace(cfg_path=str(REPO / "configs/tiny/vqa_zeroshot.yaml"), options=options))
     task = registry.get_task_class("vqa").setup_task(cfg)
     return task, task.build_datasets(cfg)["shapes_vqa"]

@@ -1,10 +1,10 @@
 """Spec: ``chinese_caption`` / ``chinese_question`` normalise Chinese text and truncate it."""
 
 import pytest
+from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 import blip2_internlm  # noqa: F401  (registers the processors)
-from lavis.common.registry import registry
 
 
 def processor(name="chinese_caption", **cfg):
@@ -93,7 +93,8 @@ def test_on_the_synthetic_shapes_text_it_agrees_with_lavis_blip_processors_in_bo
     empty = OmegaConf.create({})
     blip_caption, blip_question, caption, question = (
         registry.get_processor_class(name).from_config(empty)
-        for name in ("blip_caption", "blip_question", "chinese_caption", "chinese_question"))
+        for name in ("blip_caption", "blip_question", "chinese_caption", "chinese_question")
+    )
     checked = 0
     for lang in ("zh", "en"):
         for record in json.loads((tmp_path / "annotations" / f"caption_{lang}_train.json").read_text()):

@@ -153,6 +153,7 @@ def independent_cider_d(predictions, references, sigma=6.0):
     over |g_c| |g_r|, times exp(-(len_c - len_r)^2 / (2 sigma^2)); mean over references and
     over n, times 10; then the mean over images.
     """
+
     def grams(tokens, n):
         return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
@@ -208,7 +209,12 @@ def test_cider_d_matches_an_independent_implementation_on_character_tokens():
 
 
 def test_cider_rewards_the_right_caption_over_a_wrong_one():
-    refs = {i: [c] for i, c in enumerate(["a red circle on the left", "a blue square on the right", "a green triangle in the center"])}
+    refs = {
+        i: [c]
+        for i, c in enumerate(
+            ["a red circle on the left", "a blue square on the right", "a green triangle in the center"]
+        )
+    }
     right = caption_scores({i: r[0] for i, r in refs.items()}, refs, "words")
     wrong = caption_scores({0: refs[1][0], 1: refs[2][0], 2: refs[0][0]}, refs, "words")
     assert right["CIDEr"] > wrong["CIDEr"] and right["exact_match"] == 100.0 and wrong["exact_match"] == 0.0
@@ -236,7 +242,9 @@ def test_scores_are_pycocoevalcaps_scorers_on_the_same_pre_tokenised_input():
 def test_meteor_and_spice_are_skipped_with_a_note_without_java(monkeypatch, caplog):
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
     refs = {1: ["a man riding a wave"], 2: ["two dogs play"]}
-    scores = caption_scores({1: "a man on a wave", 2: "two dogs"}, refs, "words", ["Bleu", "ROUGE_L", "CIDEr", "METEOR", "SPICE"])
+    scores = caption_scores(
+        {1: "a man on a wave", 2: "two dogs"}, refs, "words", ["Bleu", "ROUGE_L", "CIDEr", "METEOR", "SPICE"]
+    )
     assert scores["skipped"] == {"METEOR": "needs java on PATH", "SPICE": "needs java on PATH"}
     assert "METEOR" not in scores and "SPICE" not in scores and {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(scores)
     assert "METEOR skipped: needs java on PATH" in caplog.text
@@ -253,7 +261,10 @@ def test_the_offline_metrics_are_the_default_and_nothing_is_skipped():
 
 
 def test_metric_lists_must_be_known_and_include_the_aggregate():
-    assert set(caption_scores({1: "a"}, {1: ["a"]}, "words", "Bleu, CIDEr")) == {f"Bleu_{n}" for n in range(1, 5)} | {"CIDEr", "exact_match"}
+    assert set(caption_scores({1: "a"}, {1: ["a"]}, "words", "Bleu, CIDEr")) == {f"Bleu_{n}" for n in range(1, 5)} | {
+        "CIDEr",
+        "exact_match",
+    }
     with pytest.raises(ValueError, match="run.caption_metrics: unknown metric 'BLEURT'"):
         caption_scores({1: "a"}, {1: ["a"]}, "words", ["Bleu", "CIDEr", "BLEURT"])
     with pytest.raises(ValueError, match="must include Bleu and CIDEr"):
@@ -295,7 +306,9 @@ def test_coco_karpathy_references_come_from_the_local_annotations_under_the_samp
     Image.new("RGB", (4, 4)).save(tmp_path / "val2014" / "COCO_val2014_000000391895.jpg")
     records = [{"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["A man riding a bike.", "A biker."]}]
     (tmp_path / "karpathy_test.json").write_text(json.dumps(records))
-    dataset = COCOCapEvalDataset(lambda image: image, lambda text: text, str(tmp_path), [str(tmp_path / "karpathy_test.json")])
+    dataset = COCOCapEvalDataset(
+        lambda image: image, lambda text: text, str(tmp_path), [str(tmp_path / "karpathy_test.json")]
+    )
     references = reference_source(dataset)()
     assert references == {391895: ["A man riding a bike.", "A biker."]}
     assert int(dataset[0]["image_id"]) in references  # what CaptionTask.valid_step records
@@ -318,13 +331,17 @@ def test_setup_reads_the_tokenizer_and_metrics_from_the_run_config():
     from omegaconf import OmegaConf
 
     run = {"num_beams": 3, "max_len": 20, "min_len": 1, "evaluate": True, "test_splits": ["test"]}
-    cfg = SimpleNamespace(run_cfg=OmegaConf.create({**run, "caption_tokenizer": "jieba", "caption_metrics": ["Bleu", "CIDEr", "METEOR"]}))
+    cfg = SimpleNamespace(
+        run_cfg=OmegaConf.create({**run, "caption_tokenizer": "jieba", "caption_metrics": ["Bleu", "CIDEr", "METEOR"]})
+    )
     task = OfflineCaptionTask.setup_task(cfg)
     assert (task.tokenizer, task.metrics, task.eval_splits) == ("jieba", ("Bleu", "CIDEr", "METEOR"), {"test"})
     default = OfflineCaptionTask.setup_task(SimpleNamespace(run_cfg=OmegaConf.create(run)))
     assert (default.tokenizer, default.metrics) == ("char", ("Bleu", "ROUGE_L", "CIDEr"))
     with pytest.raises(ValueError, match="run.caption_tokenizer = 'whitespace'"):
-        OfflineCaptionTask.setup_task(SimpleNamespace(run_cfg=OmegaConf.create({**run, "caption_tokenizer": "whitespace"})))
+        OfflineCaptionTask.setup_task(
+            SimpleNamespace(run_cfg=OmegaConf.create({**run, "caption_tokenizer": "whitespace"}))
+        )
 
 
 def test_each_evaluation_appends_its_split_scores_and_tokenizer_to_evaluate_txt(tmp_path, monkeypatch, capsys):
@@ -334,7 +351,9 @@ def test_each_evaluation_appends_its_split_scores_and_tokenizer_to_evaluate_txt(
     task = OfflineCaptionTask(3, 20, 1, True, tokenizer="jieba")
     task.reference_sources = {"test": [("zh_captions", lambda: {1: ["一个男人在骑自行车"], 2: ["两只狗在草地上玩"]})]}
     results = tmp_path / "test_epochbest.json"
-    results.write_text(json.dumps([{"image_id": 1, "caption": "一个男人在骑自行车。"}, {"image_id": 2, "caption": "两只猫"}]))
+    results.write_text(
+        json.dumps([{"image_id": 1, "caption": "一个男人在骑自行车。"}, {"image_id": 2, "caption": "两只猫"}])
+    )
     metrics = task._report_metrics(str(results), "test")
     task._report_metrics(str(results), "test")
     lines = (tmp_path / "evaluate.txt").read_text(encoding="utf-8").splitlines()
