@@ -27,7 +27,6 @@ included, to fp32; an fp16 ViT runs only under autocast, which the CPU does not 
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 
 import torch
@@ -146,13 +145,11 @@ def model_config(name, model_type, cfg_path, model_options: dict):
 
 
 def known_model_keys(model_cls, model_cfg) -> set[str]:
-    """The keys ``model_cls.from_config`` reads: those the module of the class or of a base class
-    declares (``CONFIG_KEYS``, as ``blip2_internlm.models.blip2_internlm`` does), else those of its
-    model type's config (LAVIS's own models read their keys with ``cfg.get`` and declare none)."""
-    for klass in model_cls.__mro__:
-        declared = getattr(importlib.import_module(klass.__module__), "CONFIG_KEYS", None)
-        if declared:
-            return set(declared)
+    """The keys ``model_cls.from_config`` reads: those of its typed config (``config_class``, as this package's
+    models declare), else those of its model type's config (LAVIS's own models read theirs with ``cfg.get``)."""
+    config_class = getattr(model_cls, "config_class", None)
+    if config_class is not None and hasattr(config_class, "keys"):
+        return set(config_class.keys())
     return set(model_cfg.keys())
 
 

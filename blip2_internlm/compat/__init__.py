@@ -65,6 +65,7 @@ def patch_lavis() -> None:
     checkpoints.safe_model_checkpoint_loading()
     checkpoints.safe_runner_checkpoint_loading()
     blip2.offline_blip2_assets()
+    blip2.stage1_models_built_from_config()
     blip2.itc_positives_from_image_ids()
     blip2.qformer_lm_head_generation()
     blip2.qformer_lm_head_bias_tied()

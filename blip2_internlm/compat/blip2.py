@@ -1,102 +1,74 @@
-"""LAVIS's BLIP-2 models: offline assets, string image ids, Q-Former caption generation."""
+"""LAVIS's BLIP-2 models: offline assets, stage 1 built from its config, string image ids, Q-Former caption generation."""
 
-import contextlib
-import contextvars
 import functools
+import os
 import re
 
 import torch
 
 from blip2_internlm.compat import fix
 
-_ASSET_CFG = contextvars.ContextVar("blip2_asset_cfg", default={})
+#: Where LAVIS's own BLIP-2 models (blip2_opt, blip2_t5, ...) find their assets: they read no config
+#: key for them, so the values come from these variables, as the project's real-size configs do.
+LAVIS_QFORMER_TEXT_MODEL_ENV = "BERT_BASE_UNCASED"
+LAVIS_VIT_WEIGHTS_ENV = "EVA_VIT_G"
 
 
-@contextlib.contextmanager
-def blip2_assets(cfg):
-    """Make a model config's asset keys visible to the ``Blip2Base.init_*`` helpers."""
-    token = _ASSET_CFG.set(
-        {
-            "qformer_text_model": cfg.get("qformer_text_model", "bert-base-uncased"),
-            "vit_weights": cfg.get("vit_weights", None),
-        }
-    )
-    try:
-        yield
-    finally:
-        _ASSET_CFG.reset(token)
+def init_tokenizer(cls, truncation_side="right", text_model=None):
+    from blip2_internlm.models.builders import build_qformer_tokenizer
+
+    return build_qformer_tokenizer(text_model or _lavis_text_model(), truncation_side)
 
 
-def current_assets() -> dict:
-    return {"qformer_text_model": "bert-base-uncased", "vit_weights": None, **_ASSET_CFG.get()}
+def init_qformer(cls, num_query_token, vision_width, cross_attention_freq=2, text_model=None):
+    from blip2_internlm.models.builders import build_qformer
+
+    return build_qformer(text_model or _lavis_text_model(), num_query_token, vision_width, cross_attention_freq)
 
 
-def init_tokenizer(cls, truncation_side="right"):
-    from transformers import BertTokenizer
+def init_vision_encoder(
+    cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision, vit_weights=None
+):
+    from blip2_internlm.models.builders import build_vision_encoder
 
-    from blip2_internlm.assets import resolve_text_model
-
-    tokenizer = BertTokenizer.from_pretrained(
-        resolve_text_model(current_assets()["qformer_text_model"]), truncation_side=truncation_side
-    )
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    return tokenizer
+    vit_weights = vit_weights or os.environ.get(LAVIS_VIT_WEIGHTS_ENV, "eva_vit_g.pth")
+    return build_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision, vit_weights)
 
 
-def init_qformer(cls, num_query_token, vision_width, cross_attention_freq=2):
-    from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
-
-    from blip2_internlm.assets import resolve_text_model
-
-    text_model = resolve_text_model(current_assets()["qformer_text_model"])
-    encoder_config = BertConfig.from_pretrained(text_model)
-    encoder_config.encoder_width = vision_width
-    encoder_config.add_cross_attention = True
-    encoder_config.cross_attention_freq = cross_attention_freq
-    encoder_config.query_length = num_query_token
-    qformer = BertLMHeadModel.from_pretrained(text_model, config=encoder_config)
-    query_tokens = torch.nn.Parameter(torch.zeros(1, num_query_token, encoder_config.hidden_size))
-    query_tokens.data.normal_(mean=0.0, std=encoder_config.initializer_range)
-    return qformer, query_tokens
-
-
-def init_vision_encoder(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
-    from lavis.models.blip2_models.blip2 import LayerNorm
-
-    from blip2_internlm.models.vision import build_vision_encoder
-
-    visual_encoder = build_vision_encoder(
-        model_name, img_size, drop_path_rate, use_grad_checkpoint, precision, current_assets()["vit_weights"]
-    )
-    return visual_encoder, LayerNorm(visual_encoder.num_features)
-
-
-def _with_assets(from_config):
-    @functools.wraps(from_config)
-    def wrapped(cls, cfg):
-        with blip2_assets(cfg):
-            return from_config.__func__(cls, cfg)
-
-    return classmethod(wrapped)
+def _lavis_text_model() -> str:
+    return os.environ.get(LAVIS_QFORMER_TEXT_MODEL_ENV, "bert-base-uncased")
 
 
 @fix
 def offline_blip2_assets():
-    """Blip2Base downloads bert-base-uncased and eva_vit_g.pth in its constructors; read them from config keys instead."""
+    """Blip2Base downloads bert-base-uncased and eva_vit_g.pth in its constructors; LAVIS's BLIP-2 models read local copies ($BERT_BASE_UNCASED or the local Hugging Face cache, $EVA_VIT_G) instead."""
     from lavis.models.blip2_models.blip2 import Blip2Base
 
     Blip2Base.init_tokenizer = classmethod(init_tokenizer)
     Blip2Base.init_Qformer = classmethod(init_qformer)
     Blip2Base.init_vision_encoder = classmethod(init_vision_encoder)
-    for model_cls in _subclasses(Blip2Base):
-        if "from_config" in vars(model_cls):
-            model_cls.from_config = _with_assets(vars(model_cls)["from_config"])
 
 
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
+@fix
+def stage1_models_built_from_config():
+    """LAVIS's stage-1 models take no key for their BERT and ViT weights; blip2, blip2_feature_extractor and blip2_image_text_matching (registry names, and Blip2Qformer/Blip2ITM.from_config) build Blip2Stage1(ITM), whose config names them (qformer_text_model, vit_weights)."""
+    from lavis.common.registry import registry
+    from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    from blip2_internlm.models.blip2_stage1 import Blip2Stage1, Blip2Stage1ITM
+
+    models = registry.mapping["model_name_mapping"]
+    models["blip2"] = models["blip2_feature_extractor"] = Blip2Stage1
+    models["blip2_image_text_matching"] = Blip2Stage1ITM
+    built_as = {Blip2Qformer: Blip2Stage1, Blip2ITM: Blip2Stage1ITM}
+    lavis_from_config = Blip2Qformer.from_config.__func__
+
+    def from_config(cls, cfg):
+        # Blip2Qformer.from_pretrained("tiny") and LAVIS's own callers of the class, not the registry
+        return built_as[cls].from_config(cfg) if cls in built_as else lavis_from_config(cls, cfg)
+
+    Blip2Qformer.from_config = classmethod(from_config)
 
 
 @fix

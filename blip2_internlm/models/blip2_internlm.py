@@ -30,53 +30,20 @@ from lavis.models.blip2_models.blip2 import Blip2Base, disabled_train
 from torch import nn
 
 from blip2_internlm.compat.attention import resolve_attn_implementation, set_attn_implementation
-from blip2_internlm.compat.blip2 import blip2_assets
 from blip2_internlm.compat.distributed import collective_device
+from blip2_internlm.models.builders import FILES, WeightSource, build_qformer, build_vision_encoder, load_frozen_llm
+from blip2_internlm.models.config import Blip2InternLMConfig
 from blip2_internlm.models.llm_inputs import (
     autocast_context,
     checkpoint_frozen_llm_layers,
     generation_embeds,
-    resolve_autocast_dtype,
     training_tokens,
 )
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
 
-LLM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 # Trailing punctuation (ASCII and full-width) that VQAEval would count against a bare answer.
 _TRAILING_PUNCT = re.compile(r"[\s.,!?;:。，！？；：、]+$")
-
-#: Keys ``from_config`` understands; anything else in ``model:`` is a typo and an error.
-CONFIG_KEYS = {
-    "arch",
-    "model_type",
-    "load_finetuned",
-    "load_pretrained",
-    "pretrained",
-    "finetuned",
-    "vit_model",
-    "vit_weights",
-    "image_size",
-    "drop_path_rate",
-    "use_grad_checkpoint",
-    "vit_precision",
-    "freeze_vit",
-    "qformer_text_model",
-    "num_query_token",
-    "cross_attention_freq",
-    "llm_model",
-    "llm_precision",
-    "prompt",
-    "max_txt_len",
-    "apply_lemmatizer",
-    "attn_implementation",
-    "autocast_dtype",
-    "llm_grad_checkpoint",
-    "llm_train_kv_cache",
-    "lm_head_on_labels_only",
-}
-
 
 @registry.register_model("blip2_internlm")
 class Blip2InternLM(Blip2Base):
@@ -86,39 +53,37 @@ class Blip2InternLM(Blip2Base):
     }
     checkpoint_required_prefixes = ("Qformer.", "query_tokens")
 
-    def __init__(
-        self,
-        vit_model="eva_clip_g",
-        img_size=224,
-        drop_path_rate=0,
-        use_grad_checkpoint=False,
-        vit_precision="fp16",
-        freeze_vit=True,
-        num_query_token=32,
-        cross_attention_freq=2,
-        llm_model="tiny",
-        llm_precision="bf16",
-        prompt="",
-        max_txt_len=32,
-        apply_lemmatizer=False,
-        autocast_dtype="fp16",
-        llm_grad_checkpoint=False,
-        llm_train_kv_cache=True,
-        attn_implementation=None,
-        lm_head_on_labels_only=True,
-    ):
+    config_class = Blip2InternLMConfig
+
+    def __init__(self, config: Blip2InternLMConfig, weights: WeightSource = FILES):
+        """The model ``config`` describes; ``weights``: from the files its values name (default), random or meta."""
         super().__init__()
-        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
-            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision
+        self.model_config = config
+        with weights.building():
+            self._build(config, weights)
+
+    def _build(self, config: Blip2InternLMConfig, weights: WeightSource) -> None:
+        self.visual_encoder, self.ln_vision = build_vision_encoder(
+            config.vit_model,
+            config.image_size,
+            config.drop_path_rate,
+            config.use_grad_checkpoint,
+            config.vit_precision,
+            config.vit_weights,
+            weights,
         )
-        if freeze_vit:
+        if config.freeze_vit:
             for param in self.visual_encoder.parameters():
                 param.requires_grad = False
             self.visual_encoder = self.visual_encoder.eval()
             self.visual_encoder.train = disabled_train
 
-        self.Qformer, self.query_tokens = self.init_Qformer(
-            num_query_token, self.visual_encoder.num_features, cross_attention_freq
+        self.Qformer, self.query_tokens = build_qformer(
+            config.qformer_text_model,
+            config.num_query_token,
+            self.visual_encoder.num_features,
+            config.cross_attention_freq,
+            weights,
         )
         # stage 2 uses the Q-Former's query path only
         self.Qformer.cls = None
@@ -128,29 +93,23 @@ class Blip2InternLM(Blip2Base):
             layer.output = None
             layer.intermediate = None
 
-        self.llm_tokenizer, self.llm_model = load_frozen_llm(llm_model, llm_precision)
+        self.llm_tokenizer, self.llm_model = load_frozen_llm(config.llm_model, config.llm_precision, weights=weights)
         # ViT and Q-Former attention, and the LLM's (config key, else $BLIP2_INTERNLM_ATTN, else sdpa)
-        set_attn_implementation(self, resolve_attn_implementation(attn_implementation))
+        set_attn_implementation(self, resolve_attn_implementation(config.attn_implementation))
         self.llm_proj = nn.Linear(self.Qformer.config.hidden_size, self.llm_model.get_input_embeddings().embedding_dim)
 
-        self.prompt = prompt
-        self.max_txt_len = max_txt_len
+        self.prompt = config.prompt
+        self.max_txt_len = config.max_txt_len
         self.stop_token_ids = stop_token_ids(self.llm_tokenizer)
-        self._apply_lemmatizer = apply_lemmatizer
+        self._apply_lemmatizer = config.apply_lemmatizer
         self._lemmatizer = None
-        resolve_autocast_dtype(autocast_dtype, torch.device("cpu"))  # a bad value fails at build time
-        if autocast_dtype == "off" and vit_precision == "fp16":
-            raise ValueError(
-                "model.autocast_dtype: off with vit_precision: fp16 cannot run: LAVIS's fp16 ViT keeps its "
-                "LayerNorms in fp32 and works only under autocast; set vit_precision: fp32"
-            )
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = config.autocast_dtype
         # None: the LLM config's default (transformers builds a KV cache the loss never reads);
         # checkpointed layers must not build one: their recomputation would append to it again
-        self._train_use_cache = None if llm_train_kv_cache and not llm_grad_checkpoint else False
-        if llm_grad_checkpoint:
+        self._train_use_cache = None if config.llm_train_kv_cache and not config.llm_grad_checkpoint else False
+        if config.llm_grad_checkpoint:
             checkpoint_frozen_llm_layers(self.llm_model)
-        self.lm_head_on_labels_only = lm_head_on_labels_only
+        self.lm_head_on_labels_only = config.lm_head_on_labels_only
 
     # --- shared front end ---------------------------------------------------------------
 
@@ -169,7 +128,9 @@ class Blip2InternLM(Blip2Base):
             return self.ln_vision(vit_embeds.to(self.device))
 
     def query_embeds(self, image: torch.Tensor = None, image_embeds: torch.Tensor = None) -> torch.Tensor:
-        """The LLM-space soft prompt for a batch of images (or their ``image_embeds``): (B, num_query_token, llm_width)."""
+        """The LLM-space soft prompt for a batch of images (or their ``image_embeds``).
+
+        Returns (B, num_query_token, llm_width)."""
         if image_embeds is None:
             image_embeds = self.image_embeds({"image": image})
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
@@ -272,7 +233,9 @@ class Blip2InternLM(Blip2Base):
         temperature=1,
         prompt=None,
     ) -> list[str]:
-        """Captions (or answers) for ``samples["image"]`` (or ``samples["vit_embeds"]``): ``num_captions`` per image, image-major."""
+        """Captions (or answers) for ``samples["image"]`` (or ``samples["vit_embeds"]``).
+
+        ``num_captions`` per image, image-major."""
         image_embeds = self.image_embeds(samples)
         prompts = self.prompts_for(samples, image_embeds.size(0), prompt)
         inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image_embeds=image_embeds), prompts)
@@ -347,34 +310,12 @@ class Blip2InternLM(Blip2Base):
     # --- construction --------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg):
-        unknown = sorted(set(cfg.keys()) - CONFIG_KEYS)
-        if unknown:
-            raise ValueError(
-                f"unknown keys in model config for blip2_internlm: {unknown}; known: {sorted(CONFIG_KEYS)}"
-            )
-        with blip2_assets(cfg):
-            model = cls(
-                vit_model=cfg.get("vit_model", "eva_clip_g"),
-                img_size=cfg.get("image_size", 224),
-                drop_path_rate=cfg.get("drop_path_rate", 0),
-                use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
-                vit_precision=cfg.get("vit_precision", "fp16"),
-                freeze_vit=cfg.get("freeze_vit", True),
-                num_query_token=cfg.get("num_query_token", 32),
-                cross_attention_freq=cfg.get("cross_attention_freq", 2),
-                llm_model=cfg.get("llm_model", "tiny"),
-                llm_precision=cfg.get("llm_precision", "bf16"),
-                prompt=cfg.get("prompt", ""),
-                max_txt_len=cfg.get("max_txt_len", 32),
-                apply_lemmatizer=cfg.get("apply_lemmatizer", False),
-                autocast_dtype=cfg.get("autocast_dtype", "fp16"),
-                llm_grad_checkpoint=cfg.get("llm_grad_checkpoint", False),
-                llm_train_kv_cache=cfg.get("llm_train_kv_cache", True),
-                attn_implementation=cfg.get("attn_implementation"),
-                lm_head_on_labels_only=cfg.get("lm_head_on_labels_only", True),
-            )
-        model.load_checkpoint_from_config(cfg)
+    def from_config(cls, cfg, weights: WeightSource = FILES):
+        """LAVIS's entry point: the model a ``model:`` config describes, its checkpoint loaded as the config says
+        (files only: a random or meta build loads nothing)."""
+        model = cls(cls.config_class.from_lavis(cfg), weights)
+        if weights.loads_files:
+            model.load_checkpoint_from_config(cfg)
         return model
 
 
@@ -442,23 +383,3 @@ def stop_token_ids(tokenizer) -> list[int]:
     if newline is not None and newline not in ids:
         ids.append(newline)
     return ids
-
-
-def load_frozen_llm(llm_model, llm_precision: str, attn_implementation: str = "sdpa"):
-    """Tokenizer and frozen causal LM from a local checkpoint directory (or ``tiny``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from blip2_internlm.assets import resolve_llm
-
-    if llm_precision not in LLM_DTYPES:
-        raise ValueError(f"model.llm_precision = {llm_precision!r}; expected one of {sorted(LLM_DTYPES)}")
-    path = resolve_llm(llm_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, torch_dtype=LLM_DTYPES[llm_precision], low_cpu_mem_usage=True, attn_implementation=attn_implementation
-    )
-    for param in model.parameters():
-        param.requires_grad = False
-    model.eval()
-    model.train = disabled_train.__get__(model)
-    return tokenizer, model

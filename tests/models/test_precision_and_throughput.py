@@ -306,7 +306,7 @@ def test_vit_grad_checkpointing_gives_the_same_vit_gradients(lavis_ready):
 
 _LOAD_PROBE = r"""
 import json, sys, torch
-from blip2_internlm.models.blip2_internlm import load_frozen_llm
+from blip2_internlm.models.builders import load_frozen_llm
 
 def hwm():  # VmHWM: this process's peak resident memory (reset at exec)
     with open("/proc/self/status") as f:
