@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blip2_internlm import assets
+
 # --- Q-Former text model configs ----------------------------------------------------------
 
 #: bert-base-uncased's config.json (huggingface.co/bert-base-uncased), written out so that no
@@ -70,11 +72,9 @@ def qformer_bert_config(qformer_text_model):
     from lavis.models.blip2_models.Qformer import BertConfig
 
     value = str(qformer_text_model)
-    if value in ("tiny", "tiny-zh"):  # the generated test models (blip2_internlm.assets)
-        from blip2_internlm import assets
-
-        vocab = assets.tiny_bert_vocab() if value == "tiny" else assets.tiny_zh_vocab()
-        return BertConfig(vocab_size=len(vocab), **assets.TINY_BERT_SIZES)
+    generated = assets.generated_config(assets.TEXT_MODEL, value)  # the tiny test models, known without building
+    if generated is not None:
+        return BertConfig(**{k: v for k, v in generated.items() if k != "model_type"})
     local = _local_config_json(value)
     if local is not None:
         return BertConfig.from_json_file(str(local))
@@ -95,22 +95,9 @@ def llm_config(llm_model):
     from blip2_internlm.internlm2.configuration import InternLM2Config
 
     value = str(llm_model)
-    if value == "tiny":  # blip2_internlm.internlm2.tiny: an 800-piece SentencePiece vocabulary
-        from blip2_internlm.internlm2.tiny import TINY_CONFIG
-
-        return InternLM2Config(vocab_size=800, **TINY_CONFIG)
-    if value == "tiny-opt":  # blip2_internlm.models.tiny_opt: an 800-token BPE vocabulary
-        return OPTConfig(
-            vocab_size=800,
-            hidden_size=64,
-            num_hidden_layers=2,
-            ffn_dim=128,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            word_embed_proj_dim=64,
-            dropout=0.0,
-            attention_dropout=0.0,
-        )
+    generated = assets.generated_config(assets.LLM, value)  # the tiny test LLMs, known without building
+    if generated is not None:
+        return AutoConfig.for_model(**generated)
     local = _local_config_json(value)
     if local is not None:
         return AutoConfig.from_pretrained(local.parent)
