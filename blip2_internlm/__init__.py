@@ -17,7 +17,7 @@ from blip2_internlm.internlm2 import register_auto_classes  # noqa: E402
 
 register_auto_classes()
 
-from blip2_internlm import datasets, models, processors, tasks  # noqa: E402,F401  (registration)
+from blip2_internlm import datasets, models, processors, tasks, tiny  # noqa: E402,F401  (registration)
 from blip2_internlm.inference import load_model_and_preprocess  # noqa: E402,F401  (own weights in one call)
 
 __version__ = "0.1.0"

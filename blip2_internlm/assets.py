@@ -2,9 +2,9 @@
 
 Each asset is a config value.  A value is one of:
 
-* ``tiny``: a small asset generated deterministically on first use into the cache
-  directory (``$BLIP2_INTERNLM_CACHE``, default ``~/.cache/blip2_internlm``), for tests and
-  the demo;
+* ``tiny`` (``tiny-zh``, ``tiny-opt``): a small asset generated deterministically on first
+  use into the cache directory (``$BLIP2_INTERNLM_CACHE``, default ``~/.cache/blip2_internlm``),
+  for tests and the demo; ``blip2_internlm.tiny`` builds them and registers them here by name;
 * a local path (a directory for text models, a file for weights);
 * a Hugging Face hub name (``bert-base-uncased``), resolved from the local hub cache only,
   unless downloads are enabled explicitly with ``$BLIP2_INTERNLM_ALLOW_DOWNLOADS=1``.
@@ -16,11 +16,12 @@ and how to get the file, instead of hanging on a download.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 TINY = "tiny"
@@ -99,128 +100,63 @@ def resolve_file(key: str, value, how: str) -> Path:
     return path
 
 
-# --- the tiny BERT-style Q-Former text model --------------------------------------------
-
-#: Words and characters of the synthetic shapes corpus and of short prompts, in both
-#: languages, so the tiny WordPiece vocab has no [UNK] on the project's own data.
-_TINY_EN_WORDS = (
-    "a an the is there are of on in at to and or what which how many color colour shape "
-    "it this that image picture photo question answer short yes no left right center centre "
-    "middle top bottom upper lower red green blue yellow orange purple black white gray grey "
-    "circle square triangle shapes one two three four 0 1 2 3 4 5 6 7 8 9 describe with"
-).split()
-_TINY_ZH_CHARS = (
-    "一个两三四图中片里有是否什么颜色的形状圆方三角左右中间上下边红绿蓝黄橙紫黑白灰色和在这那张请描述"
-    "问题简短回答多少几个形了吗呢"
-)
-_TINY_PUNCT = list(".,?!:;'\"()-，。？！：；、")
+# --- generated test assets ---------------------------------------------------------------
 
 
-#: Sizes of the generated BERT-style text models (``tiny`` and ``tiny-zh``); the planner's
-#: meta-device builds read them too.
-TINY_BERT_SIZES = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=128
-)
+@dataclass(frozen=True)
+class GeneratedAsset:
+    """A test asset that a config names (``tiny``, ``tiny-zh``, ...) and that is built on first use.
 
-
-def tiny_bert_vocab() -> list[str]:
-    """vocab.txt of ``tiny``."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = specials + sorted(set(_TINY_EN_WORDS) | set(_TINY_ZH_CHARS) | set(_TINY_PUNCT))
-    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    vocab += list("abcdefghijklmnopqrstuvwxyz")
-    return list(dict.fromkeys(vocab))
-
-
-def _build_tiny_bert(out: Path) -> None:
-    import torch
-    from transformers import BertConfig, BertModel
-
-    vocab = tiny_bert_vocab()
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    config = BertConfig(vocab_size=len(vocab), **TINY_BERT_SIZES)
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"do_lower_case": True, "model_max_length": 128, "tokenizer_class": "BertTokenizer"})
-    )
-
-
-def tiny_bert_dir() -> Path:
-    return generated("tiny-bert", _build_tiny_bert)
-
-
-# --- the tiny bert-base-chinese-style Q-Former text model ----------------------------------
-
-TINY_ZH = "tiny-zh"
-#: Chinese punctuation bert-base-chinese keeps as single tokens; the shapes captions join
-#: several objects with "，".
-_TINY_ZH_PUNCT = "，。？！：；、“”（）《》"
-
-
-def tiny_zh_vocab() -> list[str]:
-    """vocab.txt of ``tiny-zh`` in bert-base-chinese's layout, ids of the specials included.
-
-    Its text is derived from the shapes generator (every colour, shape and position, both
-    languages) and the prompts, so new caption words cannot fall out of it unnoticed.
+    ``build(out, **params)`` writes it into ``cache_dir() / dirname(**params)`` (the name is the
+    cache key: whatever changes the files must change it); ``config()``, when given, is the
+    architecture its ``config.json`` holds, known without building it; ``file`` is the file
+    inside the directory that the config value stands for ("" for the directory itself).
     """
-    from transformers.models.bert.tokenization_bert import BasicTokenizer
 
-    from blip2_internlm.datasets import shapes
-    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
-
-    text = shapes.text_corpus(tuple(shapes.PALETTE), tuple(shapes.SHAPE_NAMES_ZH), tuple(shapes.POSITION_SLOTS))
-    text += [*CAPTION_PROMPTS.values(), *VQA_PROMPTS.values(), _TINY_ZH_PUNCT]
-    text += [word for words in shapes.YES_NO.values() for word in words]  # the corpus answers only "yes"
-    # Cased like bert-base-chinese's tokenizer, so the prompts' capitals stay whole words.
-    basic = BasicTokenizer(do_lower_case=False)
-    words = {w for line in text for w in basic.tokenize(line)}
-    cjk = sorted(w for w in words if len(w) == 1 and basic._is_chinese_char(ord(w)))
-    other = sorted(words - set(cjk) - set(_TINY_ZH_PUNCT))
-    ascii_chars = [chr(c) for c in range(33, 127)]
-    alnum = [c for c in ascii_chars if c.isalnum()]
-    # bert-base-chinese: [PAD], [unused1..99], [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103,
-    # <S>, <T>, ASCII, then single characters, words, and "##" continuation pieces last.
-    vocab = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<S>", "<T>"]
-    vocab += ascii_chars + list(_TINY_ZH_PUNCT) + cjk + other
-    vocab += [f"##{c}" for c in alnum] + [f"##{c}" for c in cjk]
-    return list(dict.fromkeys(vocab))
+    dirname: Callable[..., str]
+    build: Callable[..., None]
+    config: Callable[[], dict] | None = None
+    file: str = ""
 
 
-def _build_tiny_bert_zh(out: Path) -> None:
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    vocab = tiny_zh_vocab()
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    # architectures: what bert-base-chinese's config.json names
-    config = BertConfig(vocab_size=len(vocab), architectures=["BertForMaskedLM"], **TINY_BERT_SIZES)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(config)
-    with torch.no_grad():  # a pretrained head's bias is not zero; make loading it observable
-        model.cls.predictions.bias.normal_(0.0, 0.02)
-    model.save_pretrained(out, safe_serialization=True)
-    # bert-base-chinese's tokenizer_config.json is {"do_lower_case": false}
-    # (https://huggingface.co/google-bert/bert-base-chinese/blob/main/tokenizer_config.json);
-    # tokenize_chinese_chars is BertTokenizer's default there, spelled out here.
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "do_lower_case": False,
-                "tokenize_chinese_chars": True,
-                "model_max_length": 128,
-                "tokenizer_class": "BertTokenizer",
-            }
-        )
-    )
+#: The kinds of asset a config names, one per ``resolve_*`` below.
+TEXT_MODEL, VIT_WEIGHTS, LLM = "text_model", "vit_weights", "llm"
+_GENERATED: dict[tuple[str, str], GeneratedAsset] = {}
 
 
-def tiny_bert_zh_dir() -> Path:
-    import hashlib
+def register_generated(kind: str, value: str, asset: GeneratedAsset) -> None:
+    """Make config value ``value`` name the generated ``asset`` of ``kind``.
 
-    tag = hashlib.sha256("\n".join(tiny_zh_vocab()).encode()).hexdigest()[:8]
-    return generated(f"tiny-bert-zh-{tag}", _build_tiny_bert_zh)
+    The builders sit above the models they build (``blip2_internlm.tiny``, which registers the
+    tiny assets when the package is imported); this module reaches them by name only.
+    """
+    if kind not in (TEXT_MODEL, VIT_WEIGHTS, LLM):
+        raise ValueError(f"unknown asset kind {kind!r}; expected one of {TEXT_MODEL!r}, {VIT_WEIGHTS!r}, {LLM!r}")
+    _GENERATED[(kind, value)] = asset
 
+
+def generated_names(kind: str) -> list[str]:
+    """The config values that name generated assets of ``kind``."""
+    return sorted(value for k, value in _GENERATED if k == kind)
+
+
+def generated_config(kind: str, value) -> dict | None:
+    """The architecture of the generated asset ``value`` names (``config.json``'s keys,
+    ``model_type`` included), without building it; None if ``value`` names no generated asset
+    or its builder does not say."""
+    asset = _GENERATED.get((kind, str(value)))
+    return asset.config() if asset is not None and asset.config is not None else None
+
+
+def _generated_path(kind: str, value, **params) -> Path | None:
+    asset = _GENERATED.get((kind, str(value)))
+    if asset is None:
+        return None
+    directory = generated(asset.dirname(**params), lambda out: asset.build(out, **params))
+    return directory / asset.file if asset.file else directory
+
+
+# --- the Q-Former's BERT text model --------------------------------------------------------
 
 _TEXT_MODEL_HOW = (
     "Point it at a local BERT directory (config.json, vocab.txt, weights), e.g. a copy of "
@@ -231,10 +167,9 @@ _TEXT_MODEL_HOW = (
 
 
 def resolve_text_model(value, key: str = "model.qformer_text_model") -> Path:
-    if str(value) == TINY:
-        return tiny_bert_dir()
-    if str(value) == TINY_ZH:
-        return tiny_bert_zh_dir()
+    path = _generated_path(TEXT_MODEL, value)
+    if path is not None:
+        return path
     return resolve_pretrained_dir(key, value, ("config.json", "vocab.txt"), _TEXT_MODEL_HOW)
 
 
@@ -247,15 +182,14 @@ _VIT_HOW = (
 
 
 def resolve_vit_weights(vit_model: str, value, image_size: int, key: str = "model.vit_weights") -> Path:
-    if str(value) == TINY:
-        if vit_model != TINY:
-            raise AssetMissingError(
-                key, value, f"generated weights exist only for vit_model 'tiny', not {vit_model!r}", _VIT_HOW
-            )
-        from blip2_internlm.models.vision import build_tiny_vit_weights
-
-        directory = generated(f"tiny-vit-{image_size}px", lambda out: build_tiny_vit_weights(out, image_size))
-        return directory / "vit.safetensors"
+    # generated weights are named after the generated ViT they fit
+    if (VIT_WEIGHTS, str(value)) in _GENERATED and vit_model != str(value):
+        raise AssetMissingError(
+            key, value, f"generated weights exist only for vit_model {str(value)!r}, not {vit_model!r}", _VIT_HOW
+        )
+    path = _generated_path(VIT_WEIGHTS, value, image_size=image_size)
+    if path is not None:
+        return path
     if value is None:
         raise AssetMissingError(key, value, f"no weights given for vit_model {vit_model!r}", _VIT_HOW)
     return resolve_file(key, value, _VIT_HOW)
@@ -271,54 +205,8 @@ _LLM_HOW = (
 )
 
 
-def _pretrained_tiny_llm(build):
-    """A builder for ``generated``: ``build(out, corpus)`` writes a random tiny LLM, which is
-    then briefly pretrained on text, because a frozen random LLM cannot be prompted."""
-
-    def build_and_pretrain(out: Path) -> None:
-        from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
-
-        rows = keyword_corpus()
-        build(out, [" ".join(row) for row in rows])
-        losses = pretrain_causal_lm(out, rows)
-        (out / "pretraining.json").write_text(json.dumps({"steps": len(losses), "losses": losses}))
-
-    return build_and_pretrain
-
-
-def _tiny_internlm2(out: Path, corpus: list) -> None:
-    from blip2_internlm.internlm2 import build_tiny_internlm2
-
-    build_tiny_internlm2(out, corpus=corpus)
-
-
-def _tiny_opt(out: Path, corpus: list) -> None:
-    from blip2_internlm.models.tiny_opt import build_tiny_opt
-
-    build_tiny_opt(out, corpus=corpus)
-
-
-def _corpus_tag() -> str:
-    """Short digest of the pretraining text, in the asset name: new text, new asset."""
-    import hashlib
-
-    from blip2_internlm.internlm2.pretrain_text import keyword_corpus
-
-    return hashlib.sha256(json.dumps(keyword_corpus(), ensure_ascii=False).encode()).hexdigest()[:8]
-
-
-def tiny_llm_dir() -> Path:
-    return generated(f"tiny-internlm2-{_corpus_tag()}", _pretrained_tiny_llm(_tiny_internlm2))
-
-
-#: Generated LLM checkpoints by ``llm_model`` value.
-TINY_LLMS = {
-    TINY: tiny_llm_dir,
-    "tiny-opt": lambda: generated(f"tiny-opt-{_corpus_tag()}", _pretrained_tiny_llm(_tiny_opt)),
-}
-
-
 def resolve_llm(value, key: str = "model.llm_model") -> Path:
-    if str(value) in TINY_LLMS:
-        return TINY_LLMS[str(value)]()
+    path = _generated_path(LLM, value)
+    if path is not None:
+        return path
     return resolve_pretrained_dir(key, value, ("config.json",), _LLM_HOW)

@@ -62,3 +62,68 @@ def test_vit_weights_are_required_for_the_real_vit(lavis_ready):
         assets.resolve_vit_weights("eva_clip_g", None, 224)
     with pytest.raises(AssetMissingError, match="only for vit_model 'tiny'"):
         assets.resolve_vit_weights("eva_clip_g", "tiny", 224)
+
+
+# --- generated assets, reached by name ------------------------------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The generated-asset registry, restored after the test."""
+    monkeypatch.setattr(assets, "_GENERATED", dict(assets._GENERATED))
+    return assets
+
+
+def test_the_package_registers_every_tiny_asset_a_config_can_name():
+    assert assets.generated_names(assets.TEXT_MODEL) == ["tiny", "tiny-zh"]
+    assert assets.generated_names(assets.VIT_WEIGHTS) == ["tiny"]
+    assert assets.generated_names(assets.LLM) == ["tiny", "tiny-opt"]
+
+
+def test_a_registered_asset_is_built_once_under_its_name_with_the_resolvers_parameters(registry, tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    builds = []
+
+    def build(out, image_size):
+        builds.append(image_size)
+        (out / "w.bin").write_bytes(bytes([image_size]))
+
+    asset = assets.GeneratedAsset(dirname=lambda image_size: f"fake-vit-{image_size}", build=build, file="w.bin")
+    registry.register_generated(assets.VIT_WEIGHTS, "fake", asset)
+    first = assets.resolve_vit_weights("fake", "fake", 32)
+    assert first == tmp_path / "fake-vit-32" / "w.bin" and first.read_bytes() == bytes([32])
+    assert assets.resolve_vit_weights("fake", "fake", 32) == first and builds == [32]
+    with pytest.raises(AssetMissingError, match="only for vit_model 'fake', not 'tiny'"):
+        assets.resolve_vit_weights("tiny", "fake", 32)
+
+
+def test_an_unregistered_tiny_name_fails_as_any_unknown_model_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv(assets.DOWNLOADS_ENV, raising=False)
+    with pytest.raises(AssetMissingError, match="config key 'model.llm_model' = 'tiny-llama'.*Hugging Face cache"):
+        assets.resolve_llm("tiny-llama")
+    assert assets.generated_config(assets.LLM, "tiny-llama") is None
+
+
+def test_an_unknown_kind_of_asset_is_refused(registry):
+    asset = assets.GeneratedAsset(dirname=lambda: "x", build=lambda out: None)
+    with pytest.raises(ValueError, match="unknown asset kind 'tokenizer'"):
+        registry.register_generated("tokenizer", "tiny", asset)
+
+
+@pytest.mark.parametrize(
+    "kind,value",
+    [("text_model", "tiny"), ("text_model", "tiny-zh"), ("llm", "tiny"), ("llm", "tiny-opt")],
+)
+def test_the_architecture_a_generated_model_announces_is_the_one_it_builds(kind, value):
+    import json
+
+    from transformers import AutoConfig
+
+    announced = assets.generated_config(kind, value)
+    resolve = assets.resolve_text_model if kind == "text_model" else assets.resolve_llm
+    built = json.loads((resolve(value) / "config.json").read_text(encoding="utf-8"))
+    assert {key: built[key] for key in announced} == announced
+    # what a meta-device build makes of it
+    config = AutoConfig.for_model(**announced)
+    assert (config.model_type, config.vocab_size) == (built["model_type"], built["vocab_size"])

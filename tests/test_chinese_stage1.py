@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from spec_helpers import REPO
 
 from blip2_internlm import assets
+from blip2_internlm.tiny.bert import tiny_zh_vocab
 
 SHAPES_CAPTION_ZH = re.compile("(左边|中间|右边)有一个(红|绿|蓝|黄)色的(圆形|正方形|三角形)")
 
@@ -69,7 +70,7 @@ def test_tiny_zh_has_bert_base_chinese_layout_and_tokenizer_settings():
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("[PAD]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
     assert ids == {"[PAD]": 0, "[unused1]": 1, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
     assert tokenizer.do_lower_case is False and tokenizer.basic_tokenizer.tokenize_chinese_chars
-    vocab = assets.tiny_zh_vocab()
+    vocab = tiny_zh_vocab()
     assert vocab.index("红") < vocab.index("##红")  # single characters, then "##" continuations
 
 
@@ -96,7 +97,7 @@ def test_truncation_counts_tokens_and_keeps_whole_characters(zh_model):
 
 def test_dec_gets_the_next_id_and_an_initialised_row_while_other_rows_are_the_checkpoints(zh_model, checkpoint):
     tokenizer, qformer = zh_model.tokenizer, zh_model.Qformer
-    vocab_size = len(assets.tiny_zh_vocab())
+    vocab_size = len(tiny_zh_vocab())
     assert tokenizer.bos_token == "[DEC]" and tokenizer.bos_token_id == vocab_size
     words = qformer.bert.embeddings.word_embeddings.weight
     saved = checkpoint["bert.embeddings.word_embeddings.weight"]
@@ -205,7 +206,7 @@ def test_two_ranks_run_the_tiny_chinese_stage1_config_and_save_a_checkpoint(tmp_
     ]
     assert math.isfinite(float(epoch["train_loss"]))
     saved = torch.load(job_dir / "checkpoint_0.pth", weights_only=True)["model"]
-    assert saved["Qformer.bert.embeddings.word_embeddings.weight"].shape[0] == len(assets.tiny_zh_vocab()) + 1
+    assert saved["Qformer.bert.embeddings.word_embeddings.weight"].shape[0] == len(tiny_zh_vocab()) + 1
 
 
 def test_the_planner_sizes_the_tiny_chinese_stage1_like_the_built_model(zh_model):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from .configuration import OFFICIAL_AUTO_MAP, PRESETS, InternLM2Config
 from .errors import InternLM2CheckpointError
 from .modeling import InternLM2ForCausalLM, InternLM2Model, InternLM2PreTrainedModel
-from .tiny import build_tiny_internlm2
 from .tokenization import InternLM2Tokenizer, newline_token_id
 
 
@@ -40,6 +39,5 @@ __all__ = [
     "InternLM2Tokenizer",
     "InternLM2CheckpointError",
     "newline_token_id",
-    "build_tiny_internlm2",
     "register_auto_classes",
 ]

@@ -18,7 +18,7 @@ from blip2_internlm.internlm2 import (  # noqa: E402
     InternLM2ForCausalLM,
     register_auto_classes,
 )
-from blip2_internlm.internlm2.tiny import build_tiny_internlm2  # noqa: E402
+from blip2_internlm.tiny.internlm2 import build_tiny_internlm2  # noqa: E402
 
 SMALL = dict(
     vocab_size=97,

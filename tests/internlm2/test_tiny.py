@@ -5,7 +5,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from blip2_internlm.internlm2.tiny import build_tiny_internlm2
+from blip2_internlm.tiny.internlm2 import build_tiny_internlm2
 
 FILES = {
     "config.json",

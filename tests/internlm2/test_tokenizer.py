@@ -89,7 +89,7 @@ def test_newline_helper_skips_a_dummy_prefix_piece(tmp_path):
     """With a model that adds the "▁" dummy prefix, "\\n" is ["▁", "<0x0A>"]; the helper gives the latter."""
     import io
 
-    from blip2_internlm.internlm2.tiny import BUILTIN_CORPUS, SPM_TRAINER_OPTIONS
+    from blip2_internlm.tiny.internlm2 import BUILTIN_CORPUS, SPM_TRAINER_OPTIONS
 
     model = io.BytesIO()
     options = {**SPM_TRAINER_OPTIONS, "add_dummy_prefix": True}

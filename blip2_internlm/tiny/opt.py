@@ -16,14 +16,26 @@ from pathlib import Path
 import torch
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+#: config.json of the tiny OPT, but for the vocabulary size, which is the trained BPE's.
+TINY_OPT_CONFIG = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    ffn_dim=128,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    word_embed_proj_dim=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    bos_token_id=2,
+    eos_token_id=2,
+    pad_token_id=1,
+)
 
 
-def build_tiny_opt(out: Path, corpus: list[str], vocab_size: int = 800, seed: int = 0) -> Path:
+def train_bpe(corpus: list[str], vocab_size: int = 800):
+    """The tiny OPT's GPT-2-style byte-level BPE, trained on ``corpus``; at most ``vocab_size`` tokens."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import OPTConfig, OPTForCausalLM
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         corpus_file = Path(tmp) / "corpus.txt"
         corpus_file.write_text("\n".join(corpus) + "\n", encoding="utf-8")
@@ -35,6 +47,15 @@ def build_tiny_opt(out: Path, corpus: list[str], vocab_size: int = 800, seed: in
             special_tokens=SPECIAL_TOKENS,
             show_progress=False,
         )
+    return bpe
+
+
+def build_tiny_opt(out: Path, corpus: list[str], vocab_size: int = 800, seed: int = 0) -> Path:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = train_bpe(corpus, vocab_size)
     bpe.save_model(str(out))
     vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
     (out / "tokenizer_config.json").write_text(
@@ -50,20 +71,7 @@ def build_tiny_opt(out: Path, corpus: list[str], vocab_size: int = 800, seed: in
             }
         )
     )
-    config = OPTConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        num_hidden_layers=2,
-        ffn_dim=128,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        word_embed_proj_dim=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
+    config = OPTConfig(vocab_size=len(vocab), **TINY_OPT_CONFIG)
     torch.manual_seed(seed)
     OPTForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
