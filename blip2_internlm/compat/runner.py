@@ -106,7 +106,11 @@ class _PassThroughLoader:
 
 
 #: Set by RunnerBase.create_loaders (patched below) for the loaders it builds.
-_LOADER_SETTINGS = contextvars.ContextVar("loader_settings", default={})
+_LOADER_SETTINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loader_settings", default=None)
+
+
+def _loader_setting(name: str, default=None):
+    return (_LOADER_SETTINGS.get() or {}).get(name, default)
 
 
 @fix
@@ -118,7 +122,7 @@ def prefetch_loader_only_on_cuda():
     from lavis.runners import runner_base
 
     def prefetch_loader(loader):
-        device = _LOADER_SETTINGS.get().get("device")
+        device = _loader_setting("device")
         return PrefetchLoader(loader) if device is not None and device.type == "cuda" else _PassThroughLoader(loader)
 
     create_loaders = runner_base.RunnerBase.create_loaders
@@ -155,7 +159,7 @@ def configurable_epoch_transition_sleep():
 
     def init_with_sleep(self, dataloader, use_distributed=False):
         init(self, dataloader, use_distributed)
-        self.epoch_sleep = _LOADER_SETTINGS.get().get("epoch_sleep", 2.0)
+        self.epoch_sleep = _loader_setting("epoch_sleep", 2.0)
 
     def next_batch(self):
         try:
