@@ -94,9 +94,8 @@ def load_checkpoint_file(path, map_location="cpu", allow_unsafe: bool | None = N
         logger.warning("Unpickling %s with weights_only=False (explicit opt-in).", path)
         return torch.load(path, map_location=map_location, weights_only=False)
     except (EOFError, RuntimeError) as err:  # a legacy pickle cut short, or a damaged zip member
-        raise CheckpointError(
-            f"checkpoint {path} is damaged or truncated ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unexpected end of file'})"
-        ) from None
+        detail = str(err).splitlines()[0] if str(err) else "unexpected end of file"
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(err).__name__}: {detail})") from None
 
 
 def _legacy_pickles_complete(path: Path) -> bool:

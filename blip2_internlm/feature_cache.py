@@ -124,7 +124,7 @@ def image_index(dataset) -> tuple[list[int], list[int]]:
     if not all(isinstance(ann, dict) and isinstance(ann.get("image"), str) for ann in annotation):
         return list(range(len(dataset))), list(range(len(dataset)))
     first, of_record = {}, []
-    for record, ann in enumerate(annotation):
+    for ann in annotation:
         of_record.append(first.setdefault(ann["image"], len(first)))
     representative = [0] * len(first)
     for record in reversed(range(len(annotation))):

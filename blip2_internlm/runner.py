@@ -47,6 +47,7 @@ from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.datasets import guard
 
 logger = logging.getLogger(__name__)
+_CPU = torch.device("cpu")  # a default argument, built once
 
 #: Fault-injection hooks for the specs, ``"STEP[@RANK],..."`` (global steps; on that rank, or all):
 #: the loss of those steps becomes NaN; the process SIGKILLs itself before training that step.
@@ -194,7 +195,7 @@ def guarded_optimizer_step(
     *,
     grad_clip_norm: float | None = None,
     nonfinite_check: bool = True,
-    collective_device=torch.device("cpu"),
+    collective_device=_CPU,
 ) -> StepOutcome:
     """The optimizer step of one accumulated batch, skipped on every rank alike when any rank saw a
     non-finite loss or the gradient norm is not finite; gradients are zeroed either way.

@@ -180,9 +180,8 @@ def check_metrics(metrics) -> tuple:
         name = str(name).strip()
         name = "Bleu" if re.fullmatch(r"Bleu(_[1-4])?", str(name)) else str(name)
         if name not in OFFLINE_METRICS + OPTIONAL_METRICS:
-            raise ValueError(
-                f"run.caption_metrics: unknown metric {name!r}; expected some of {', '.join(OFFLINE_METRICS + OPTIONAL_METRICS)}"
-            )
+            known = ", ".join(OFFLINE_METRICS + OPTIONAL_METRICS)
+            raise ValueError(f"run.caption_metrics: unknown metric {name!r}; expected some of {known}")
         if name not in names:
             names.append(name)
     if "Bleu" not in names or "CIDEr" not in names:
