@@ -220,11 +220,17 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+#: Any of these in a directory: its tokenizer is read (random weights); otherwise a stand-in is used.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.txt", "vocab.json")
+
+
 def _local_or_none(resolve, value):
+    """The local directory ``value`` names if it holds a tokenizer, else None (no error: random weights need none)."""
     try:
-        return resolve(value)
+        path = resolve(value)
     except AssetMissingError:
         return None
+    return path if any((path / name).is_file() for name in TOKENIZER_FILES) else None
 
 
 def _llm_tokenizer_stub(config) -> TokenizerStub:
@@ -260,5 +266,5 @@ class AssetsFromConfig:
 
     def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):  # noqa: N802 (LAVIS's name)
         text_model, _, weights = self._assets
-        vocab_size = None if weights.loads_files else len(getattr(self, "tokenizer"))
+        vocab_size = None if weights.loads_files else len(self.tokenizer)
         return build_qformer(text_model, num_query_token, vision_width, cross_attention_freq, weights, vocab_size)
