@@ -2,7 +2,8 @@
 
 LAVIS's ``create_eva_vit_g`` downloads ``eva_vit_g.pth`` inside the constructor.  Here the
 architecture is a table entry and the weights a config value (``vit_weights``), so the
-real model and the ``tiny`` test model are built by the same code.
+real model and the ``tiny`` test model are built by the same code
+(``blip2_internlm.models.builders.build_vision_encoder``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch import nn
 
 #: Architectures by ``vit_model`` name.  ``eva_clip_g`` is LAVIS's EVA ViT-g/14.
@@ -50,49 +50,3 @@ def load_vit_weights(model: nn.Module, path: Path) -> None:
     report = load_weights(model, path, state_dict=state)
     if report.missing:
         raise CheckpointError(f"{path} lacks ViT weights {report.missing[:5]} (of {len(report.missing)})")
-
-
-def build_vision_encoder(vit_model, img_size, drop_path_rate, use_grad_checkpoint, precision, vit_weights):
-    from lavis.models.eva_vit import convert_weights_to_fp16
-
-    from blip2_internlm.assets import resolve_vit_weights
-
-    weights = resolve_vit_weights(vit_model, vit_weights, img_size)
-    model = eva_vit(vit_model, img_size, drop_path_rate, use_grad_checkpoint)
-    load_vit_weights(model, weights)
-    if precision == "fp16":
-        convert_weights_to_fp16(model)
-    return model
-
-
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings, (grid*grid, dim)."""
-    quarter = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    ys, xs = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
-    )
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):
-        angles = coord[:, None] * omega[None, :]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()
-
-
-def build_tiny_vit_weights(out: Path, image_size: int) -> None:
-    """Deterministic weights for the tiny ViT.
-
-    Random transformer weights carry no spatial information unless the position embedding
-    does, so the tiny ViT gets fixed 2-D sin-cos position embeddings: its frozen features
-    then tell where a shape is, as a pretrained ViT's would.
-    """
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = eva_vit("tiny", image_size)
-    grid = image_size // VIT_ARCHS["tiny"]["patch_size"]
-    dim = VIT_ARCHS["tiny"]["embed_dim"]
-    with torch.no_grad():
-        model.pos_embed[0, 1:] = sincos_2d(grid, dim)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "vit.safetensors"))
