@@ -78,12 +78,15 @@ class InternLM2RotaryEmbedding(nn.Module):
             positions = positions / self.scaling_factor
         elif self.scaling_type == "dynamic":
             seq_len = torch.max(position_ids) + 1
-            if seq_len > self.max_position_embeddings:
-                factor = self.scaling_factor
-                base = self.base * ((factor * seq_len / self.max_position_embeddings) - (factor - 1)) ** (
-                    self.dim / (self.dim - 2)
-                )
-                inv_freq = _inv_freq(base, self.dim, x.device)
+            factor = self.scaling_factor
+            base = self.base * ((factor * seq_len / self.max_position_embeddings) - (factor - 1)) ** (
+                self.dim / (self.dim - 2)
+            )
+            # A select, not a Python branch on a tensor, so that torch.compile traces one graph; the
+            # unselected (possibly NaN) table is discarded.
+            inv_freq = torch.where(
+                seq_len > self.max_position_embeddings, _inv_freq(base, self.dim, x.device), inv_freq
+            )
         device_type = x.device.type if x.device.type != "mps" else "cpu"
         # bf16 positions lose precision at long context, so the tables stay fp32 until the end.
         with torch.autocast(device_type=device_type, enabled=False):
@@ -154,6 +157,7 @@ def build_causal_mask(
     inputs_embeds: torch.Tensor,
     cache_position: torch.LongTensor,
     kv_length: int,
+    fixed_length: bool = False,
 ) -> torch.Tensor | None:
     """4D mask (batch, 1, q_len, kv_len): bool "may attend" for sdpa, additive float for eager.
 
@@ -161,6 +165,12 @@ def build_causal_mask(
     CPU, several times the tiny model's own step, hence this direct construction.
     Returns None for sdpa when causality alone suffices (no padding, and the query is
     a single token or the whole sequence). A 4D mask passed in is used as it is.
+
+    ``fixed_length``: the keys are a pre-allocated cache (``StaticCache``) of ``kv_length``
+    slots, of which only those up to ``cache_position`` are written. The mask is then always
+    built (unwritten slots must be hidden) and built without reading the mask's values on the
+    host, so that a compiled step is one graph; a 2D mask shorter than the cache is extended
+    (the causal condition hides the slots it does not cover).
     """
     dtype, device = inputs_embeds.dtype, inputs_embeds.device
     batch, q_len = inputs_embeds.shape[:2]
@@ -170,9 +180,14 @@ def build_causal_mask(
                 ~attention_mask, torch.finfo(dtype).min
             )
         return attention_mask
-    padded = attention_mask is not None and not bool(attention_mask[:, :kv_length].all())
-    if implementation == "sdpa" and not padded and (q_len == 1 or q_len == kv_length):
-        return None
+    if fixed_length:
+        padded = attention_mask is not None
+        if padded and attention_mask.shape[-1] < kv_length:
+            attention_mask = F.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]), value=1)
+    else:
+        padded = attention_mask is not None and not bool(attention_mask[:, :kv_length].all())
+        if implementation == "sdpa" and not padded and (q_len == 1 or q_len == kv_length):
+            return None
     allowed = torch.arange(kv_length, device=device)[None, :] <= cache_position[:, None]
     allowed = allowed[None, None].expand(batch, 1, q_len, kv_length)
     if padded:
@@ -291,6 +306,8 @@ class InternLM2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
+    # A decoding step with a StaticCache (generate(cache_implementation="static")) traces as one graph.
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -392,9 +409,18 @@ class InternLM2Model(InternLM2PreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
 
-        kv_length = (past_key_values.get_seq_length() if past_key_values is not None else 0) + inputs_embeds.shape[1]
+        # A dynamic cache's keys end with this call's tokens; a static cache's keys are all its slots.
+        if past_key_values is not None:
+            kv_length = past_key_values.get_mask_sizes(cache_position, 0)[0]
+        else:
+            kv_length = inputs_embeds.shape[1]
         causal_mask = build_causal_mask(
-            self.config._attn_implementation or "eager", attention_mask, inputs_embeds, cache_position, kv_length
+            self.config._attn_implementation or "eager",
+            attention_mask,
+            inputs_embeds,
+            cache_position,
+            kv_length,
+            fixed_length=past_key_values is not None and past_key_values.is_compileable,
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
