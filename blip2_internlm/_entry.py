@@ -16,7 +16,8 @@ def parse_args(description: str, argv=None):
     parser.add_argument(
         "--options",
         nargs="+",
-        help="override some settings in the used config, the key-value pair in xxx=yyy format will be merged into config file",
+        help="override some settings in the used config, the key-value pair in xxx=yyy format will be merged "
+        "into config file",
     )
     return parser.parse_args(argv)
 

@@ -63,7 +63,9 @@ def test_bad_samples_are_counted_named_and_the_run_completes(tmp_path, coco_like
     result = train(config(tmp_path, coco_like, stage1_run[0] / "checkpoint_2.pth"), "run.max_bad_sample_fraction=0.2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (job_dir,) = (tmp_path / "out").iterdir()
-    (stats,) = [json.loads(l) for l in (job_dir / "log.txt").read_text().splitlines() if l.startswith('{"train_')]
+    (stats,) = [
+        json.loads(line) for line in (job_dir / "log.txt").read_text().splitlines() if line.startswith('{"train_')
+    ]
     # 33 records, batch 4: 8 batches of 32 draws; how many bad ones a shuffle draws varies, none is lost silently
     log = result.stdout + result.stderr
     named = [name for name in ("corrupt.jpg", "truncated.png", "coco_emptied") if name in log]

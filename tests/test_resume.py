@@ -49,9 +49,9 @@ def test_resumed_run_ends_with_the_same_weights_and_loss(runs):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = [
-        json.loads(l)["train_loss"]
+        json.loads(line)["train_loss"]
         for d in runs
-        for l in (d / "log.txt").read_text().splitlines()
-        if l.startswith('{"train_')
+        for line in (d / "log.txt").read_text().splitlines()
+        if line.startswith('{"train_')
     ]
     assert last[-1] == last[1]  # the straight run's second epoch == the resumed run's only epoch

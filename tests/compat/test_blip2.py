@@ -1,4 +1,5 @@
-"""LAVIS's stage-1 BLIP-2 builds offline, trains every parameter, generates, and counts same-image captions as positives."""
+"""LAVIS's stage-1 BLIP-2 builds offline, trains every parameter, generates, and counts same-image
+captions as positives."""
 
 import pytest
 import torch

@@ -450,7 +450,7 @@ def test_a_guarded_dataset_answers_for_the_wrapped_one_and_survives_pickling(ima
     assert copy.answer_list == ["a cat", "a dog"] and copy.vis_root == str(images)
     assert len(copy) == 5 and copy[1]["question_id"] == 101
     with pytest.raises(AttributeError):
-        copy.no_such_attribute
+        _ = copy.no_such_attribute
 
 
 # ----------------------------------------------------------------------------- counting

@@ -298,7 +298,8 @@ def test_converter_cli_writes_ai_challenger_images_relative_to_the_root(lavis_re
     converted = json.loads(out.read_text(encoding="utf-8"))
     assert converted == [
         {
-            "image": "aic/ai_challenger_caption_validation_20170910/caption_validation_images_20170910/3cc4f7dd0b1d1d0a4b1b1a5e.jpg",
+            "image": "aic/ai_challenger_caption_validation_20170910/caption_validation_images_20170910/"
+            "3cc4f7dd0b1d1d0a4b1b1a5e.jpg",
             "caption": AIC_CAPTIONS[:2],
             "image_id": "3cc4f7dd0b1d1d0a4b1b1a5e",
         }

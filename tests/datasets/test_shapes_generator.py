@@ -524,10 +524,10 @@ def test_cli_writes_the_dataset_without_importing_torch_or_lavis(tmp_path):
         "import runpy, sys\n"
         "sys.argv = ['shapes', '--out', sys.argv[1], '--train', '6', '--val', '2', '--test', '2',"
         " '--max-objects', '2', '--seed', '5']\n"
-        "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+        f"try:\n    runpy.run_path({shapes.__file__!r}, run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
         "heavy = {'torch', 'lavis'} & set(sys.modules)\n"
-        "assert not heavy, heavy\n" % shapes.__file__
+        "assert not heavy, heavy\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

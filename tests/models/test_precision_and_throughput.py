@@ -233,7 +233,11 @@ def test_llm_grad_checkpointing_recomputes_layers_with_the_same_loss_and_qformer
     for checkpointing in (False, True):
         model = build(llm_grad_checkpoint=checkpointing).train()
         count = [0]
-        model.llm_model.model.layers[0].attention.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+
+        def counted(*_, count=count):
+            count[0] += 1
+
+        model.llm_model.model.layers[0].attention.register_forward_hook(counted)
         loss = model(training_batch())["loss"]
         loss.backward()
         losses.append(loss.detach())
