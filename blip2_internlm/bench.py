@@ -47,9 +47,7 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +55,11 @@ from unittest import mock
 
 import torch
 
-SIZES_DIR = Path(__file__).resolve().parent / "configs" / "bench"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from blip2_internlm.dtypes import DTYPES
+from blip2_internlm.measure import measure_steps, peak_matmul_flops
+from blip2_internlm.paths import BENCH_CONFIG_DIR
+
+SIZES_DIR = BENCH_CONFIG_DIR
 #: LAVIS's VQA defaults (``VQATask`` / ``predict_answers``) and caption default prompt.
 VQA_PROMPT = "Question: {} Short answer:"
 CAPTIONS = [
@@ -414,115 +415,6 @@ def make_inputs(size: dict, device: str, batch_size: int, seed: int = 0) -> dict
     return dict(images=images.to(device), captions=captions, question=QUESTIONS[0], question_pool=pool)
 
 
-# --- measuring -----------------------------------------------------------------------------------
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _proc_status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
-def _reset_peak_memory(device: str) -> int | None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    gc.collect()
-    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _proc_status("VmRSS")
-
-
-def _peak_memory_growth(device: str, base: int | None) -> int | None:
-    if base is None:
-        return None
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() - base
-    peak = _proc_status("VmHWM")
-    return None if peak is None else peak - base
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one ``fn()`` by ``torch.utils.flop_counter``'s per-op formulas (matmuls, convolutions,
-    attention; forward and backward).
-
-    ``FlopCounterMode`` itself also tracks modules with hooks that assert on outputs without a
-    gradient function, which ``generate`` (``no_grad``, trainable Q-Former) produces; the same
-    formulas are applied here by a plain dispatch mode.
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class Counter(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                self.total += formula(*args, **kwargs, out_val=out)
-            return out
-
-    counter = Counter()
-    with counter:
-        fn()
-    return int(counter.total)
-
-
-def measure(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> dict:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, its FLOPs, its peak memory."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    base = _reset_peak_memory(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    memory = _peak_memory_growth(device, base)
-    flops = count_flops(fn)
-    return dict(
-        times_s=[round(t, 5) for t in times],
-        median_s=statistics.median(times),
-        flops=flops,
-        peak_memory_growth_bytes=memory,
-    )
-
-
-def peak_matmul_flops(device: str, sizes=None) -> dict:
-    """Best square-matmul FLOP/s per dtype on this machine: the limit the achieved FLOP/s is read against."""
-    cuda = torch.device(device).type == "cuda"
-    sizes = sizes or ((2048, 4096, 8192) if cuda else (512, 1024, 2048))
-    peaks = {}
-    for name in ("fp32", "bf16", "fp16"):
-        best = 0.0
-        for n in sizes:
-            a = torch.randn(n, n, device=device).to(DTYPES[name])
-            b = torch.randn(n, n, device=device).to(DTYPES[name])
-            a @ b
-            _sync(device)
-            for _ in range(5):  # best of: other processes only ever slow a run down
-                start = time.perf_counter()
-                a @ b
-                _sync(device)
-                best = max(best, 2 * n**3 / (time.perf_counter() - start))
-        peaks[name] = best
-    return peaks
-
-
 @contextlib.contextmanager
 def counting_new_tokens(llm, prompt_tokens: int, record: list):
     """Record how many tokens each ``llm.generate`` call produced (rows are equal length)."""
@@ -720,7 +612,7 @@ class Bench:
             row["status"] = status
         else:
             try:
-                row.update(measure(make_fn(), self.device, self.repeats))
+                row.update(measure_steps(make_fn(), self.device, self.repeats))
             except Exception as err:  # a variant that cannot run is a result, not a crash
                 row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
         if row["status"] == "ok":

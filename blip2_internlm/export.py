@@ -53,10 +53,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blip2_internlm.dtypes import DTYPES
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: LAVIS's ``BlipImageBaseProcessor`` defaults (OpenAI CLIP's mean and std).
 LAVIS_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 LAVIS_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)

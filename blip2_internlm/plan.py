@@ -13,8 +13,9 @@ is built on the ``meta`` device (``blip2_internlm.meta``): no weights, no downlo
 
 builds the same model with random weights on a real device, runs LAVIS's training step (AdamW,
 fp16 autocast + GradScaler when ``run.amp`` on CUDA), and prints the measured peak next to the
-prediction as JSON: torch's CUDA allocator peak on a GPU, a tensor-level tracker
-(``torch.distributed._tools.mem_tracker.MemTracker``) on the CPU.
+prediction as JSON: torch's CUDA allocator peak on a GPU, the live tensor bytes counted at the
+dispatcher (``blip2_internlm.measure.LiveTensorBytes``) on the CPU.  ``--calibrate`` does so for a
+set of small architectures.  The measuring side is ``blip2_internlm.plan_validation``.
 
 The activation model is analytic: for every layer it lists the tensors autograd saves for the
 backward pass (and the few that are merely alive at the end of the forward pass), with their
@@ -123,12 +124,11 @@ class Arch:
     buffer_bytes: int
 
 
-_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
-
-
 def describe(model, model_cfg) -> Arch:
     """Sizes, dtypes and trainable flags of a built (usually meta) model."""
     from torch import nn
+
+    from blip2_internlm.dtypes import dtype_name
 
     stage = "stage2" if hasattr(model, "llm_model") else "stage1"
     vit = model.visual_encoder
@@ -207,7 +207,7 @@ def describe(model, model_cfg) -> Arch:
     trainable = trainable_bytes = largest = 0
     for name, param in model.named_parameters():  # shared (tied) parameters are listed once
         module = name.split(".")[0]
-        dtype = _DTYPE_NAMES.get(str(param.dtype), str(param.dtype))
+        dtype = dtype_name(param.dtype)
         row = rows.setdefault((module, dtype), [0, 0, 0])
         row[0] += param.numel()
         row[1] += param.numel() * param.element_size()
@@ -451,7 +451,7 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
         terms.append(Term("image embeddings (ln_vision output)", B * n_img * v.width * 4, "fp32"))
         terms.append(
             Term(
-                "ITG loss head (vocab %d)" % q.vocab,
+                f"ITG loss head (vocab {q.vocab})",
                 12 * B * tt * q.vocab,
                 "logits, fp32 copy, log-softmax, its gradient",
             )
@@ -727,7 +727,10 @@ def format_plan(plan: Plan) -> str:
         f"  {a.arch} / {a.model_type}: {mode}, batch {plan.batch} per GPU x {plan.gpus} GPU(s) of "
         f"{plan.gpu_mem_gib:g} GiB, {prec}{', DDP' if plan.ddp else ''}, device {plan.extra['device']}"
     )
-    seq = f"  ViT {v.depth}x{v.width} on {v.tokens} tokens ({v.image_size} px / {v.patch}), Q-Former {q.layers}x{q.hidden}, {q.queries} queries"
+    seq = (
+        f"  ViT {v.depth}x{v.width} on {v.tokens} tokens ({v.image_size} px / {v.patch}), "
+        f"Q-Former {q.layers}x{q.hidden}, {q.queries} queries"
+    )
     if a.llm is not None:
         seq += f", LLM {a.llm.kind} {a.llm.layers}x{a.llm.hidden} on {q.queries} + {q.max_txt_len} tokens (max_txt_len)"
     else:
@@ -787,85 +790,13 @@ def format_plan(plan: Plan) -> str:
 # --- measurement (validation) ----------------------------------------------------------------------------
 
 
-def synthetic_samples(a: Arch, batch: int, device):
-    """A batch that fills ``max_txt_len``: every word is one token for the stub tokenizers."""
-    import torch
-
-    words = " ".join(f"w{i}" for i in range(a.qformer.max_txt_len + 8))
-    return {
-        "image": torch.randn(batch, 3, a.vit.image_size, a.vit.image_size, device=device),
-        "text_input": [words] * batch,
-    }
-
-
-class LiveTensorBytes:
-    """Peak bytes of live tensor storages on the CPU, counted at the dispatcher.
-
-    A ``TorchDispatchMode`` sees every tensor an op returns (forward, backward and optimizer);
-    each new storage is counted until Python frees it (a finalizer).  Views share their base's
-    storage and are counted once.  This is what the CUDA caching allocator's
-    ``max_memory_allocated`` reports on a GPU, without the allocator's rounding.
-    """
-
-    def __init__(self):
-        self.current = 0
-        self.peak = 0
-        self._live = set()
-
-    def _count(self, tensor) -> None:
-        import weakref
-
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key = id(storage)
-        if key in self._live or storage.device.type == "meta":
-            return
-        nbytes = storage.nbytes()
-        self._live.add(key)
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key, nbytes)
-
-    def _free(self, key, nbytes) -> None:
-        if key in self._live:
-            self._live.discard(key)
-            self.current -= nbytes
-
-    def add(self, *tensor_iterables) -> None:
-        for tensors in tensor_iterables:
-            for tensor in tensors:
-                self._count(tensor)
-
-    def __enter__(self):
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for item in tree_flatten(out)[0]:
-                    if isinstance(item, torch.Tensor):
-                        tracker._count(item)
-                return out
-
-        self._mode = Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
-
-
 def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu", steps: int = 2) -> dict:
-    """Run LAVIS's training step with random weights and return measured and predicted peaks."""
+    """Run LAVIS's training step with random weights and return measured and predicted peaks
+    (the measuring itself: :func:`blip2_internlm.plan_validation.measure_training_step`)."""
     import torch
 
     from blip2_internlm.meta import build_on_meta
+    from blip2_internlm.plan_validation import measure_training_step, synthetic_samples
 
     cfg = load_config(cfg_path, options)
     model_cfg, run = cfg.model, cfg.run
@@ -875,74 +806,8 @@ def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu",
     on_cuda = device.startswith("cuda")
     amp = bool(_run_value(run, "amp", False)) and on_cuda
     batch = int(batch if batch is not None else _run_value(run, "batch_size_train", 1))
-    model.train()
-    p_wd, p_non_wd = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (p_non_wd if param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name else p_wd).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": p_wd, "weight_decay": 0.05}, {"params": p_non_wd, "weight_decay": 0}], lr=1e-5, betas=(0.9, 0.999)
-    )
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if amp else None
-
-    marks = {}
-
-    def step():
-        samples = synthetic_samples(a, batch, device)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            loss = model(samples)["loss"]
-        marks["end of forward"] = (
-            torch.cuda.memory_allocated() if on_cuda else getattr(marks.get("tracker"), "current", 0)
-        )
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad()
-        return float(loss.detach())
-
-    warm = 0
-    while not optimizer.state and warm < 6:  # GradScaler skips steps with inf gradients
-        step()
-        warm += 1
     result = {"cfg_path": str(cfg_path), "options": list(options), "batch": batch, "device": device, "amp": amp}
-    if on_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        result.update(
-            measured_peak=torch.cuda.max_memory_allocated(),
-            measured_reserved=torch.cuda.max_memory_reserved(),
-            resident=base,
-        )
-        try:
-            free, total = torch.cuda.mem_get_info()
-            result.update(device_used=total - free, device_total=total)
-        except Exception:  # pragma: no cover
-            pass
-    else:
-        tracker = marks["tracker"] = LiveTensorBytes()
-        tracker.add(
-            model.parameters(),
-            model.buffers(),
-            (t for state in optimizer.state.values() for t in state.values() if hasattr(t, "untyped_storage")),
-        )
-        resident = tracker.current
-        with tracker:
-            for _ in range(steps):
-                step()
-        result.update(measured_peak=tracker.peak, resident=resident)
-    result["measured_end_of_forward"] = marks["end of forward"]
-    result["optimizer_states"] = len(optimizer.state)
-    result["torch"] = torch.__version__
-    if on_cuda:
-        result["gpu"] = torch.cuda.get_device_name()
+    result.update(measure_training_step(model, lambda: synthetic_samples(a, batch, device), device, amp, steps))
     p = Precision(amp=amp, cuda=on_cuda)
     predicted, phases, acts = training_peak(a, p, batch, 1, False, on_cuda)
     result.update(
@@ -954,104 +819,10 @@ def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu",
     return result
 
 
-# --- calibration set ---------------------------------------------------------------------------------------------
-
-#: Small architectures for validating the activation model on the CPU: the real model code at
-#: sizes where the activations dominate as they do at full size (257 ViT tokens as for ViT-g at
-#: 224 px, a 4-layer Q-Former, 4-layer LLMs with vocabularies large enough that the loss head
-#: matters).  Only config.json files are written: measure() initialises weights randomly.
-CALIBRATION_BERT = dict(
-    vocab_size=2000,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=1024,
-    max_position_embeddings=128,
-)
-CALIBRATION_INTERNLM2 = dict(
-    vocab_size=4000,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=688,
-    max_position_embeddings=512,
-)
-CALIBRATION_OPT = dict(
-    vocab_size=4000,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    ffn_dim=1024,
-    word_embed_proj_dim=256,
-    max_position_embeddings=512,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
-
-
-def write_calibration_assets(directory) -> dict:
-    """config.json files of the calibration BERT / InternLM2 / OPT under ``directory``."""
-    from pathlib import Path
-
-    from transformers import BertConfig, OPTConfig
-
-    from blip2_internlm.internlm2.configuration import InternLM2Config
-
-    directory = Path(directory)
-    paths = {}
-    for name, config in (
-        ("bert", BertConfig(**CALIBRATION_BERT)),
-        ("internlm2", InternLM2Config(**CALIBRATION_INTERNLM2)),
-        ("opt", OPTConfig(**CALIBRATION_OPT)),
-    ):
-        (directory / name).mkdir(parents=True, exist_ok=True)
-        config.to_json_file(str(directory / name / "config.json"))
-        paths[name] = str(directory / name)
-    return paths
-
-
-def calibration_cases(directory) -> list:
-    """(name, cfg_path, options, batch) of the CPU validation runs."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
-    paths = write_calibration_assets(directory)
-    small = [
-        f"model.qformer_text_model={paths['bert']}",
-        "model.num_query_token=16",
-        "model.image_size=128",
-        "model.max_txt_len=24",
-    ]
-    stage1, stage2 = str(root / "pretrain_stage1.yaml"), str(root / "pretrain_stage2.yaml")
-    return [
-        ("tiny stage 2 (InternLM2)", stage2, [], 8),
-        ("tiny stage 1", stage1, [], 8),
-        ("small stage 2, InternLM2 4x256", stage2, small + [f"model.llm_model={paths['internlm2']}"], 8),
-        (
-            "small stage 2, OPT 4x256",
-            stage2,
-            small + ["model.arch=blip2_opt_baseline", f"model.llm_model={paths['opt']}"],
-            8,
-        ),
-        ("small stage 1", stage1, small, 8),
-        (
-            "small stage 2, trainable ViT",
-            stage2,
-            small + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False"],
-            4,
-        ),
-        (
-            "small stage 2, trainable ViT + checkpointing",
-            stage2,
-            small
-            + [f"model.llm_model={paths['internlm2']}", "model.freeze_vit=False", "model.use_grad_checkpoint=True"],
-            4,
-        ),
-    ]
-
-
 def calibrate(directory, device="cpu") -> list:
+    """:func:`measure` on each of :func:`blip2_internlm.plan_validation.calibration_cases`."""
+    from blip2_internlm.plan_validation import calibration_cases
+
     rows = []
     for name, cfg_path, options, batch in calibration_cases(directory):
         result = measure(cfg_path, options, batch, device)
@@ -1081,12 +852,9 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as directory:
             rows = calibrate(directory, args.device)
-        print(f"{'calibration run':<46}{'batch':>6}{'measured MiB':>14}{'predicted MiB':>15}{'error':>8}")
-        for row in rows:
-            print(
-                f"{row['name']:<46}{row['batch']:>6}{row['measured_peak'] / 2**20:>14.1f}"
-                f"{row['predicted_peak'] / 2**20:>15.1f}{row['error']:>+8.1%}"
-            )
+        from blip2_internlm.plan_validation import format_calibration
+
+        print(format_calibration(rows))
         return 0
     if not args.cfg_path:
         parser.error("--cfg-path is required")

@@ -35,7 +35,7 @@ def test_prediction_matches_a_measured_training_step(tmp_path):
     """A small stage-2 model (257 ViT tokens, 4-layer Q-Former and InternLM2) trained one step on
     the CPU in a fresh process, at two batch sizes: each measured peak is within 25% of the
     prediction, and so is the growth from one batch size to the other."""
-    from blip2_internlm.plan import calibration_cases
+    from blip2_internlm.plan_validation import calibration_cases
 
     name, cfg, options, batch = next(
         c for c in calibration_cases(tmp_path) if c[0].startswith("small stage 2, InternLM2")

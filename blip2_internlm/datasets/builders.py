@@ -21,8 +21,9 @@ from blip2_internlm.assets import cache_dir
 from blip2_internlm.compat.datasets import builder_name
 from blip2_internlm.datasets.records import CheckedMixin, checked_records, open_rgb
 from blip2_internlm.datasets.shapes import generate_shapes
+from blip2_internlm.paths import SHAPES_DATASET_CONFIG_DIR
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets", "shapes")
+CONFIG_DIR = str(SHAPES_DATASET_CONFIG_DIR)
 LANGS = ("en", "zh")
 
 

@@ -46,10 +46,11 @@ from PIL import Image
 from blip2_internlm.compat.datasets import builder_name
 from blip2_internlm.datasets.records import BadRecordError, CheckedMixin, load_annotation_file, open_rgb, record_problem
 from blip2_internlm.ids import stable_image_id
+from blip2_internlm.paths import DATASET_CONFIG_DIR
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "datasets")
+CONFIG_DIR = str(DATASET_CONFIG_DIR)
 SPLITS = ("train", "val", "test")
 
 

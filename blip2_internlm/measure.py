@@ -1,0 +1,213 @@
+"""Measuring a step: wall time, peak memory, FLOPs, and the machine's matmul peak to read them against.
+
+Used by the benchmark (``python -m blip2_internlm.bench``) and by the memory planner's check
+against a real training step (``python -m blip2_internlm.plan --measure``).
+
+Peak memory has two readings:
+
+* :func:`reset_peak_memory` / :func:`peak_memory_growth`: on CUDA the caching allocator's
+  ``max_memory_allocated``; on the CPU the process's resident-set high-water mark (``VmHWM``,
+  reset through ``/proc/self/clear_refs``), which includes what the allocator keeps and what is
+  not a tensor.  What the benchmark reports.
+* :class:`LiveTensorBytes`: on the CPU, the peak of live tensor storages counted at the
+  dispatcher, the CPU counterpart of ``max_memory_allocated``.  What the planner is checked
+  against.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from blip2_internlm.dtypes import DTYPES
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work: a wall time on CUDA measures nothing without it."""
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+# --- peak memory ---------------------------------------------------------------------------------
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_memory(device) -> int | None:
+    """Start a peak-memory window; returns the baseline to pass to :func:`peak_memory_growth`
+    (CUDA: bytes allocated; CPU: resident set), or ``None`` where the CPU peak cannot be reset."""
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    gc.collect()
+    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status("VmRSS")
+
+
+def peak_memory(device) -> int | None:
+    """Peak since :func:`reset_peak_memory`: CUDA, bytes allocated; CPU, the resident set."""
+    if is_cuda(device):
+        return torch.cuda.max_memory_allocated()
+    return _proc_status("VmHWM")
+
+
+def peak_memory_growth(device, base: int | None) -> int | None:
+    """Peak since :func:`reset_peak_memory` returned ``base``, less ``base``."""
+    if base is None:
+        return None
+    peak = peak_memory(device)
+    return None if peak is None else peak - base
+
+
+class LiveTensorBytes:
+    """Peak bytes of live tensor storages on the CPU, counted at the dispatcher.
+
+    A ``TorchDispatchMode`` sees every tensor an op returns (forward, backward and optimizer);
+    each new storage is counted until Python frees it (a finalizer).  Views share their base's
+    storage and are counted once.  This is what the CUDA caching allocator's
+    ``max_memory_allocated`` reports on a GPU, without the allocator's rounding.
+    """
+
+    def __init__(self):
+        self.current = 0
+        self.peak = 0
+        self._live = set()
+
+    def _count(self, tensor) -> None:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(storage)
+        if key in self._live or storage.device.type == "meta":
+            return
+        nbytes = storage.nbytes()
+        self._live.add(key)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key, nbytes) -> None:
+        if key in self._live:
+            self._live.discard(key)
+            self.current -= nbytes
+
+    def add(self, *tensor_iterables) -> None:
+        """Count tensors that exist before the window opens (parameters, optimizer state)."""
+        for tensors in tensor_iterables:
+            for tensor in tensors:
+                self._count(tensor)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for item in tree_flatten(out)[0]:
+                    if isinstance(item, torch.Tensor):
+                        tracker._count(item)
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+# --- FLOPs and time ------------------------------------------------------------------------------
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one ``fn()`` by ``torch.utils.flop_counter``'s per-op formulas (matmuls, convolutions,
+    attention; forward and backward).
+
+    ``FlopCounterMode`` itself also tracks modules with hooks that assert on outputs without a
+    gradient function, which ``generate`` (``no_grad``, trainable Q-Former) produces; the same
+    formulas are applied here by a plain dispatch mode.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    counter = Counter()
+    with counter:
+        fn()
+    return int(counter.total)
+
+
+def measure_steps(fn: Callable[[], object], device, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, its FLOPs (one more
+    run, uncounted in the time), and the peak memory growth over the timed runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    base = reset_peak_memory(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    memory = peak_memory_growth(device, base)
+    flops = count_flops(fn)
+    return dict(
+        times_s=[round(t, 5) for t in times],
+        median_s=statistics.median(times),
+        flops=flops,
+        peak_memory_growth_bytes=memory,
+    )
+
+
+def peak_matmul_flops(device, sizes=None) -> dict:
+    """Best square-matmul FLOP/s per dtype on this machine: the limit the achieved FLOP/s is read against."""
+    sizes = sizes or ((2048, 4096, 8192) if is_cuda(device) else (512, 1024, 2048))
+    peaks = {}
+    for name in ("fp32", "bf16", "fp16"):
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n, device=device).to(DTYPES[name])
+            b = torch.randn(n, n, device=device).to(DTYPES[name])
+            a @ b
+            sync(device)
+            for _ in range(5):  # best of: other processes only ever slow a run down
+                start = time.perf_counter()
+                a @ b
+                sync(device)
+                best = max(best, 2 * n**3 / (time.perf_counter() - start))
+        peaks[name] = best
+    return peaks
