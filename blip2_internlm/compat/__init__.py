@@ -8,26 +8,7 @@ to import on the pinned stack otherwise); ``patch_lavis()`` runs after.  Both ar
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
-_APPLIED: dict[str, str] = {}
-
-
-def fix(func: Callable[[], None]) -> Callable[[], None]:
-    """Make a fix idempotent and record it by name with its one-line reason."""
-
-    @functools.wraps(func)
-    def apply_once():
-        if func.__name__ not in _APPLIED:
-            func()
-            _APPLIED[func.__name__] = (func.__doc__ or "").strip().splitlines()[0]
-
-    return apply_once
-
-
-def applied() -> dict[str, str]:
-    return dict(_APPLIED)
+from blip2_internlm.compat.fixes import applied, fix  # noqa: F401  (compat.fix, compat.applied)
 
 
 def prepare_imports() -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 IMPLEMENTATIONS = ("sdpa", "eager")
 ENV_VAR = "BLIP2_INTERNLM_ATTN"

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 #: Where LAVIS's own BLIP-2 models (blip2_opt, blip2_t5, ...) find their assets: they read no config
 #: key for them, so the values come from these variables, as the project's real-size configs do.
@@ -26,9 +26,7 @@ def init_qformer(cls, num_query_token, vision_width, cross_attention_freq=2, tex
     return build_qformer(text_model or _lavis_text_model(), num_query_token, vision_width, cross_attention_freq)
 
 
-def init_vision_encoder(
-    cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision, vit_weights=None
-):
+def init_vision_encoder(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision, vit_weights=None):
     from blip2_internlm.models.builders import build_vision_encoder
 
     vit_weights = vit_weights or os.environ.get(LAVIS_VIT_WEIGHTS_ENV, "eva_vit_g.pth")

@@ -2,7 +2,7 @@
 
 import logging
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 logger = logging.getLogger(__name__)
 

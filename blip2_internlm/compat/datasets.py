@@ -4,7 +4,7 @@ and bad records or images failing where the bad-sample guard can name them."""
 import logging
 import os
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +16,7 @@ def no_hidden_annotation_downloads():
     from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
     from blip2_internlm.assets import AssetMissingError, downloads_allowed
+    from blip2_internlm.datasets.records import builder_name
 
     download_ann = BaseDatasetBuilder._download_ann
 
@@ -39,14 +40,6 @@ def no_hidden_annotation_downloads():
         return download_ann(self)
 
     BaseDatasetBuilder._download_ann = checked_download_ann
-
-
-def builder_name(builder) -> str:
-    """The registry name of a builder instance (LAVIS does not store it on the builder)."""
-    from lavis.common.registry import registry
-
-    names = [name for name, cls in registry.mapping["builder_name_mapping"].items() if cls is type(builder)]
-    return names[0] if names else type(builder).__name__
 
 
 def storage_path(storage) -> str:

@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 
 def pick_backend(run_cfg) -> str:

@@ -2,7 +2,7 @@
 
 import warnings
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 _MOVED_TO_PYTORCH_UTILS = ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer")
 

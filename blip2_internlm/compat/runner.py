@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 
 @fix

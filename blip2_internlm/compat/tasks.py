@@ -2,7 +2,7 @@
 
 import functools
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 
 def sort_by_question_length(dataset, key: str = "question") -> bool:

@@ -1,6 +1,6 @@
 """LAVIS's training loop: ``runner_base`` is this package's fault-tolerant runner."""
 
-from blip2_internlm.compat import fix
+from blip2_internlm.compat.fixes import fix
 
 
 @fix

@@ -18,8 +18,7 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis.datasets.datasets.vqa_datasets import VQADataset
 
 from blip2_internlm.assets import cache_dir
-from blip2_internlm.compat.datasets import builder_name
-from blip2_internlm.datasets.records import CheckedMixin, checked_records, open_rgb
+from blip2_internlm.datasets.records import CheckedMixin, builder_name, checked_records, open_rgb
 from blip2_internlm.datasets.shapes import generate_shapes
 from blip2_internlm.paths import SHAPES_DATASET_CONFIG_DIR
 

@@ -43,8 +43,14 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis.datasets.datasets.laion_dataset import LaionDataset
 from PIL import Image
 
-from blip2_internlm.compat.datasets import builder_name
-from blip2_internlm.datasets.records import BadRecordError, CheckedMixin, load_annotation_file, open_rgb, record_problem
+from blip2_internlm.datasets.records import (
+    BadRecordError,
+    CheckedMixin,
+    builder_name,
+    load_annotation_file,
+    open_rgb,
+    record_problem,
+)
 from blip2_internlm.ids import stable_image_id
 from blip2_internlm.paths import DATASET_CONFIG_DIR
 

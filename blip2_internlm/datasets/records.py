@@ -94,3 +94,11 @@ class CheckedMixin:
                 self.skipped_at_load += 1
                 logger.warning("%s; substituted the next record (%d skipped in this worker)", err, self.skipped_at_load)
         raise BadRecordError(f"no image of {type(self).__name__} could be decoded")
+
+
+def builder_name(builder) -> str:
+    """The registry name of a builder instance (LAVIS does not store it on the builder)."""
+    from lavis.common.registry import registry
+
+    names = [name for name, cls in registry.mapping["builder_name_mapping"].items() if cls is type(builder)]
+    return names[0] if names else type(builder).__name__

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from blip2_internlm.tiny.internlm2 import TINY_CONFIG
+
 from .configuration import InternLM2Config
 from .modeling import InternLM2ForCausalLM
-from .tiny import TINY_CONFIG
 
 CONFIG_100M = dict(
     vocab_size=32000,

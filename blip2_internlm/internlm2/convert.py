@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlamaTokenizerFast
 
+from blip2_internlm.tiny.internlm2 import BUILTIN_CORPUS
+
 from .configuration import InternLM2Config
 from .modeling import InternLM2ForCausalLM
-from .tiny import BUILTIN_CORPUS
 from .tokenization import InternLM2Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
