@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml setup.py requirements/lock.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
