@@ -390,10 +390,11 @@ class PrefixSharedDecoder:
         config = llm.config
         layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         # the k and v of every layer in one float32 tensor (written once per token, read at every step), so
-        # that a beam reorder is one index_select
-        self.buffer = torch.zeros(
-            2 * layers, self.rows, kv_heads, self.slots, head_dim, dtype=torch.float32, device=device
-        )
+        # that a beam reorder is one index_select, from this buffer into its twin: no allocation per step,
+        # and only the slots written so far move (the others are hidden by the slot mask)
+        shape = (2 * layers, self.rows, kv_heads, self.slots, head_dim)
+        self.buffer = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.spare = torch.zeros(shape, dtype=torch.float32, device=device)
         prefix_bias = torch.zeros(images, 1, 1, length, dtype=torch.float32, device=device)
         self.prefix_bias = prefix_bias.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
         slot = torch.arange(self.slots, device=device)
@@ -421,8 +422,10 @@ class PrefixSharedDecoder:
         history comes from (a beam search's choice), applied to the slot buffer first."""
         if self.done >= self.slots:
             raise RuntimeError(f"decoder was sized for {self.slots} steps")
-        if reorder is not None:
-            self.buffer = self.buffer.index_select(1, reorder)
+        if reorder is not None and self.done:
+            written = self.done
+            torch.index_select(self.buffer[..., :written, :], 1, reorder, out=self.spare[..., :written, :])
+            self.buffer, self.spare = self.spare, self.buffer
         slot = torch.tensor([self.done], device=tokens.device)
         logits = self.step_fn(
             self.llm,
@@ -547,6 +550,8 @@ def time_generation(
             **options,
             **{**generate_kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens},
         )
+        if inputs_embeds.is_cuda:
+            torch.cuda.synchronize(inputs_embeds.device)
         return (time.perf_counter() - start) * 1000
 
     first = {name: call(options, new_tokens) for name, options in variants.items()}
