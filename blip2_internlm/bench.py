@@ -17,8 +17,8 @@ seeds), it times
 and reports medians over ``--repeats`` runs after a warm-up, ratios against the baseline,
 achieved FLOP/s (``torch.utils.flop_counter.FlopCounterMode`` counts / median time) against the
 peak matmul FLOP/s measured on the same machine, and peak memory (CPU: peak RSS growth; CUDA:
-``max_memory_allocated``).  The table is printed and written with the machine's description to
-``<out-dir>/<size>-<device>-<timestamp>.json``.
+``max_memory_allocated``), all by ``blip2_internlm.measure``.  The table is printed and written
+with the machine's description to ``<out-dir>/<size>-<device>-<timestamp>.json``.
 
 The models.  Sizes are YAML files in ``blip2_internlm/configs/bench``.  Both sides share the
 EVA ViT (``blip2_internlm.models.vision.VIT_ARCHS``), the Q-Former (a BERT config of the size),
@@ -59,7 +59,6 @@ from blip2_internlm.dtypes import DTYPES
 from blip2_internlm.measure import measure_steps, peak_matmul_flops
 from blip2_internlm.paths import BENCH_CONFIG_DIR
 
-SIZES_DIR = BENCH_CONFIG_DIR
 #: LAVIS's VQA defaults (``VQATask`` / ``predict_answers``) and caption default prompt.
 VQA_PROMPT = "Question: {} Short answer:"
 CAPTIONS = [
@@ -83,13 +82,13 @@ NUM_BEAMS = 5
 
 
 def size_names() -> list[str]:
-    return sorted(p.stem for p in SIZES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in BENCH_CONFIG_DIR.glob("*.yaml"))
 
 
 def load_size(name: str) -> dict:
     from omegaconf import OmegaConf
 
-    path = SIZES_DIR / f"{name}.yaml"
+    path = BENCH_CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"--size {name!r}: no {path}; sizes: {size_names()}")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -122,10 +121,10 @@ def qformer_dir(size: dict) -> Path:
     """A BERT directory (config + the tiny BERT's vocab) of the size's Q-Former."""
     from transformers import BertConfig
 
-    from blip2_internlm.assets import generated, tiny_bert_dir
+    from blip2_internlm.assets import generated, resolve_text_model
 
     def build(out: Path) -> None:
-        source = tiny_bert_dir()
+        source = resolve_text_model("tiny")
         for name in ("vocab.txt", "tokenizer_config.json"):
             shutil.copy(source / name, out / name)
         vocab = len((out / "vocab.txt").read_text(encoding="utf-8").splitlines())
