@@ -487,11 +487,17 @@ def decode_step(
 
 
 def shared_prefix_attention(query, prefix_keys, prefix_values, own_keys, own_values, bias, copies: int):
-    """Attention of one query token per row over its image's prefix and its own slots, in float32.
+    """Attention of one query token per row over its image's prefix and its own slots, in float32
+    (also inside an autocast region, which would run the matmuls in its lower precision).
 
     query (rows, heads, 1, D); prefix_* (images, kv heads, L, D); own_* (rows, kv heads, slots, D);
     bias (images, 1, 1, L + slots).  Returns (rows, 1, heads * D) in the query's dtype.
     """
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        return _float32_attention(query, prefix_keys, prefix_values, own_keys, own_values, bias, copies)
+
+
+def _float32_attention(query, prefix_keys, prefix_values, own_keys, own_values, bias, copies: int):
     rows, heads, _, dim = query.shape
     images, kv_heads, length, _ = prefix_keys.shape
     slots = own_keys.shape[2]
