@@ -19,7 +19,9 @@ switch, ``implementation``:
     shared prefix, plus a batched matmul against each beam's own slots, and one softmax (fp32) over
     both; no mask is built per step (the slot mask is a row of a table made once per call);
   - the step (token embedding to logits) has the same shapes at every step of a call, so
-    ``compile=True`` runs it through ``torch.compile``.
+    ``compile`` runs it through ``torch.compile`` (by default on CUDA only);
+  - transformers' min-length processors, which copy the whole (rows, vocabulary) scores at every
+    step, are replaced by :class:`EosBan`, which sets the same scores in place.
 
 Greedy and beam search give the tokens ``llm.generate`` gives (``tests/models/test_decode.py``: fp32,
 left-padded prompts of different lengths, min/max lengths, two eos ids, several returned sequences).
@@ -70,7 +72,7 @@ def generate_tokens(
     attention_mask: torch.Tensor,
     *,
     implementation: str = "static",
-    compile: bool = False,
+    compile: bool | None = None,
     **generate_kwargs,
 ) -> torch.LongTensor:
     """``llm.generate(inputs_embeds=..., attention_mask=..., **generate_kwargs)``: the new tokens, (rows x
@@ -78,15 +80,18 @@ def generate_tokens(
 
     ``implementation``: ``"static"`` (the loop of this module where it applies, see the module
     docstring) or ``"transformers"`` (``llm.generate`` as it is).  ``compile``: run the static loop's
-    decoding step through ``torch.compile`` (a one-off compilation per shape family, tens of seconds
-    on a CPU); ignored by ``"transformers"``.
+    decoding step through ``torch.compile`` (a one-off compilation per shape family: tens of seconds);
+    None compiles on CUDA only, where it pays (on a 2-core CPU it does not: docs/generation.md).
+    Ignored by ``"transformers"``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"decode implementation {implementation!r}; expected one of {list(IMPLEMENTATIONS)}")
     if "custom_generate" in generate_kwargs:
         raise ValueError("generate_tokens chooses the decoding loop itself; pass implementation=, not custom_generate=")
     if implementation == "static":
-        generate_kwargs["custom_generate"] = functools.partial(decode_loop, compile_step=compile)
+        if compile is None:
+            compile = inputs_embeds.device.type == "cuda"
+        generate_kwargs["custom_generate"] = functools.partial(decode_loop, compile_step=bool(compile))
     return llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
 
