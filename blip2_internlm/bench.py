@@ -26,9 +26,11 @@ the LLM's width, depth, heads and vocabulary size; the InternLM2 SwiGLU width is
 MLP has OPT's MLP parameter count.  The baseline is ``lavis.models.blip2_models.blip2_opt.Blip2OPT``
 as shipped: its vendored ``modeling_opt.OPTForCausalLM`` loaded in fp16 (LAVIS hard-codes
 ``torch_dtype=torch.float16``), its hand-written attention, its ``maybe_autocast`` (off on CPU),
-its ``forward``/``generate``.  Weights are random: every ``from_pretrained`` in model
-construction becomes the class's own random initialisation (:func:`random_weights`), so no
-weights are written or read and the ``real`` size needs no downloads.  ``Blip2OPTFair`` rows are
+its ``forward``/``generate``.  Weights are random: ours are built by the ``random`` weight source
+of ``blip2_internlm.models.builders`` (the one assembly path every model takes), the baseline's
+ViT and Q-Former by the same builders and its OPT by its own constructor with random
+initialisation (:func:`lavis_opt_random_weights`), so no weights are written or read and the
+``real`` size needs no downloads.  ``Blip2OPTFair`` rows are
 the same baseline with the OPT in our LLM's dtype (on CPU, fp16 is what LAVIS picks, not what
 a CPU user would pick).
 
@@ -152,7 +154,7 @@ def internlm2_config(size: dict):
 def opt_config(size: dict):
     from transformers import OPTConfig
 
-    from blip2_internlm.meta import OPT_COMMON
+    from blip2_internlm.models.architectures import OPT_COMMON
 
     llm = size["llm"]
     return OPTConfig(
@@ -201,35 +203,21 @@ def opt_dir(size: dict) -> Path:
 
 
 @contextlib.contextmanager
-def random_weights(dtype_override: dict | None = None):
-    """Inside: model constructors initialise their own random weights instead of reading files.
-
-    ``PreTrainedModel.from_pretrained`` (Q-Former BERT, InternLM2, LAVIS's vendored OPT) becomes
-    ``_from_config`` with the same config and dtype, in eval mode as ``from_pretrained`` leaves it;
-    the EVA ViT keeps the random initialisation of its constructor.  ``dtype_override`` maps a
-    model class to the dtype to build it in instead of the one its caller asked for.
+def lavis_opt_random_weights(dtype: torch.dtype | None = None):
+    """Inside: LAVIS's vendored ``OPTForCausalLM.from_pretrained`` (which ``Blip2OPT.__init__`` calls)
+    builds the same config with its own random initialisation, in eval mode as ``from_pretrained``
+    leaves it, in ``dtype`` when given (else the dtype LAVIS asks for).  The rest of the baseline
+    is built by the random weight source like ours (:func:`build_baseline`).
     """
-    from transformers import PreTrainedModel
+    from lavis.models.blip2_models import modeling_opt
 
-    from blip2_internlm import assets
-    from blip2_internlm.models import vision
+    cls = modeling_opt.OPTForCausalLM
 
-    overrides = dtype_override or {}
+    def from_config(path, *args, torch_dtype=None, **kwargs):
+        config = cls.config_class.from_pretrained(path)
+        return cls._from_config(config, torch_dtype=dtype or torch_dtype or torch.float32).eval()
 
-    def from_config(cls, path, *args, config=None, torch_dtype=None, dtype=None, output_loading_info=False, **kwargs):
-        if config is None:
-            config = cls.config_class.from_pretrained(path)
-        chosen = overrides.get(cls) or torch_dtype or dtype or torch.float32
-        model = cls._from_config(config, torch_dtype=chosen).eval()
-        # InternLM2's own from_pretrained asks for the loading report to check for missing keys
-        nothing_missing = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-        return (model, nothing_missing) if output_loading_info else model
-
-    with (
-        mock.patch.object(PreTrainedModel, "from_pretrained", classmethod(from_config)),
-        mock.patch.object(assets, "resolve_vit_weights", lambda *args, **kwargs: None),
-        mock.patch.object(vision, "load_vit_weights", lambda model, path: None),
-    ):
+    with mock.patch.object(cls, "from_pretrained", from_config):
         yield
 
 
@@ -285,18 +273,11 @@ def _precision(size: dict, device: str) -> dict:
     return size["precision"]["cpu" if torch.device(device).type == "cpu" else "cuda"]
 
 
-@contextlib.contextmanager
-def _on(device: str):
-    if torch.device(device).type == "meta":
-        from blip2_internlm.meta import _params_on
+def _weights(device: str):
+    """Random weights on ``device``; ``meta`` (a shape-only build) has none."""
+    from blip2_internlm.models.builders import WeightSource
 
-        # LAVIS's EVA ViT reads numbers (drop-path rates) while it is built: build on the CPU,
-        # each tensor moved to meta as it is registered
-        with _params_on("meta"):
-            yield
-    else:
-        with torch.device(device):
-            yield
+    return WeightSource("meta") if torch.device(device).type == "meta" else WeightSource("random", device)
 
 
 def _model_cfg(size: dict, device: str) -> dict:
@@ -306,7 +287,6 @@ def _model_cfg(size: dict, device: str) -> dict:
         load_finetuned=False,
         load_pretrained=False,
         vit_model=size["vit_model"],
-        vit_weights="random",
         image_size=size["image_size"],
         drop_path_rate=0,
         use_grad_checkpoint=False,
@@ -327,6 +307,8 @@ def _spell_out_of_range_ids(tokenizer) -> None:
     generated tokenizers have ~800 pieces, and random weights pick any row; the generated texts
     are never read, they only have to decode.  Applied to both sides alike; it costs a clamp.
     """
+    if not hasattr(tokenizer, "batch_decode"):
+        return  # a meta build's tokenizer stand-in never decodes
     decode = tokenizer.batch_decode
     known = len(tokenizer)
     unknown = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
@@ -355,27 +337,44 @@ def build_ours(size: dict, device: str, seed: int = 0, **overrides):
         **overrides,
     }
     torch.manual_seed(seed)
-    with random_weights(), _on(device):
-        model = Blip2InternLM.from_config(OmegaConf.create(cfg))
+    model = Blip2InternLM.from_config(OmegaConf.create(cfg), weights=_weights(device))
     _spell_out_of_range_ids(model.llm_tokenizer)
     return model.to(device)
 
 
 def build_baseline(size: dict, device: str, seed: int = 0, opt_dtype: str | None = None):
-    """LAVIS's ``Blip2OPT`` at ``size`` through its own ``from_config``.
+    """LAVIS's ``Blip2OPT`` at ``size``: its own constructor, with the ViT, Q-Former and tokenizer built
+    as ours are (``blip2_internlm.models.builders``, random weights) and its vendored OPT randomly
+    initialised (:func:`lavis_opt_random_weights`).
 
     ``opt_dtype``: build the OPT in this dtype instead of LAVIS's hard-coded fp16 (the "fair"
     variant); ``None`` is LAVIS as shipped.
     """
-    from lavis.models.blip2_models import modeling_opt
     from lavis.models.blip2_models.blip2_opt import Blip2OPT
-    from omegaconf import OmegaConf
 
-    cfg = {**_model_cfg(size, device), "arch": "blip2_opt", "opt_model": str(opt_dir(size))}
-    override = {modeling_opt.OPTForCausalLM: DTYPES[opt_dtype]} if opt_dtype else {}
+    from blip2_internlm.models.builders import AssetsFromConfig
+
+    class LavisBlip2OPT(AssetsFromConfig, Blip2OPT):
+        """LAVIS's class, told where its BERT and ViT weights come from."""
+
+    cfg = _model_cfg(size, device)
+    weights = _weights(device)
     torch.manual_seed(seed)
-    with random_weights(override), _on(device):
-        model = Blip2OPT.from_config(OmegaConf.create(cfg))
+    with lavis_opt_random_weights(DTYPES[opt_dtype] if opt_dtype else None), weights.building():
+        model = LavisBlip2OPT(
+            vit_model=cfg["vit_model"],
+            img_size=cfg["image_size"],
+            drop_path_rate=cfg["drop_path_rate"],
+            use_grad_checkpoint=cfg["use_grad_checkpoint"],
+            vit_precision=cfg["vit_precision"],
+            freeze_vit=cfg["freeze_vit"],
+            num_query_token=cfg["num_query_token"],
+            opt_model=str(opt_dir(size)),
+            prompt=cfg["prompt"],
+            max_txt_len=cfg["max_txt_len"],
+            qformer_text_model=cfg["qformer_text_model"],
+            weights=weights,
+        )
     _spell_out_of_range_ids(model.opt_tokenizer)
     if getattr(model.opt_model, "generation_config", None) is None:
         # part of lavis_opt_generation(): a class without GenerationMixin gets no generation
