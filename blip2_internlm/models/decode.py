@@ -43,7 +43,6 @@ import time
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
 from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import (
@@ -116,11 +115,15 @@ def decode_loop(
     if reason is not None:
         method_name = GENERATION_MODES_MAPPING.get(mode, "")
         if not method_name.startswith("_"):
-            raise ValueError(f"{mode.value} has no loop in this transformers; use the 'transformers' implementation")
+            raise ValueError(
+                f"generation mode {mode.value} is no longer in transformers' generate ({method_name or 'none'}); "
+                "the static decoding loop cannot hand it over: use implementation='transformers'"
+            )
         if reason not in _fallback_reasons_logged:
             _fallback_reasons_logged.add(reason)
             logger.info("static decoding does not apply (%s); transformers' %s runs", reason, method_name)
-        method = getattr(GenerationMixin, method_name)
+        # as generate looks its methods up: on the model's class, so that a model's override runs
+        method = getattr(type(model), method_name)
         return method(
             model,
             input_ids,
