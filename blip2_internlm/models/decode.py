@@ -529,8 +529,10 @@ def _float32_attention(query, prefix_keys, prefix_values, own_keys, own_values, 
 
 @functools.cache
 def _compiled_step():
-    # one compiled function for the process; dynamo guards (and recompiles) per model and shape family
-    return torch.compile(decode_step, fullgraph=True)
+    # One compiled function for the process; dynamo guards (and recompiles) per model and shape family.
+    # Inductor would otherwise keep a fused chain of bf16 ops in float32, which in bf16 changed some beams
+    # against the eager step; rounding where eager rounds gives the eager step's tokens.
+    return torch.compile(decode_step, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 # --- measuring --------------------------------------------------------------------------------------
