@@ -33,6 +33,7 @@ from blip2_internlm.compat.attention import resolve_attn_implementation, set_att
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.models.builders import FILES, WeightSource, build_qformer, build_vision_encoder, load_frozen_llm
 from blip2_internlm.models.config import Blip2InternLMConfig
+from blip2_internlm.models.decode import generate_tokens
 from blip2_internlm.models.llm_inputs import (
     autocast_context,
     checkpoint_frozen_llm_layers,
@@ -44,6 +45,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
 
 # Trailing punctuation (ASCII and full-width) that VQAEval would count against a bare answer.
 _TRAILING_PUNCT = re.compile(r"[\s.,!?;:。，！？；：、]+$")
+
 
 @registry.register_model("blip2_internlm")
 class Blip2InternLM(Blip2Base):
@@ -240,9 +242,12 @@ class Blip2InternLM(Blip2Base):
         prompts = self.prompts_for(samples, image_embeds.size(0), prompt)
         inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image_embeds=image_embeds), prompts)
         with self.maybe_autocast():
-            outputs = self.llm_model.generate(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
+            outputs = generate_tokens(
+                self.llm_model,
+                inputs_embeds,
+                attention_mask,
+                implementation=self.model_config.decode_implementation,
+                compile=self.model_config.decode_compile,
                 do_sample=use_nucleus_sampling,
                 top_p=top_p,
                 temperature=temperature,

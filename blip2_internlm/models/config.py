@@ -18,6 +18,7 @@ VIT_PRECISIONS = ("fp16", "fp32")
 LLM_PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = ("auto", "bf16", "fp16", "off")
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa")
+DECODE_IMPLEMENTATIONS = ("static", "transformers")
 
 
 def _choice(*allowed):
@@ -156,6 +157,11 @@ class Blip2InternLMConfig(VisionQformerConfig):
     llm_grad_checkpoint: bool = False
     llm_train_kv_cache: bool = True
     lm_head_on_labels_only: bool = True
+    #: the LLM's decoding loop (models/decode.py): static (the prefix once per image, shared by its beams) or
+    #: transformers (llm.generate as it is)
+    decode_implementation: str = dataclasses.field(default="static", metadata=_choice(*DECODE_IMPLEMENTATIONS))
+    #: torch.compile the static loop's step; null: on CUDA only (where it pays)
+    decode_compile: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()

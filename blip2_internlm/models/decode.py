@@ -54,10 +54,11 @@ from transformers.generation.logits_process import (
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from blip2_internlm.internlm2.modeling import InternLM2ForCausalLM, apply_rotary_pos_emb
+from blip2_internlm.models.config import DECODE_IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("static", "transformers")
+IMPLEMENTATIONS = DECODE_IMPLEMENTATIONS
 
 #: model kwargs ``generate`` hands a decoding method for an ``inputs_embeds`` call; any other means
 #: a feature the static loop does not implement.
