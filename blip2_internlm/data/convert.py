@@ -36,9 +36,9 @@ CORPORA = {
 
 
 def default_layout(builder: str) -> dict:
-    from blip2_internlm.datasets.chinese_captions import CONFIG_DIR
+    from blip2_internlm.paths import DATASET_CONFIG_DIR
 
-    cfg = OmegaConf.load(os.path.join(CONFIG_DIR, builder, "defaults.yaml")).datasets[builder]
+    cfg = OmegaConf.load(DATASET_CONFIG_DIR / builder / "defaults.yaml").datasets[builder]
     return OmegaConf.to_container(cfg.build_info)
 
 

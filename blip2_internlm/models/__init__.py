@@ -4,7 +4,9 @@ import os
 
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
+from blip2_internlm.paths import MODEL_CONFIG_DIR
+
+CONFIG_DIR = str(MODEL_CONFIG_DIR)
 
 # LAVIS's stage-1 model at test size; absolute, so it resolves from any working directory
 Blip2Qformer.PRETRAINED_MODEL_CONFIG_DICT.setdefault("tiny", os.path.join(CONFIG_DIR, "blip2_qformer_tiny.yaml"))

@@ -40,8 +40,9 @@ from blip2_internlm.models.llm_inputs import (
     generation_embeds,
     training_tokens,
 )
+from blip2_internlm.paths import MODEL_CONFIG_DIR
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
+CONFIG_DIR = str(MODEL_CONFIG_DIR)
 
 # Trailing punctuation (ASCII and full-width) that VQAEval would count against a bare answer.
 _TRAILING_PUNCT = re.compile(r"[\s.,!?;:。，！？；：、]+$")

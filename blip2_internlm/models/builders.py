@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from blip2_internlm.assets import AssetMissingError, resolve_llm, resolve_text_model, resolve_vit_weights
+from blip2_internlm.dtypes import to_dtype
 from blip2_internlm.models.architectures import TokenizerStub, llm_config, qformer_bert_config
 
 WEIGHT_KINDS = ("files", "random", "meta")
-LLM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -191,9 +191,7 @@ def load_frozen_llm(llm_model, llm_precision: str, attn_implementation: str = "s
     """Tokenizer and frozen causal LM for ``model.llm_model`` (a local checkpoint directory, or ``tiny``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if llm_precision not in LLM_DTYPES:
-        raise ValueError(f"model.llm_precision = {llm_precision!r}; expected one of {sorted(LLM_DTYPES)}")
-    dtype = LLM_DTYPES[llm_precision]
+    dtype = to_dtype(llm_precision, "model.llm_precision")
     if weights.loads_files:
         path = resolve_llm(llm_model)
         tokenizer = AutoTokenizer.from_pretrained(path)
