@@ -166,16 +166,18 @@ def test_load_model_and_preprocess_finds_the_plugin_models(tmp_path):
         import sys
         from lavis.models import load_model_and_preprocess
         assert "blip2_internlm" in sys.modules
+        from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
         for arch in ("blip2", "blip2_internlm"):
             model, vis_processors, txt_processors = load_model_and_preprocess(arch, "tiny", is_eval=True)
             print(type(model).__name__, sorted(vis_processors), model.training)
+            assert (arch == "blip2") == isinstance(model, Blip2Qformer)  # stage 1 is LAVIS's model
         import lavis, blip2_internlm_autoload
         print(lavis.__spec__.loader is lavis.__loader__, blip2_internlm_autoload.installed())
     """)
     result = run_python("-c", code, env=ON, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
-        "Blip2Qformer ['eval', 'train'] False",
+        "Blip2Stage1 ['eval', 'train'] False",  # LAVIS's Blip2Qformer, reading its asset keys
         "Blip2InternLM ['eval', 'train'] False",
         "True False",  # LAVIS keeps its own spec; the hook is gone once it has run
     ]
