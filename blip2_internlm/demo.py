@@ -113,7 +113,7 @@ def main(argv=None):
     result["stages"]["llm_pretraining"] = {
         "seconds": round(time.time() - started, 1),
         "final_loss": losses[-1],
-        "curve": [(i / len(losses), l) for i, l in enumerate(losses)][::10],
+        "curve": [(i / len(losses), loss) for i, loss in enumerate(losses)][::10],
     }
 
     checkpoint = None
@@ -164,7 +164,7 @@ def main(argv=None):
         job = latest_job(stage_out)
         entry = {"seconds": round(time.time() - started, 1), "output": str(job)}
         if module.endswith("train"):
-            epochs = [json.loads(l) for l in (job / "log.txt").read_text().splitlines() if l.startswith('{"train_')]
+            epochs = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train_')]
             entry["epoch_losses"] = [float(e["train_loss"]) for e in epochs]
             entry["curve"] = step_losses(log_text)
             checkpoint = job / "checkpoint_last.pth"  # the training runner always writes it
