@@ -164,7 +164,9 @@ def main(argv=None):
         job = latest_job(stage_out)
         entry = {"seconds": round(time.time() - started, 1), "output": str(job)}
         if module.endswith("train"):
-            epochs = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train_')]
+            epochs = [
+                json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train_')
+            ]
             entry["epoch_losses"] = [float(e["train_loss"]) for e in epochs]
             entry["curve"] = step_losses(log_text)
             checkpoint = job / "checkpoint_last.pth"  # the training runner always writes it
