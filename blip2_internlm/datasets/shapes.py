@@ -37,8 +37,13 @@ without punctuation or articles, numbers as Arabic digits in both languages (VQA
 lists its answer 10 times with answer_id 1..10: VQAEval's leave-one-out compares answer
 dicts, so identical dicts would score a correct prediction as 0.
 
-Repeat calls are cheap: if ``out_dir`` holds a complete manifest with the same version
-and args, and its files are there, it is returned as is.  Otherwise the generator's own
+Repeat calls are cheap: if ``out_dir`` holds a complete manifest with the same version,
+args and content fingerprint, and its files are there, it is returned as is.  The
+fingerprint is a digest of what this code writes for the args (every single-object caption,
+question and answer, a few sampled scenes with their text and pixels), so an edit of the
+captions, questions, palette or drawing regenerates the data even where the version was
+not bumped (a complete manifest without one, written before it was recorded, is trusted
+once and given the fingerprint).  Otherwise the generator's own
 outputs (``images/``, ``annotations/``, ``manifest.json``) are removed and written again;
 other files in ``out_dir`` are left alone.  A directory whose ``images/``,
 ``annotations/`` or ``manifest.json`` this generator did not write is refused
@@ -53,6 +58,7 @@ an encoding, which breaks Chinese under a non-UTF-8 locale.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -133,6 +139,10 @@ def generate_shapes(
     reused = previous is not None and _is_complete(root, previous, args)
     if reused:
         manifest = previous
+        if "fingerprint" not in manifest:
+            # adopted: from now on an edit of the generator is noticed here too
+            manifest = {**manifest, "fingerprint": content_fingerprint(args)}
+            _write_json(manifest_path, manifest)
     else:
         _claim_and_clear(root, previous)
         manifest = _write_dataset(root, args)
@@ -201,6 +211,8 @@ def _is_complete(root, manifest, args):
         and manifest.get("dataset") == DATASET_NAME
         and manifest.get("version") == GENERATOR_VERSION
         and manifest.get("args") == args
+        # manifests written before fingerprints were recorded are trusted as before
+        and manifest.get("fingerprint", None) in (None, content_fingerprint(args))
     ):
         return False
     try:
@@ -259,11 +271,44 @@ def _write_dataset(root, args):
     return {
         "dataset": DATASET_NAME,
         "version": GENERATOR_VERSION,
+        "fingerprint": content_fingerprint(args),
         "complete": True,
         "args": args,
         "counts": counts,
         "files": files,
     }
+
+
+#: Scenes drawn for the fingerprint come from this split code, which no split uses.
+_PROBE_SPLIT_CODE = 0
+_PROBE_SCENES = 4
+
+
+def content_fingerprint(args) -> str:
+    """Digest of what the generator writes for ``args`` (normalised), without writing it.
+
+    Every single-object caption and question in both languages, the answer lists, and a
+    few scenes sampled and drawn as the splits' are (text and raw pixels, so it does not
+    depend on the PNG encoder): a change to any of the functions that make them changes it.
+    """
+    digest = hashlib.sha256()
+    for color in args["colors"]:
+        for shape in args["shapes"]:
+            for position in args["positions"]:
+                obj = {"color": color, "shape": shape, "position": position}
+                for other in args["colors"]:
+                    scene = {"objects": [obj], "target": obj, "exist": ((other, shape), other == color)}
+                    for lang in LANG_CODES:
+                        digest.update(json.dumps([_captions([obj], lang), _questions(scene, lang)]).encode())
+    for lang in LANG_CODES:
+        digest.update(json.dumps(_answer_list(lang, args)).encode())
+    for i in range(_PROBE_SCENES):
+        rng = np.random.default_rng([args["seed"], _PROBE_SPLIT_CODE, i])
+        scene = _sample_scene(rng, i, args)
+        digest.update(json.dumps([_captions(scene["objects"], lang) for lang in LANG_CODES]).encode())
+        digest.update(json.dumps([_questions(scene, lang) for lang in LANG_CODES]).encode())
+        digest.update(np.asarray(_draw(scene, rng, args["image_size"])).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _image_path(split, i):
