@@ -26,8 +26,9 @@ test: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
 
+# make demo SEEDS=42,1,2: one run per seed, with their mean and spread
 demo: $(STAMP)
-	$(PY) -m blip2_internlm.demo --lang $(DEMO_LANG)
+	$(PY) -m blip2_internlm.demo --lang $(DEMO_LANG) $(if $(SEEDS),--seeds $(SEEDS))
 
 bench: $(STAMP)
 	$(PY) -m blip2_internlm.bench --size small

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import gc
 import hashlib
 import json
@@ -58,7 +59,7 @@ from unittest import mock
 import torch
 
 from blip2_internlm.dtypes import DTYPES
-from blip2_internlm.measure import measure_steps, peak_matmul_flops
+from blip2_internlm.measure import measure_steps, memory_bandwidth, peak_matmul_flops, roofline_seconds
 from blip2_internlm.paths import BENCH_CONFIG_DIR
 
 #: LAVIS's VQA defaults (``VQATask`` / ``predict_answers``) and caption default prompt.
@@ -431,6 +432,32 @@ def counting_new_tokens(llm, prompt_tokens: int, record: list):
         del llm.generate
 
 
+def decode_step_cost(llm: torch.nn.Module, images: int, rows: int, prefix: int, generated: float) -> dict:
+    """What one decoding step must do at the least: FLOPs and bytes read.
+
+    One token for each of ``rows`` sequences (images x beams) goes through every linear layer of the
+    LLM (the LM head included; the embedding is a lookup) and attends over ``prefix`` tokens (queries +
+    prompt) and ``generated`` ones.  It must read every linear weight once, each image's prefix keys and
+    values once (an image's beams share them) and each row's own, all in the weights' dtype.
+    """
+    from torch import nn
+
+    weights = [m.weight for m in llm.modules() if isinstance(m, nn.Linear)]
+    config = llm.config
+    layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    kv_width = getattr(config, "num_key_value_heads", None) or heads
+    kv_width *= hidden // heads
+    element = weights[0].element_size()
+    flops = 2 * rows * sum(w.numel() for w in weights) + 4 * rows * layers * hidden * (prefix + generated)
+    kv_bytes = 2 * layers * kv_width * element * (images * prefix + rows * generated)
+    return dict(
+        flops=flops,
+        weight_bytes=sum(w.numel() * w.element_size() for w in weights),
+        kv_bytes=kv_bytes,
+        dtype=next(name for name, dtype in DTYPES.items() if dtype == weights[0].dtype),
+    )
+
+
 @dataclass
 class Side:
     """One model under test and how to drive it."""
@@ -444,6 +471,11 @@ class Side:
     @property
     def llm(self):
         return self.model.opt_model if self.is_baseline else self.model.llm_model
+
+    def prefix_tokens(self, prompt: str) -> int:
+        """Tokens the LLM reads before it generates: the queries and the tokenized prompt."""
+        tokenizer = self.model.opt_tokenizer if self.is_baseline else self.model.llm_tokenizer
+        return self.model.query_tokens.shape[1] + len(tokenizer(prompt).input_ids)
 
     def train_step(self, samples) -> Callable[[], None]:
         model = self.model
@@ -484,7 +516,7 @@ class Side:
 
         return step
 
-    def caption(self, visual: dict, new_tokens: int, record: list) -> Callable[[], list]:
+    def caption(self, visual: dict, new_tokens: int, record: list, num_beams: int = NUM_BEAMS) -> Callable[[], list]:
         """``visual``: ``{"image": ...}``, or ours from a feature cache ``{"vit_embeds": ...}``."""
         model = self.model
         model.eval()
@@ -497,11 +529,13 @@ class Side:
 
         def run():
             with counting_new_tokens(self.llm, prompt_tokens, record):
-                return model.generate(dict(visual), num_beams=NUM_BEAMS, **kwargs)
+                return model.generate(dict(visual), num_beams=num_beams, **kwargs)
 
         return run
 
-    def vqa(self, visual: dict, questions: list, new_tokens: int, record: list) -> Callable[[], list]:
+    def vqa(
+        self, visual: dict, questions: list, new_tokens: int, record: list, num_beams: int = NUM_BEAMS
+    ) -> Callable[[], list]:
         model = self.model
         model.eval()
         if self.is_baseline:
@@ -516,7 +550,7 @@ class Side:
                 with counting_new_tokens(self.llm, prompt_tokens, record):
                     return model.generate(
                         {**visual, "prompt": prompt},
-                        num_beams=NUM_BEAMS,
+                        num_beams=num_beams,
                         max_length=new_tokens,
                         min_length=prompt_tokens + new_tokens,
                     )
@@ -527,7 +561,7 @@ class Side:
             with counting_new_tokens(self.llm, 0, record):
                 return model.predict_answers(
                     {**visual, "text_input": questions},
-                    num_beams=NUM_BEAMS,
+                    num_beams=num_beams,
                     max_len=new_tokens,
                     min_len=new_tokens,
                     prompt=VQA_PROMPT,
@@ -567,8 +601,12 @@ def machine_info(device: str) -> dict:
 
 
 #: What ``--sections`` may name: LAVIS's model, ours with its toggles, the training runner's additions,
-#: the captioning command's loop.
-SECTIONS = ("lavis", "ours", "reliability", "caption_cli")
+#: the captioning command's loop, the batch-size and beam sweep.
+SECTIONS = ("lavis", "ours", "reliability", "caption_cli", "sweep")
+
+#: The scaling sweep: images per batch for the step and for VQA (beam 5), and beams at the size's batch.
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
+SWEEP_BEAMS = (1, 3, 5)
 
 
 class Bench:
@@ -587,7 +625,9 @@ class Bench:
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.peaks = {}
+        self.bandwidth = None
         self.overheads: dict = {}
+        self.scaling: dict = {}
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -604,6 +644,7 @@ class Bench:
         images: int,
         tokens: list | None = None,
         status: str | None = None,
+        decode: dict | None = None,
     ) -> dict:
         row = dict(task=task, variant=variant, model=side.label if side else None, images=images, status="ok")
         if status is not None:
@@ -625,7 +666,42 @@ class Bench:
         self.rows.append(row)
         shown = f"{row['median_s'] * 1e3:9.1f} ms" if row["status"] == "ok" else row["status"]
         print(f"  {task:10s} {variant:44s} {shown}", flush=True)
+        if decode is not None and row["status"] == "ok":
+            self.decode_step(row, side, **decode)
         return row
+
+    def decode_step(self, row: dict, side: Side, one_token: Callable[[], Callable], prompt: str, new_tokens: int):
+        """A generation row's time per decoding step, (the call - the same call for one new token) /
+        (new tokens - 1), read against the step's roofline floor on this machine (``decode_step_cost``
+        over the matmul peak of the LLM's dtype and the copy bandwidth)."""
+        try:
+            one = measure_steps(one_token(), self.device, self.repeats, flops=False)
+        except Exception as err:
+            row["decode"] = dict(status=f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            return
+        step_s = (row["median_s"] - one["median_s"]) / (new_tokens - 1)
+        images = row["images"]
+        prefix = side.prefix_tokens(prompt)
+        cost = decode_step_cost(side.llm, images, images * NUM_BEAMS, prefix, new_tokens / 2)
+        floor = roofline_seconds(
+            cost["flops"], cost["weight_bytes"] + cost["kv_bytes"], self.peaks[cost["dtype"]], self.bandwidth
+        )
+        row["decode"] = dict(
+            status="ok",
+            step_ms=step_s * 1e3,
+            one_token_call_ms=one["median_s"] * 1e3,
+            floor_ms=floor["seconds"] * 1e3,
+            bound=floor["bound"],
+            step_vs_floor=step_s / floor["seconds"],
+            rows=images * NUM_BEAMS,
+            prefix_tokens=prefix,
+            **cost,
+        )
+        print(
+            f"  {'':10s} {'  decode step':44s} {step_s * 1e3:9.1f} ms, roofline floor "
+            f"{floor['seconds'] * 1e3:.1f} ms ({floor['bound']}-bound): {step_s / floor['seconds']:.1f}x",
+            flush=True,
+        )
 
     def measure_side(
         self, side: Side, variant: str, tasks=("train", "caption", "vqa"), visual: dict | None = None
@@ -638,14 +714,36 @@ class Bench:
             self.row("train_step", variant, side, lambda: side.train_step(samples), batch)
         if "caption" in tasks:
             tokens = []
+            decode = dict(
+                one_token=lambda: side.caption(visual, 1, []),
+                prompt=side.model.prompt,
+                new_tokens=size["caption_tokens"],
+            )
             self.row(
-                "caption", variant, side, lambda: side.caption(visual, size["caption_tokens"], tokens), batch, tokens
+                "caption",
+                variant,
+                side,
+                lambda: side.caption(visual, size["caption_tokens"], tokens),
+                batch,
+                tokens,
+                decode=decode,
             )
         if "vqa" in tasks:
             tokens = []
             questions = [inputs["question"]] * batch
+            decode = dict(
+                one_token=lambda: side.vqa(visual, questions, 1, []),
+                prompt=VQA_PROMPT.format(inputs["question"]),
+                new_tokens=size["vqa_tokens"],
+            )
             self.row(
-                "vqa", variant, side, lambda: side.vqa(visual, questions, size["vqa_tokens"], tokens), batch, tokens
+                "vqa",
+                variant,
+                side,
+                lambda: side.vqa(visual, questions, size["vqa_tokens"], tokens),
+                batch,
+                tokens,
+                decode=decode,
             )
 
     def baselines(self) -> None:
@@ -903,6 +1001,58 @@ class Bench:
 
             self.row("vqa_mixed", f"ours: mixed questions, {name}", side, make, len(questions), tokens)
 
+    def sweep(self, repeats: int = 2) -> None:
+        """How cost grows: LAVIS's model and ours by default, the training step and VQA (beam 5) at
+        each of ``SWEEP_BATCHES`` images per batch, and VQA at the size's batch with each of
+        ``SWEEP_BEAMS`` beams; images/s into ``self.scaling`` (a point that fails is left out, noted)."""
+        cpu = torch.device(self.device).type == "cpu"
+        sides = (
+            ("LAVIS blip2_opt" + (", OPT fp32" if cpu else ""), True),
+            ("ours: default", False),
+        )
+        scaling = {"batch": {}, "beams": {}, "repeats": repeats, "vqa_new_tokens": self.size["vqa_tokens"]}
+        for label, is_baseline in sides:
+            try:
+                model = (
+                    build_baseline(self.size, self.device, opt_dtype="fp32" if cpu else None)
+                    if is_baseline
+                    else build_ours(self.size, self.device)
+                )
+            except Exception as err:
+                self.note(f"sweep: {label}: cannot build: {err}")
+                continue
+            curves = {"train_step": [], "vqa": [], "beams": []}
+            for task, x, images, make in self._sweep_points(Side(label, model, is_baseline)):
+                try:
+                    seconds = measure_steps(make(), self.device, repeats, flops=False)["median_s"]
+                except Exception as err:
+                    self.note(f"sweep: {label} {task} at {x}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                    continue
+                point = dict(x=x, images=images, ms=round(seconds * 1e3, 2), images_per_s=round(images / seconds, 3))
+                curves[task].append(point)
+                print(f"  sweep      {label:32s} {task:10s} {x:3d} {seconds * 1e3:9.1f} ms", flush=True)
+            scaling["beams"][label] = curves.pop("beams")
+            scaling["batch"][label] = curves
+            del model
+            gc.collect()
+        self.scaling = scaling
+
+    def _sweep_points(self, side: Side):
+        """(task, x, images, make) for each point of the sweep; ``make()`` gives the function to time."""
+        new_tokens = self.size["vqa_tokens"]
+        for batch in SWEEP_BATCHES:
+            inputs = make_inputs(self.size, self.device, batch)
+            visual = {"image": inputs["images"]}
+            samples = {**visual, "text_input": inputs["captions"]}
+            questions = [inputs["question"]] * batch
+            yield "train_step", batch, batch, functools.partial(side.train_step, samples)
+            yield "vqa", batch, batch, functools.partial(side.vqa, visual, questions, new_tokens, [])
+        inputs = make_inputs(self.size, self.device, self.batch_size)
+        visual = {"image": inputs["images"]}
+        questions = [inputs["question"]] * self.batch_size
+        for beams in SWEEP_BEAMS:
+            yield "beams", beams, self.batch_size, functools.partial(side.vqa, visual, questions, new_tokens, [], beams)
+
     def ratios(self) -> None:
         """Each row's time against each baseline variant's, same task."""
         bases = {}
@@ -962,7 +1112,9 @@ class Bench:
             flush=True,
         )
         self.peaks = peak_matmul_flops(self.device)
+        self.bandwidth = memory_bandwidth(self.device)
         print("  peak matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peaks.items()), flush=True)
+        print(f"  memory bandwidth (copy, read + write): {self.bandwidth / 1e9:.1f} GB/s", flush=True)
         with lavis_opt_generation():
             if "lavis" in sections:
                 self.baselines()
@@ -972,6 +1124,9 @@ class Bench:
             self.reliability()
         if "caption_cli" in sections:
             self.caption_cli()
+        if "sweep" in sections:
+            with lavis_opt_generation():
+                self.sweep()
         self.ratios()
         return dict(
             size=self.size_name,
@@ -981,7 +1136,9 @@ class Bench:
             size_config=self.size,
             machine=machine_info(self.device),
             peak_matmul_flops=self.peaks,
+            memory_bandwidth_bytes_per_s=self.bandwidth,
             notes=self.notes,
+            scaling=self.scaling,
             rows=self.rows,
             targets=self.targets(),
             reliability_overheads=self.overheads,
@@ -1021,6 +1178,33 @@ def format_table(result: dict) -> str:
     return "\n".join(lines + [""] + legend)
 
 
+def scaling_chart(result: dict) -> str:
+    """The sweep's curves, LAVIS's and ours on each chart: training and VQA images/s against the batch
+    size, VQA images/s against the beams."""
+    from blip2_internlm.charts import line_chart, panels
+
+    scaling = result["scaling"]
+
+    def curves(group: str, task: str | None) -> dict:
+        return {
+            label: [(p["x"], p["images_per_s"]) for p in (by_task[task] if task else by_task)]
+            for label, by_task in scaling[group].items()
+        }
+
+    beams_batch = result["batch_size"]
+    charts = [
+        line_chart(curves("batch", "train_step"), "stage-2 training step", "images per batch", "images/s", log_x=True),
+        line_chart(curves("batch", "vqa"), "VQA, beam 5", "images per batch", "images/s", log_x=True),
+        line_chart(curves("beams", None), f"VQA, {beams_batch} images per batch", "beams", "images/s"),
+    ]
+    machine = result["machine"]
+    title = (
+        f"blip2-internlm bench, size {result['size']}, {result['device']} ({machine['cpu']}, "
+        f"{machine['torch_threads']} threads), median of {scaling['repeats']}"
+    )
+    return panels(charts, title)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2_internlm.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="small", choices=size_names())
@@ -1048,6 +1232,10 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{args.size}-{torch.device(args.device).type}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if result["scaling"]:
+        chart = out.with_name(out.stem + "-scaling.svg")
+        chart.write_text(scaling_chart(result))
+        print(f"wrote {chart}")
     print()
     print(format_table(result))
     print("\ntargets: " + json.dumps(result["targets"], indent=2))

@@ -170,9 +170,9 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.total)
 
 
-def measure_steps(fn: Callable[[], object], device, repeats: int, warmup: int = 1) -> dict:
+def measure_steps(fn: Callable[[], object], device, repeats: int, warmup: int = 1, flops: bool = True) -> dict:
     """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, its FLOPs (one more
-    run, uncounted in the time), and the peak memory growth over the timed runs."""
+    run, uncounted in the time; ``flops=False`` skips it), and the peak memory growth over the timed runs."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -184,12 +184,41 @@ def measure_steps(fn: Callable[[], object], device, repeats: int, warmup: int = 
         sync(device)
         times.append(time.perf_counter() - start)
     memory = peak_memory_growth(device, base)
-    flops = count_flops(fn)
     return dict(
         times_s=[round(t, 5) for t in times],
         median_s=statistics.median(times),
-        flops=flops,
+        flops=count_flops(fn) if flops else None,
         peak_memory_growth_bytes=memory,
+    )
+
+
+def memory_bandwidth(device, megabytes: int = 256, repeats: int = 5) -> float:
+    """Best bytes/s of a large tensor copy (``dst.copy_(src)``, bytes read plus bytes written): the
+    rate a step that must read its weights and caches once is bounded by."""
+    numel = megabytes * 2**20 // 4
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    best = 0.0
+    for _ in range(repeats):  # best of: other processes only ever slow a run down
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - start))
+    del src, dst
+    return best
+
+
+def roofline_seconds(flops: float, bytes_read: float, peak_flops: float, bandwidth: float) -> dict:
+    """The least time a computation can take on this machine: its FLOPs at the matmul peak or its
+    bytes at the copy bandwidth, whichever is longer (which one is ``bound``)."""
+    compute, memory = flops / peak_flops, bytes_read / bandwidth
+    return dict(
+        seconds=max(compute, memory),
+        compute_s=compute,
+        memory_s=memory,
+        bound="compute" if compute >= memory else "memory",
     )
 
 
