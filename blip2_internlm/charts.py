@@ -115,9 +115,7 @@ def line_chart(
 def panels(charts: list[str], title: str, width: int = 420, height: int = 300) -> str:
     """Charts made by :func:`line_chart` (of that ``width`` and ``height``) side by side, one SVG document."""
     total = width * len(charts)
-    body = "".join(
-        f'<g transform="translate({index * width} 24)">{chart}</g>' for index, chart in enumerate(charts)
-    )
+    body = "".join(f'<g transform="translate({index * width} 24)">{chart}</g>' for index, chart in enumerate(charts))
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{total}" height="{height + 24}" font-family="sans-serif">'
         f'<text x="8" y="16" font-size="14">{html.escape(title)}</text>{body}</svg>\n'

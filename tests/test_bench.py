@@ -126,11 +126,33 @@ def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkey
     # LAVIS as shipped (fp16 OPT, no autocast on CPU) is reported, run or not
     assert (("train_step", "LAVIS blip2_opt as shipped (OPT fp16)")) in rows
     assert "| train_step |" in capsys.readouterr().out
+    # each generation row: its decode step against the roofline floor of that step on this machine
+    assert result["memory_bandwidth_bytes_per_s"] > 0
+    for task in ("caption", "vqa"):
+        for variant in (fp32_base, "ours: default"):
+            decode = rows[(task, variant)]["decode"]
+            assert decode["status"] == "ok" and decode["rows"] == result["batch_size"] * bench.NUM_BEAMS
+            assert decode["floor_ms"] > 0 and decode["bound"] in ("compute", "memory")
+            assert decode["step_vs_floor"] == pytest.approx(decode["step_ms"] / decode["floor_ms"])
+    assert set(result["targets"]["decode_step_vs_roofline_floor (target <= 3.0)"]) >= {
+        "vqa: ours: default",
+        f"vqa: {fp32_base}",
+    }
+    # the sweep: both models at every batch size and beam count, and the chart of it beside the JSON
+    scaling = result["scaling"]
+    for label in (fp32_base, "ours: default"):
+        for task in ("train_step", "vqa"):
+            assert [p["x"] for p in scaling["batch"][label][task]] == list(bench.SWEEP_BATCHES)
+        assert [p["x"] for p in scaling["beams"][label]] == list(bench.SWEEP_BEAMS)
+    [chart] = tmp_path.glob("tiny-cpu-*-scaling.svg")
+    svg = chart.read_text()
+    assert svg.count("<polyline") == 6 and fp32_base in svg and "ours: default" in svg
 
 
 def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "peak_matmul_flops", lambda device: {"fp32": 1e11, "bf16": 1e12})
-    assert bench.main(["--size", "tiny", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    sections = "lavis,ours,reliability,caption_cli"  # the sweep: the spec above
+    assert bench.main(["--size", "tiny", "--repeats", "1", "--out-dir", str(tmp_path), "--sections", sections]) == 0
     [out] = tmp_path.glob("tiny-cpu-*.json")
     result = json.loads(out.read_text())
     rows = {(r["task"], r["variant"]): r for r in result["rows"]}
@@ -143,7 +165,7 @@ def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatc
         ("vqa_mixed", "ours: mixed questions, dataset order"),
         ("train_step", "ours: autocast_dtype=bf16"),
         ("train_step", "ours: autocast_dtype=bf16, feature cache on"),
-        ("train_step", "ours: llm_precision=fp32"),
+        ("train_step", "ours: llm_precision=fp32, autocast_dtype=off"),  # like for like with the fp32 baseline
         ("train_step", "ours: llm_grad_checkpoint=True"),
     ]:
         assert rows[(task, variant)]["status"] == "ok", rows[(task, variant)]

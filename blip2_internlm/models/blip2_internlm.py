@@ -249,6 +249,7 @@ class Blip2InternLM(Blip2Base):
                 attention_mask,
                 implementation=self.model_config.decode_implementation,
                 compile=self.model_config.decode_compile,
+                prepack=self.model_config.decode_prepack,
                 do_sample=use_nucleus_sampling,
                 top_p=top_p,
                 temperature=temperature,

@@ -62,8 +62,12 @@ class ModelConfig:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            _check_type(field.name, value, hints[field.name])
             choices = field.metadata.get("choices")
+            if value is False and choices is not None and "off" in choices:
+                # YAML 1.1 (a config file, or --options model.autocast_dtype=off) reads an unquoted off as false
+                value = "off"
+                object.__setattr__(self, field.name, value)
+            _check_type(field.name, value, hints[field.name])
             if choices is not None and value not in choices:
                 raise ValueError(f"model.{field.name} = {value!r}; expected one of {[c for c in choices]}")
             minimum = field.metadata.get("min")
@@ -162,6 +166,9 @@ class Blip2InternLMConfig(VisionQformerConfig):
     decode_implementation: str = dataclasses.field(default="static", metadata=_choice(*DECODE_IMPLEMENTATIONS))
     #: torch.compile the static loop's step; null: on CUDA only (where it pays)
     decode_compile: bool | None = None
+    #: the static step's linear layers over weights packed once for oneDNN (bf16 on a CPU: same results,
+    #: faster; one more copy of the LLM's linear weights); null: wherever that applies
+    decode_prepack: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()

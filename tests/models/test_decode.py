@@ -174,3 +174,63 @@ def test_an_unknown_implementation_is_an_error_naming_the_choices(tiny):
     with pytest.raises(ValueError, match=r"'static', 'transformers'"):
         generate_tokens(*tiny, implementation="fast")
     assert decode.IMPLEMENTATIONS == ("static", "transformers")
+
+
+needs_onednn_bf16 = pytest.mark.skipif(
+    decode.PackedLinears.unavailable(torch.nn.Linear(2, 2).bfloat16(), "cpu") is not None,
+    reason="no oneDNN bf16 matmul on this CPU",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny):
+    llm, embeds, mask = tiny
+    return InternLM2ForCausalLM(llm.config).to(torch.bfloat16).eval().requires_grad_(False), embeds.bfloat16(), mask
+
+
+@needs_onednn_bf16
+def test_packed_bf16_weights_give_the_unpacked_steps_logits_bit_for_bit(tiny):
+    llm, embeds, mask = tiny
+    llm = InternLM2ForCausalLM(llm.config).to(torch.bfloat16).eval()
+    plain = decode.PrefixSharedDecoder(llm, embeds.bfloat16(), mask, copies=1, max_steps=3)
+    packed = decode.PrefixSharedDecoder(llm, embeds.bfloat16(), mask, copies=1, max_steps=3, prepack=True)
+    assert torch.equal(plain.prefill(), packed.prefill())
+    tokens = torch.tensor([5, 17, 300, 2])
+    for _ in range(3):
+        assert torch.equal(plain.step(tokens), packed.step(tokens))
+
+
+@needs_onednn_bf16
+def test_prepack_is_the_default_for_bf16_on_the_cpu_and_gives_the_same_beams(tiny_bf16, monkeypatch):
+    llm, embeds, mask = tiny_bf16
+    packs = []
+    monkeypatch.setattr(decode.PackedLinears, "__init__", _counting(decode.PackedLinears.__init__, packs))
+    settings = dict(eos_token_id=STOPS, pad_token_id=PAD, max_new_tokens=8, num_beams=4, length_penalty=0.0)
+    default = generate_tokens(llm, embeds, mask, **settings)
+    assert len(packs) == 1
+    unpacked = generate_tokens(llm, embeds, mask, prepack=False, **settings)
+    assert torch.equal(default, unpacked)
+    generate_tokens(llm, embeds, mask, **settings)
+    assert len(packs) == 1, "the packed weights are kept with the model between calls"
+    with torch.no_grad():
+        llm.output.weight.mul_(1.5)
+    changed = generate_tokens(llm, embeds, mask, **settings)
+    assert len(packs) == 2, "a changed weight is packed again"
+    assert torch.equal(changed, generate_tokens(llm, embeds, mask, prepack=False, **settings))
+
+
+def _counting(init, calls):
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        init(self, *args, **kwargs)
+
+    return counted
+
+
+def test_prepack_refuses_weights_it_would_not_reproduce(tiny):
+    llm, embeds, mask = tiny  # fp32: oneDNN's packed fp32 kernel rounds differently
+    assert "bf16 only" in decode.PackedLinears.unavailable(llm, "cpu")
+    with pytest.raises(ValueError, match="prepack=True: .*bf16 only"):
+        generate_tokens(llm, embeds, mask, prepack=True, max_new_tokens=2, pad_token_id=PAD)
+    reference, static = both(llm, embeds, mask, num_beams=3)  # the default leaves fp32 unpacked
+    assert torch.equal(static, reference)

@@ -52,6 +52,18 @@ def test_autocast_off_with_an_fp16_vit_is_refused_before_anything_is_built(lavis
         Blip2InternLMConfig.from_lavis(cfg)
 
 
+def test_an_unquoted_off_in_yaml_or_options_means_off(lavis_ready):
+    from blip2_internlm.models.config import Blip2InternLMConfig
+
+    # LAVIS's Config reads `--options model.autocast_dtype=off` through OmegaConf.from_dotlist: YAML 1.1 makes it false
+    options = OmegaConf.from_dotlist(["model.autocast_dtype=off"])
+    cfg = OmegaConf.merge({"model": tiny_cfg()}, options).model
+    assert cfg.autocast_dtype is False
+    assert Blip2InternLMConfig.from_lavis(cfg).autocast_dtype == "off"
+    cfg.freeze_vit = False  # a boolean key keeps its boolean
+    assert Blip2InternLMConfig.from_lavis(cfg).freeze_vit is False
+
+
 def test_a_key_the_yaml_leaves_out_takes_the_one_default_and_the_yaml_values_win(lavis_ready):
     from blip2_internlm.models.config import Blip2InternLMConfig
 
