@@ -153,13 +153,15 @@ def count_flops(fn: Callable[[], object]) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry
 
+    formulas = {**flop_registry, **_cpu_attention_formulas()}
+
     class Counter(TorchDispatchMode):
         total = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
+            formula = formulas.get(func._overloadpacket)
             if formula is not None:
                 self.total += formula(*args, **kwargs, out_val=out)
             return out
@@ -168,6 +170,25 @@ def count_flops(fn: Callable[[], object]) -> int:
     with counter:
         fn()
     return int(counter.total)
+
+
+def _cpu_attention_formulas() -> dict:
+    """FLOPs of ``scaled_dot_product_attention``'s CPU kernel, which ``flop_registry`` lacks (it has the
+    CUDA kernels only, so SDPA on a CPU counted as zero): the formulas of the CUDA flash kernel."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_val=None, **kwargs):
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    def backward(grad_out, query, key, value, *args, out_val=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
 
 
 def measure_steps(fn: Callable[[], object], device, repeats: int, warmup: int = 1, flops: bool = True) -> dict:

@@ -176,3 +176,36 @@ def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatc
     }
     # the cached step runs no ViT: fewer FLOPs than the uncached one
     assert rows[("train_step", "ours: feature cache on")]["flops"] < rows[("train_step", "ours: default")]["flops"]
+
+
+def test_a_decode_steps_cost_is_what_one_real_step_does_and_reads():
+    """decode_step_cost (the roofline floor's numerator) against one real cached step of the LLM: the
+    FLOP counter's count of it, the bytes of the cache it attends over, the weights of its linear layers."""
+    from transformers.cache_utils import DynamicCache
+
+    from blip2_internlm.internlm2.modeling import InternLM2ForCausalLM
+    from blip2_internlm.measure import count_flops
+
+    config = bench.internlm2_config(bench.load_size("tiny"))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    llm = InternLM2ForCausalLM._from_config(config).eval()
+    rows, prefix, generated = 6, 11, 4
+    ids = torch.randint(0, config.vocab_size, (rows, prefix + generated))
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        llm(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        flops = count_flops(lambda: llm(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True))
+    # without beams sharing a prefix, every row reads its own: images = rows
+    cost = bench.decode_step_cost(llm, images=rows, rows=rows, prefix=prefix, generated=generated)
+    assert cost["flops"] == flops
+    assert cost["kv_bytes"] == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    embedding_and_norms = sum(
+        p.nbytes for name, p in llm.named_parameters() if "norm" in name or "tok_embeddings" in name
+    )
+    assert cost["weight_bytes"] == sum(p.nbytes for p in llm.parameters()) - embedding_and_norms
+    assert cost["dtype"] == "fp32"
+    # beams of one image share its prefix: five beams per image read the prefix once
+    shared = bench.decode_step_cost(llm, images=2, rows=10, prefix=prefix, generated=generated)
+    per_token = cost["kv_bytes"] / (rows * (prefix + generated))
+    assert shared["kv_bytes"] == per_token * (2 * prefix + 10 * generated)

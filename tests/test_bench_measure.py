@@ -110,3 +110,15 @@ def test_the_named_config_directories_hold_the_package_and_repository_configs():
     assert (paths.TINY_RUN_CONFIG_DIR / "pretrain_stage2.yaml").is_file()
     assert paths.SHAPES_DATASET_CONFIG_DIR.parent == paths.DATASET_CONFIG_DIR
     assert paths.DATASET_CONFIG_DIR.parent == paths.MODEL_CONFIG_DIR.parent == paths.CONFIG_DIR
+
+
+def test_sdpa_on_the_cpu_counts_as_the_matmuls_it_replaces_forward_and_backward():
+    q, k, v = (torch.randn(2, 4, 7, 16, requires_grad=True) for _ in range(3))
+
+    def by_hand():
+        return torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    forward = 2 * (2 * 2 * 4 * 7 * 7 * 16)  # q @ k^T and p @ v, two FLOPs per multiply-add
+    assert measure.count_flops(lambda: sdpa(q, k, v)) == measure.count_flops(by_hand) == forward
+    assert measure.count_flops(lambda: sdpa(q, k, v).sum().backward()) > 2 * forward
