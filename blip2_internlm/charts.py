@@ -8,7 +8,7 @@
         log_x=True,
     )
 
-Each series is a polyline with its points marked and labelled in a legend; the axes carry a few
+Each series is a polyline (its points marked when there are few) named in a legend; the axes carry a few
 ticks (the x values themselves on a log axis).  :func:`panels` puts several charts side by side in
 one SVG document.
 """
@@ -20,6 +20,8 @@ import math
 
 #: Series colours, in order (colour-blind safe, Okabe-Ito).
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+#: Series with at most this many points have each point marked (with its value as a tooltip).
+MARKED_POINTS = 40
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -97,11 +99,12 @@ def line_chart(
         colour = COLOURS[index % len(COLOURS)]
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
-        parts.extend(
-            f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"><title>{html.escape(name)}: '
-            f"{_label(x)}, {y:.3g}</title></circle>"
-            for x, y in points
-        )
+        if len(points) <= MARKED_POINTS:  # a dense curve (a loss per step) reads better as a line alone
+            parts.extend(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"><title>{html.escape(name)}: '
+                f"{_label(x)}, {y:.3g}</title></circle>"
+                for x, y in points
+            )
         legend_y = top + plot_h + 46 + 12 * (index // 2)
         legend_x = left + (index % 2) * plot_w / 2
         parts.append(

@@ -366,22 +366,14 @@ def summary_value(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else json.dumps(value, ensure_ascii=False)
 
 
-def svg_curve(points, title, width=420, height=160) -> str:
+def svg_curve(points, title, width=420, height=220) -> str:
+    """A stage's loss curve, (fractional epoch, loss) points; empty without points."""
+    from blip2_internlm.charts import line_chart
+
     if not points:
         return ""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
-    span_x, span_y = (x1 - x0) or 1, (y1 - y0) or 1
-    coords = " ".join(
-        f"{30 + (x - x0) / span_x * (width - 40):.1f},{10 + (1 - (y - y0) / span_y) * (height - 30):.1f}"
-        for x, y in points
-    )
-    return (
-        f'<figure><svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
-        f'<polyline fill="none" stroke="#2a6" stroke-width="1.5" points="{coords}"/>'
-        f'<text x="30" y="{height - 4}" font-size="11">{html.escape(title)}: {ys[0]:.3f} → {ys[-1]:.3f}</text>'
-        f"</svg></figure>"
-    )
+    label = f"{title}: {points[0][1]:.3f} → {points[-1][1]:.3f}"
+    return f"<figure>{line_chart({label: points}, title, 'epoch', 'loss', width=width, height=height)}</figure>"
 
 
 def report_html(result: dict, output: Path, examples: int = 12) -> str:

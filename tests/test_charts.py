@@ -55,3 +55,10 @@ def test_panels_place_charts_side_by_side_in_one_document():
     assert root.get("width") == "900"
     offsets = [g.get("transform") for g in root.findall(f"{SVG}g")]
     assert offsets == ["translate(0 24)", "translate(300 24)", "translate(600 24)"]
+
+
+def test_few_points_are_marked_with_their_values_a_dense_curve_is_a_line_alone():
+    few = ET.fromstring(line_chart({"s": [(1, 2.0), (2, 3.0), (4, 5.0)]}, "t", "x", "y"))
+    assert [c.find(f"{SVG}title").text for c in few.iter(f"{SVG}circle")] == ["s: 1, 2", "s: 2, 3", "s: 4, 5"]
+    dense = ET.fromstring(line_chart({"loss": [(i / 100, 1 / (i + 1)) for i in range(100)]}, "t", "x", "y"))
+    assert list(dense.iter(f"{SVG}circle")) == [] and len(_polylines(ET.tostring(dense, encoding="unicode"))[0]) == 100
