@@ -267,8 +267,10 @@ class FeatureStore:
             "image_shape": list(probe.shape),
             "processor": describe(getattr(dataset, "vis_processor", None)),
             "device_type": device.type,
-            # the model's autocast region (model.autocast_dtype) sets the ViT's arithmetic
+            # the model's autocast region (model.autocast_dtype) sets the ViT's arithmetic; "auto" resolves
+            # per machine (bf16 on CPUs with native bf16 only), so the resolved dtype counts too
             "autocast_dtype": str(getattr(model, "autocast_dtype", None)),
+            "autocast": _resolved_autocast(model, device),
             "views": int(views),
             "seed": int(seed),
             "dtype": dtype,
@@ -750,3 +752,13 @@ def apply_feature_cache(cfg, model, datasets):
             )
             by_split[split] = CachedFeatures(by_split[split], store, train=is_train)
     return datasets
+
+
+def _resolved_autocast(model, device: torch.device) -> str | None:
+    """The dtype the model's autocast setting gives on ``device`` (None: no autocast region)."""
+    from blip2_internlm.models.llm_inputs import AUTOCAST_DTYPES, resolve_autocast_dtype
+
+    setting = getattr(model, "autocast_dtype", None)
+    if setting not in AUTOCAST_DTYPES:
+        return None
+    return str(resolve_autocast_dtype(setting, device))
