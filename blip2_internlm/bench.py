@@ -126,14 +126,15 @@ def qformer_dir(size: dict) -> Path:
 
     from blip2_internlm.assets import generated, resolve_text_model
 
+    source = resolve_text_model("tiny")  # its directory name carries its vocabulary's digest
+
     def build(out: Path) -> None:
-        source = resolve_text_model("tiny")
         for name in ("vocab.txt", "tokenizer_config.json"):
             shutil.copy(source / name, out / name)
         vocab = len((out / "vocab.txt").read_text(encoding="utf-8").splitlines())
         BertConfig(vocab_size=vocab, max_position_embeddings=512, **size["qformer"]).to_json_file(out / "config.json")
 
-    return generated(f"bench-bert-{_digest(size['qformer'])}", build)
+    return generated(f"bench-bert-{_digest([size['qformer'], source.name])}", build)
 
 
 def internlm2_config(size: dict):

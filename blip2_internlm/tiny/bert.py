@@ -114,6 +114,12 @@ def _build_tiny_bert_zh(out: Path) -> None:
     )
 
 
+def _dirname() -> str:
+    # as the Chinese one: a changed vocabulary is a new asset, never a stale cached one
+    digest = hashlib.sha256("\n".join(tiny_bert_vocab()).encode()).hexdigest()
+    return f"tiny-bert-{digest[:8]}"
+
+
 def _zh_dirname() -> str:
     # the vocabulary follows the shapes text: new words there make a new asset
     digest = hashlib.sha256("\n".join(tiny_zh_vocab()).encode()).hexdigest()
@@ -121,7 +127,7 @@ def _zh_dirname() -> str:
 
 
 TINY_BERT = GeneratedAsset(
-    dirname=lambda: "tiny-bert",
+    dirname=_dirname,
     build=_build_tiny_bert,
     config=lambda: {"model_type": "bert", "vocab_size": len(tiny_bert_vocab()), **TINY_BERT_SIZES},
 )
