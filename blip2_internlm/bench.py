@@ -59,7 +59,13 @@ from unittest import mock
 import torch
 
 from blip2_internlm.dtypes import DTYPES
-from blip2_internlm.measure import measure_steps, memory_bandwidth, peak_matmul_flops, roofline_seconds
+from blip2_internlm.measure import (
+    interleaved_medians,
+    measure_steps,
+    memory_bandwidth,
+    peak_matmul_flops,
+    roofline_seconds,
+)
 from blip2_internlm.paths import BENCH_CONFIG_DIR
 
 #: LAVIS's VQA defaults (``VQATask`` / ``predict_answers``) and caption default prompt.
@@ -674,19 +680,28 @@ class Bench:
         shown = f"{row['median_s'] * 1e3:9.1f} ms" if row["status"] == "ok" else row["status"]
         print(f"  {task:10s} {variant:44s} {shown}", flush=True)
         if decode is not None and row["status"] == "ok":
-            self.decode_step(row, side, **decode)
+            self.decode_step(row, side, make_fn, **decode)
         return row
 
-    def decode_step(self, row: dict, side: Side, one_token: Callable[[], Callable], prompt: str, new_tokens: int):
+    def decode_step(
+        self,
+        row: dict,
+        side: Side,
+        full: Callable[[], Callable],
+        one_token: Callable[[], Callable],
+        prompt: str,
+        new_tokens: int,
+    ):
         """A generation row's time per decoding step, (the call - the same call for one new token) /
-        (new tokens - 1), read against the step's roofline floor on this machine (``decode_step_cost``
-        over the matmul peak of the LLM's dtype and the copy bandwidth)."""
+        (new tokens - 1), the two calls timed in turn (a difference of timings), read against the step's
+        roofline floor on this machine (``decode_step_cost`` over the matmul peak of the LLM's dtype and
+        the copy bandwidth)."""
         try:
-            one = measure_steps(one_token(), self.device, self.repeats, flops=False)
+            medians = interleaved_medians({"full": full(), "one": one_token()}, self.device, self.repeats)
         except Exception as err:
             row["decode"] = dict(status=f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             return
-        step_s = (row["median_s"] - one["median_s"]) / (new_tokens - 1)
+        step_s = (medians["full"] - medians["one"]) / (new_tokens - 1)
         images = row["images"]
         prefix = side.prefix_tokens(prompt)
         cost = decode_step_cost(side.llm, images, images * NUM_BEAMS, prefix, new_tokens / 2)
@@ -696,7 +711,8 @@ class Bench:
         row["decode"] = dict(
             status="ok",
             step_ms=step_s * 1e3,
-            one_token_call_ms=one["median_s"] * 1e3,
+            call_ms=medians["full"] * 1e3,
+            one_token_call_ms=medians["one"] * 1e3,
             floor_ms=floor["seconds"] * 1e3,
             bound=floor["bound"],
             step_vs_floor=step_s / floor["seconds"],

@@ -213,6 +213,23 @@ def measure_steps(fn: Callable[[], object], device, repeats: int, warmup: int = 
     )
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each function, timed in turn within each repeat (after ``warmup`` calls each),
+    so that a slow spell of a shared machine falls on all of them alike: for differences of timings."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def memory_bandwidth(device, megabytes: int = 256, repeats: int = 5) -> float:
     """Best bytes/s of a large tensor copy (``dst.copy_(src)``, bytes read plus bytes written): the
     rate a step that must read its weights and caches once is bounded by."""

@@ -122,3 +122,12 @@ def test_sdpa_on_the_cpu_counts_as_the_matmuls_it_replaces_forward_and_backward(
     forward = 2 * (2 * 2 * 4 * 7 * 7 * 16)  # q @ k^T and p @ v, two FLOPs per multiply-add
     assert measure.count_flops(lambda: sdpa(q, k, v)) == measure.count_flops(by_hand) == forward
     assert measure.count_flops(lambda: sdpa(q, k, v).sum().backward()) > 2 * forward
+
+
+def test_interleaved_medians_time_each_function_in_turn_after_the_warmup():
+    calls = []
+    medians = measure.interleaved_medians(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", repeats=3, warmup=1
+    )
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, a and b alternating
+    assert set(medians) == {"a", "b"} and all(m >= 0 for m in medians.values())
