@@ -575,6 +575,15 @@ class PackedLinears:
     def __call__(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed[id(module)], module.bias, "none", [], "")
 
+    def __reduce__(self):
+        # oneDNN's opaque tensors can be neither copied nor pickled: a deep copy or a pickle of the model
+        # carries no packed weights (the copy packs its own when it generates)
+        return _no_packed_linears, ()
+
+
+def _no_packed_linears() -> None:
+    return None
+
 
 def shared_prefix_attention(query, prefix_keys, prefix_values, own_keys, own_values, bias, copies: int):
     """Attention of one query token per row over its image's prefix and its own slots, in float32

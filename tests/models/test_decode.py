@@ -234,3 +234,19 @@ def test_prepack_refuses_weights_it_would_not_reproduce(tiny):
         generate_tokens(llm, embeds, mask, prepack=True, max_new_tokens=2, pad_token_id=PAD)
     reference, static = both(llm, embeds, mask, num_beams=3)  # the default leaves fp32 unpacked
     assert torch.equal(static, reference)
+
+
+@needs_onednn_bf16
+def test_a_model_that_generated_with_packed_weights_can_still_be_copied_and_pickled(tiny_bf16, tmp_path):
+    import copy
+
+    llm, embeds, mask = tiny_bf16
+    settings = dict(eos_token_id=STOPS, pad_token_id=PAD, max_new_tokens=4, num_beams=2)
+    tokens = generate_tokens(llm, embeds, mask, **settings)
+    assert llm.__dict__.get(decode.PackedLinears.ATTRIBUTE) is not None
+    twin = copy.deepcopy(llm)
+    torch.save(llm, tmp_path / "llm.pt")
+    loaded = torch.load(tmp_path / "llm.pt", weights_only=False)
+    for model in (twin, loaded):
+        assert model.__dict__.get(decode.PackedLinears.ATTRIBUTE) is None
+        assert torch.equal(generate_tokens(model, embeds, mask, **settings), tokens)
