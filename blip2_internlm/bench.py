@@ -2,6 +2,7 @@
 
     python -m blip2_internlm.bench --size {tiny,small,real} [--device cpu|cuda] [--repeats N]
                                    [--batch-size B] [--out-dir output/bench] [--skip-toggles]
+                                   [--sections lavis,ours,reliability,caption_cli,sweep]
 
 A script, not a test.  In one process, on identical inputs (same images, captions, questions,
 seeds), it times
@@ -13,6 +14,10 @@ seeds), it times
   weights end at random lengths otherwise),
 * each optimisation of ours switched off/on one at a time from our default, and bf16 autocast
   with the feature cache together,
+* for each generation row, the time of one decoding step against that step's roofline floor on this
+  machine (``decode_step_cost``, the measured matmul peak and copy bandwidth),
+* the sweep: the step and VQA at 1-32 images per batch and VQA at 1, 3 and 5 beams, both models,
+  written as an SVG chart beside the JSON,
 
 and reports medians over ``--repeats`` runs after a warm-up, ratios against the baseline,
 achieved FLOP/s (``torch.utils.flop_counter.FlopCounterMode`` counts / median time) against the
