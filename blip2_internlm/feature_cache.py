@@ -756,7 +756,8 @@ def apply_feature_cache(cfg, model, datasets):
 
 def _resolved_autocast(model, device: torch.device) -> str | None:
     """The dtype the model's autocast setting gives on ``device`` (None: no autocast region)."""
-    from blip2_internlm.models.llm_inputs import AUTOCAST_DTYPES, resolve_autocast_dtype
+    from blip2_internlm.models.config import AUTOCAST_DTYPES
+    from blip2_internlm.models.llm_inputs import resolve_autocast_dtype
 
     setting = getattr(model, "autocast_dtype", None)
     if setting not in AUTOCAST_DTYPES:

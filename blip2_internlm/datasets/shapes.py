@@ -135,17 +135,18 @@ def generate_shapes(
     root = os.path.abspath(os.fspath(out_dir))
     manifest_path = os.path.join(root, "manifest.json")
 
+    fingerprint = content_fingerprint(args)
     previous = _read_manifest(manifest_path)
-    reused = previous is not None and _is_complete(root, previous, args)
+    reused = previous is not None and _is_complete(root, previous, args, fingerprint)
     if reused:
         manifest = previous
         if "fingerprint" not in manifest:
             # adopted: from now on an edit of the generator is noticed here too
-            manifest = {**manifest, "fingerprint": content_fingerprint(args)}
+            manifest = {**manifest, "fingerprint": fingerprint}
             _write_json(manifest_path, manifest)
     else:
         _claim_and_clear(root, previous)
-        manifest = _write_dataset(root, args)
+        manifest = _write_dataset(root, args, fingerprint)
         # Written last: "complete" in the file means every other file is there.
         _write_json(manifest_path, manifest)
     return {**manifest, "root": root, "seconds": time.perf_counter() - started, "reused": reused}
@@ -205,14 +206,14 @@ def _read_manifest(path):
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _is_complete(root, manifest, args):
+def _is_complete(root, manifest, args, fingerprint):
     if not (
         manifest.get("complete") is True
         and manifest.get("dataset") == DATASET_NAME
         and manifest.get("version") == GENERATOR_VERSION
         and manifest.get("args") == args
         # manifests written before fingerprints were recorded are trusted as before
-        and manifest.get("fingerprint", None) in (None, content_fingerprint(args))
+        and manifest.get("fingerprint", None) in (None, fingerprint)
     ):
         return False
     try:
@@ -251,7 +252,7 @@ def _claim_and_clear(root, previous):
             os.remove(path)
 
 
-def _write_dataset(root, args):
+def _write_dataset(root, args, fingerprint):
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     files = {"answer_list": {}}
     counts = {}
@@ -271,7 +272,7 @@ def _write_dataset(root, args):
     return {
         "dataset": DATASET_NAME,
         "version": GENERATOR_VERSION,
-        "fingerprint": content_fingerprint(args),
+        "fingerprint": fingerprint,
         "complete": True,
         "args": args,
         "counts": counts,

@@ -30,8 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-AUTOCAST_DTYPES = ("auto", "bf16", "fp16", "off")
-
+from blip2_internlm.models.config import AUTOCAST_DTYPES
 
 # --- precision --------------------------------------------------------------------------------
 
