@@ -856,6 +856,9 @@ class Bench:
             builds.append((LIKE_FOR_LIKE, ("train", "caption", "vqa")))
         else:
             builds.append((dict(llm_precision="bf16"), ("train", "caption", "vqa")))
+        if torch.device(self.device).type == "cpu":
+            # fp32 linears through torch's default BLAS instead of oneDNN (models/cpu_linear.py), like for like
+            builds.append(({**LIKE_FOR_LIKE, "cpu_fp32_linear": "torch"}, ("train", "caption", "vqa")))
         builds.append((dict(llm_grad_checkpoint=True), ("train",)))
         if torch.device(self.device).type == "cuda":
             builds.append((dict(autocast_dtype="fp16"), ("train",)))
@@ -1156,9 +1159,11 @@ class Bench:
             f"bench size={self.size_name} device={self.device} batch={self.batch_size} repeats={self.repeats}",
             flush=True,
         )
-        self.peaks = peak_matmul_flops(self.device)
+        self.peak_by_kernel = {}
+        self.peaks = peak_matmul_flops(self.device, by_kernel=self.peak_by_kernel)
         self.bandwidth = memory_bandwidth(self.device)
         print("  peak matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peaks.items()), flush=True)
+        print("  by kernel: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peak_by_kernel.items()), flush=True)
         print(f"  memory bandwidth (copy, read + write): {self.bandwidth / 1e9:.1f} GB/s", flush=True)
         with lavis_opt_generation():
             if "lavis" in sections:
@@ -1181,6 +1186,7 @@ class Bench:
             size_config=self.size,
             machine=machine_info(self.device),
             peak_matmul_flops=self.peaks,
+            peak_matmul_flops_by_kernel=self.peak_by_kernel,
             memory_bandwidth_bytes_per_s=self.bandwidth,
             notes=self.notes,
             scaling=self.scaling,

@@ -271,6 +271,8 @@ class FeatureStore:
             # per machine (bf16 on CPUs with native bf16 only), so the resolved dtype counts too
             "autocast_dtype": str(getattr(model, "autocast_dtype", None)),
             "autocast": _resolved_autocast(model, device),
+            # outside autocast on a CPU, the kernel of the ViT's fp32 linears (the last bits of the features)
+            "cpu_fp32_linear": _resolved_fp32_linear(model, device),
             "views": int(views),
             "seed": int(seed),
             "dtype": dtype,
@@ -752,6 +754,14 @@ def apply_feature_cache(cfg, model, datasets):
             )
             by_split[split] = CachedFeatures(by_split[split], store, train=is_train)
     return datasets
+
+
+def _resolved_fp32_linear(model, device: torch.device) -> str | None:
+    """The kernel ``model.cpu_fp32_linear`` gives fp32 linears on ``device`` (None: a model without the key)."""
+    from blip2_internlm.models.cpu_linear import resolve_cpu_fp32_linear
+
+    setting = getattr(getattr(model, "model_config", None), "cpu_fp32_linear", None)
+    return None if setting is None else resolve_cpu_fp32_linear(setting, device)
 
 
 def _resolved_autocast(model, device: torch.device) -> str | None:

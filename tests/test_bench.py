@@ -102,7 +102,9 @@ def test_real_size_wiring_builds_on_meta():
 
 
 def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device: {"fp32": 1e11, "bf16": 1e12, "fp16": 1e12})
+    monkeypatch.setattr(
+        bench, "peak_matmul_flops", lambda device, by_kernel=None: {"fp32": 1e11, "bf16": 1e12, "fp16": 1e12}
+    )
     assert bench.main(["--size", "tiny", "--repeats", "1", "--skip-toggles", "--out-dir", str(tmp_path)]) == 0
     [out] = tmp_path.glob("tiny-cpu-*.json")
     result = json.loads(out.read_text())
@@ -150,7 +152,7 @@ def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkey
 
 
 def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device: {"fp32": 1e11, "bf16": 1e12})
+    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device, by_kernel=None: {"fp32": 1e11, "bf16": 1e12})
     sections = "lavis,ours,reliability,caption_cli"  # the sweep: the spec above
     assert bench.main(["--size", "tiny", "--repeats", "1", "--out-dir", str(tmp_path), "--sections", sections]) == 0
     [out] = tmp_path.glob("tiny-cpu-*.json")
@@ -166,6 +168,7 @@ def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatc
         ("train_step", "ours: autocast_dtype=bf16"),
         ("train_step", "ours: autocast_dtype=bf16, feature cache on"),
         ("train_step", "ours: llm_precision=fp32, autocast_dtype=off"),  # like for like with the fp32 baseline
+        ("vqa", "ours: llm_precision=fp32, autocast_dtype=off, cpu_fp32_linear=torch"),
         ("train_step", "ours: llm_grad_checkpoint=True"),
     ]:
         assert rows[(task, variant)]["status"] == "ok", rows[(task, variant)]

@@ -172,14 +172,18 @@ def qformer_captions_without_cjk_spaces():
 
 @fix
 def eva_vit_checkpoint_non_reentrant():
-    """LAVIS's EVA ViT calls torch.utils.checkpoint without use_reentrant, which torch warns about on every block (and plans to refuse); non-reentrant is torch's recommended mode."""
+    """LAVIS's EVA ViT calls torch.utils.checkpoint without use_reentrant, which torch warns about on every block (and plans to refuse); non-reentrant is torch's recommended mode, and the one whose recomputation can use the forward's fp32 linear kernel (models/cpu_linear.py)."""
     import types
 
     import torch.utils.checkpoint
     from lavis.models import eva_vit
 
+    from blip2_internlm.models.cpu_linear import same_linear_kernel_on_recompute
+
     def checkpoint(function, *args, **kwargs):
         kwargs.setdefault("use_reentrant", False)
+        if not kwargs["use_reentrant"]:
+            kwargs.setdefault("context_fn", same_linear_kernel_on_recompute)
         return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
     eva_vit.checkpoint = types.SimpleNamespace(checkpoint=checkpoint)

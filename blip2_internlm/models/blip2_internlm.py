@@ -19,6 +19,7 @@ What the original port got wrong, and how this file avoids it:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -33,11 +34,13 @@ from blip2_internlm.compat.attention import resolve_attn_implementation, set_att
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.models.builders import FILES, WeightSource, build_qformer, build_vision_encoder, load_frozen_llm
 from blip2_internlm.models.config import Blip2InternLMConfig
+from blip2_internlm.models.cpu_linear import cpu_fp32_linear_context
 from blip2_internlm.models.decode import generate_tokens
 from blip2_internlm.models.llm_inputs import (
     autocast_context,
     checkpoint_frozen_llm_layers,
     generation_embeds,
+    resolve_autocast_dtype,
     training_tokens,
 )
 from blip2_internlm.paths import MODEL_CONFIG_DIR
@@ -117,8 +120,17 @@ class Blip2InternLM(Blip2Base):
     # --- shared front end ---------------------------------------------------------------
 
     def maybe_autocast(self, dtype=None):
-        """The ``model.autocast_dtype`` region (ViT, Q-Former, LLM); ``dtype`` is ignored."""
-        return autocast_context(self.autocast_dtype, self.query_tokens.device)
+        """The compute region of ViT, Q-Former and LLM: ``model.autocast_dtype``'s autocast, and outside
+        autocast on a CPU, ``model.cpu_fp32_linear``'s kernel for fp32 linears; ``dtype`` is ignored."""
+        device = self.query_tokens.device
+        region = contextlib.ExitStack()
+        region.enter_context(autocast_context(self.autocast_dtype, device))
+        region.enter_context(
+            cpu_fp32_linear_context(
+                self.model_config.cpu_fp32_linear, device, resolve_autocast_dtype(self.autocast_dtype, device)
+            )
+        )
+        return region
 
     def image_embeds(self, samples) -> torch.Tensor:
         """``ln_vision`` of the frozen ViT's output: (B, N_tokens, vit_width).  The ViT output comes

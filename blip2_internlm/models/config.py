@@ -19,6 +19,7 @@ LLM_PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = ("auto", "bf16", "fp16", "off")
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa")
 DECODE_IMPLEMENTATIONS = ("static", "transformers")
+CPU_FP32_LINEARS = ("auto", "onednn", "torch")
 
 
 def _choice(*allowed):
@@ -169,6 +170,10 @@ class Blip2InternLMConfig(VisionQformerConfig):
     #: the static step's linear layers over weights packed once for oneDNN (bf16 on a CPU: same results,
     #: faster; one more copy of the LLM's linear weights); null: wherever that applies
     decode_prepack: bool | None = None
+    #: fp32 linear layers on a CPU (models/cpu_linear.py): onednn (2.2x torch's default BLAS on the AMD VM the
+    #: README's numbers come from; results differ by fp32 rounding), torch (F.linear as it is); auto: onednn
+    #: where torch has it
+    cpu_fp32_linear: str = dataclasses.field(default="auto", metadata=_choice(*CPU_FP32_LINEARS))
 
     def __post_init__(self):
         super().__post_init__()

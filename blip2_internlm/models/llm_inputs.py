@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from blip2_internlm.models.config import AUTOCAST_DTYPES
+from blip2_internlm.models.cpu_linear import same_linear_kernel_on_recompute
 
 # --- precision --------------------------------------------------------------------------------
 
@@ -91,7 +92,9 @@ def checkpoint_frozen_llm_layers(llm: torch.nn.Module) -> int:
             def checkpointed(*args, _forward=forward, **kwargs):
                 if not torch.is_grad_enabled():
                     return _forward(*args, **kwargs)
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return checkpoint(
+                    _forward, *args, use_reentrant=False, context_fn=same_linear_kernel_on_recompute, **kwargs
+                )
 
             module.forward = checkpointed
             module._frozen_checkpointing = True
