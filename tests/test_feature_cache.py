@@ -186,6 +186,23 @@ def test_auto_autocast_resolving_otherwise_on_another_cpu_rebuilds_the_store(
     assert "changed: autocast" in caplog.text
 
 
+def test_features_from_the_other_fp32_linear_kernel_are_not_reused(model, data_root, tmp_path, caplog, monkeypatch):
+    """The kernel sets the features' last bits: a store built under the other one is rebuilt, not reused."""
+    import dataclasses
+
+    from blip2_internlm.feature_cache import FeatureStore, vit_features
+
+    caplog.set_level(logging.INFO, logger="blip2_internlm.feature_cache")
+    store, dataset = tmp_path / "store", caption_train(data_root)
+    monkeypatch.setattr(model, "model_config", dataclasses.replace(model.model_config, cpu_fp32_linear="onednn"))
+    FeatureStore.build(model, dataset, store, dtype="fp32")
+    monkeypatch.setattr(model, "model_config", dataclasses.replace(model.model_config, cpu_fp32_linear="torch"))
+    caplog.clear()
+    rebuilt = FeatureStore.build(model, dataset, store, dtype="fp32")
+    assert "changed: cpu_fp32_linear" in caplog.text
+    assert torch.allclose(rebuilt.features(3), vit_features(model, dataset[3]["image"][None])[0], atol=1e-6)
+
+
 def test_a_half_written_or_truncated_store_is_rebuilt(model, data_root, tmp_path, caplog):
     from blip2_internlm.feature_cache import CachedFeatures, FeatureStore, vit_features
 

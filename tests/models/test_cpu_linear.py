@@ -4,7 +4,7 @@ call for it, and a model whose losses, gradients and generated tokens agree with
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from spec_helpers import build_tiny_blip2 as build
 from torch.nn import functional as F
 
 from blip2_internlm.models.cpu_linear import (
@@ -95,16 +95,6 @@ def test_the_flop_counter_counts_the_onednn_linear_as_f_linear():
 
 
 # --- the model -------------------------------------------------------------------------------------
-
-
-def build(**overrides):
-    from blip2_internlm.models.blip2_internlm import Blip2InternLM
-
-    cfg = OmegaConf.load(Blip2InternLM.default_config_path("tiny")).model
-    for key, value in overrides.items():
-        cfg[key] = value
-    torch.manual_seed(0)
-    return Blip2InternLM.from_config(cfg)
 
 
 SAMPLES = {

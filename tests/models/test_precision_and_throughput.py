@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from spec_helpers import build_tiny_blip2 as build
 from spec_helpers import run_python
 
 PROMPTS = ["", "Question: what colour is it? Answer:", "问题：图中是什么形状？ 简短回答：", "x", " "]
@@ -18,16 +18,6 @@ TEXTS = ["左边有一个红色的圆形", "red", "a red circle on the left " * 
 
 def images(n, seed=0):
     return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-
-
-def build(**overrides):
-    from blip2_internlm.models.blip2_internlm import Blip2InternLM
-
-    cfg = OmegaConf.load(Blip2InternLM.default_config_path("tiny")).model
-    for key, value in overrides.items():
-        cfg[key] = value
-    torch.manual_seed(0)
-    return Blip2InternLM.from_config(cfg)
 
 
 @pytest.fixture(scope="module")
