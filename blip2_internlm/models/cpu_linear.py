@@ -101,6 +101,8 @@ def _routable(x, weight, bias) -> bool:
         and x.dim() >= 1
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
+        # traced by torch.compile (model.decode_compile) the call stays F.linear: Inductor picks its kernels
+        and not torch.compiler.is_compiling()
     )
 
 

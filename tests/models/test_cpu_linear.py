@@ -65,6 +65,15 @@ def test_the_region_routes_fp32_cpu_linears_only():
     assert type(F.linear(x, weight).grad_fn).__name__ != "_OneDNNLinearBackward"
 
 
+def test_a_compiled_function_in_the_region_keeps_f_linear_for_inductor():
+    """``model.decode_compile`` compiles the decoding step inside the region: Inductor cannot lower
+    oneDNN's plain-weight linear, and chooses its own kernels for ``F.linear``."""
+    weight, x = randn(6, 16), randn(4, 16, seed=1)
+    compiled = torch.compile(lambda x: F.linear(x, weight).relu(), fullgraph=True)
+    with OneDNNLinears():
+        torch.testing.assert_close(compiled(x), F.linear(x, weight).relu(), **TOLERANCE)
+
+
 def test_the_setting_resolves_per_device_and_the_region_is_entered_once():
     assert resolve_cpu_fp32_linear("auto", torch.device("cpu")) == "onednn"
     assert resolve_cpu_fp32_linear("auto", torch.device("meta")) == "torch"
