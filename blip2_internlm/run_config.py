@@ -199,15 +199,19 @@ class Nullable(Kind):
         return [] if value is None else self.kind.inner_problems(key, value)
 
 
-class Ratios(Kind):
-    expected = "a mapping of dataset name to a number >= 0"
+class Unsupported(Kind):
+    """A key LAVIS reads but cannot honour: any value but null is an error saying why."""
+
+    expected = "null"
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
     def accepts(self, value) -> bool:
-        return isinstance(value, dict)
+        return value is None
 
-    def inner_problems(self, key, value) -> list[str]:
-        weight = Number(lowest=0, cast=False)
-        return [p for name, v in value.items() for p in weight.problems(f"{key}.{name}", v)]
+    def problems(self, key: str, value) -> list[str]:
+        return [] if value is None else [f"{key} = {value!r}: {self.reason}"]
 
 
 class Table(Kind):
@@ -336,7 +340,15 @@ RUN_KEYS: dict[str, Setting] = {
     "train_splits": Setting(Splits(), "splits trained on"),
     "valid_splits": Setting(Splits(), "splits validated on after every epoch (the best checkpoint is kept)"),
     "test_splits": Setting(Splits(), "splits tested at the end"),
-    "train_dataset_ratios": Setting(Nullable(Ratios()), "sampling weights of the training datasets"),
+    "train_dataset_ratios": Setting(
+        Unsupported(
+            "LAVIS 1.0.2 cannot sample by these weights: runner_base concatenates the training datasets and "
+            "ignores them (or hands the mapping to MultiIterLoader as if it were a list), runner_iter stops on "
+            "a NameError in RunnerIter.dataloaders; remove the key (the datasets are concatenated) or weight a "
+            "dataset by listing its annotation files more than once"
+        ),
+        "sampling weights of the training datasets: not supported (the reason is the error)",
+    ),
     "use_dist_eval_sampler": Setting(Boolean(), "split evaluation data across ranks (default true)"),
     "length_sorted_eval": Setting(Boolean(), "evaluate VQA in question-length order: less padding (default false)"),
     "feature_cache": Setting(Nullable(Table(_feature_cache_settings)), "frozen-ViT feature cache (feature_cache.py)"),

@@ -275,7 +275,7 @@ class ReliableRunner(RunnerBase):
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
         """Map-style train data gets an ``EpochLoader`` (resumable at any batch); everything else
-        (evaluation, webdataset streams, ratio-mixed datasets) LAVIS's loaders."""
+        (evaluation, webdataset streams, map-style data mixed with streams) LAVIS's loaders."""
         resumable = [
             is_train and not isinstance(dataset, (list, tuple)) and guard.is_map_style(dataset)
             for dataset, is_train in zip(datasets, is_trains)
@@ -382,7 +382,7 @@ class ReliableRunner(RunnerBase):
         start_loader_epoch(loader, epoch)
         if start:
             logger.warning(
-                "Resuming mid-epoch on streamed or ratio-mixed data: skipping %d batches by drawing them; "
+                "Resuming mid-epoch on streamed data: skipping %d batches by drawing them; "
                 "the order of the rest is not that of the interrupted run.",
                 start,
             )

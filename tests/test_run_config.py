@@ -82,10 +82,16 @@ def test_a_bad_value_is_reported_with_its_key_the_value_and_what_is_expected(lav
 
 
 def test_entries_of_a_nested_setting_are_named_by_their_full_key(lavis_ready):
-    problems = problems_of({"feature_cache": {"enabled": True, "views": 0}, "train_dataset_ratios": {"coco": -1}})
-    assert [p.split(" = ")[0] for p in problems] == ["run.feature_cache.views", "run.train_dataset_ratios.coco"]
+    problems = problems_of({"feature_cache": {"enabled": True, "views": 0, "dtype": "fp64"}})
+    assert [p.split(" = ")[0] for p in problems] == ["run.feature_cache.views", "run.feature_cache.dtype"]
     (problem,) = problems_of({"caption_metrics": ["Bleu", "BLEURT"]})
     assert "run.caption_metrics" in problem and "'BLEURT'" in problem
+
+
+def test_dataset_ratios_which_lavis_ignores_or_fails_on_are_an_error_saying_so(lavis_ready):
+    (problem,) = problems_of({"train_dataset_ratios": {"coco_caption": 2, "vg_caption": 1}})
+    assert problem.startswith("run.train_dataset_ratios = {") and "runner_base" in problem and "NameError" in problem
+    assert problems_of({"train_dataset_ratios": None}) == []
 
 
 def test_an_unknown_key_is_an_error_that_suggests_the_closest_known_key(lavis_ready):
