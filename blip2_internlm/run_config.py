@@ -344,8 +344,7 @@ RUN_KEYS: dict[str, Setting] = {
         Unsupported(
             "LAVIS 1.0.2 cannot sample by these weights: runner_base concatenates the training datasets and "
             "ignores them (or hands the mapping to MultiIterLoader as if it were a list), runner_iter stops on "
-            "a NameError in RunnerIter.dataloaders; remove the key (the datasets are concatenated) or weight a "
-            "dataset by listing its annotation files more than once"
+            "a NameError in RunnerIter.dataloaders; remove the key (the training datasets are then concatenated)"
         ),
         "sampling weights of the training datasets: not supported (the reason is the error)",
     ),

@@ -1,9 +1,9 @@
 """fp32 linear layers on a CPU through oneDNN: ``model.cpu_fp32_linear``.
 
 ``F.linear`` on fp32 CPU tensors calls torch's default BLAS (MKL in the PyPI wheels).  On the 2-core
-AMD EPYC VM the project is measured on, MKL's sgemm runs at ~210 GFLOP/s while oneDNN's fp32 matmul,
-shipped in the same wheel, runs the same products at ~460 (``make bench``'s ``peak_matmul_flops``
-lists both; MKL takes slower code paths on CPUs it does not recognise as Intel's).  Every model of
+AMD EPYC VM the project is measured on, MKL's sgemm runs at ~220 GFLOP/s while oneDNN's fp32 matmul,
+shipped in the same wheel, runs the same products at 300-490 (``make bench`` prints both as
+``peak_matmul_flops_by_kernel``; MKL takes slower code paths on CPUs it does not recognise as Intel's).  Every model of
 this package is mostly linear layers, so inside the model's compute region (``maybe_autocast``) an
 fp32 ``F.linear`` on the CPU goes to ``mkldnn._linear_pointwise``, with a backward of the same kernel
 (the input's gradient through the transposed weight, the weight's as a product of the transposed
