@@ -86,7 +86,7 @@ def test_sampling_draws_generates_tokens_from_the_same_seed(tiny):
 
 
 def test_compiled_step_gives_the_same_beams(tiny):
-    # the one torch.compile case of the specs (tens of seconds of compilation on a small CPU)
+    # the compiled decoding step: tens of seconds of compilation on a small CPU
     settings = dict(eos_token_id=STOPS, pad_token_id=PAD, max_new_tokens=8, min_new_tokens=2, num_beams=4)
     reference = generate_tokens(*tiny, implementation="transformers", num_return_sequences=2, **settings)
     compiled = generate_tokens(*tiny, implementation="static", compile=True, num_return_sequences=2, **settings)
