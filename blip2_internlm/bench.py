@@ -63,7 +63,7 @@ from unittest import mock
 
 import torch
 
-from blip2_internlm.dtypes import DTYPES
+from blip2_internlm.dtypes import DTYPES, dtype_name
 from blip2_internlm.measure import (
     interleaved_medians,
     measure_steps,
@@ -466,7 +466,7 @@ def decode_step_cost(llm: torch.nn.Module, images: int, rows: int, prefix: int, 
         flops=flops,
         weight_bytes=sum(w.numel() * w.element_size() for w in weights),
         kv_bytes=kv_bytes,
-        dtype=next(name for name, dtype in DTYPES.items() if dtype == weights[0].dtype),
+        dtype=dtype_name(weights[0].dtype),
     )
 
 

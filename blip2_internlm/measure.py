@@ -248,14 +248,7 @@ def memory_bandwidth(device, megabytes: int = 256, repeats: int = 5) -> float:
     numel = megabytes * 2**20 // 4
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    sync(device)
-    best = 0.0
-    for _ in range(repeats):  # best of: other processes only ever slow a run down
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = max(best, 2 * src.nbytes / (time.perf_counter() - start))
+    best = _best_rate(functools.partial(dst.copy_, src), 2 * src.nbytes, device, repeats)
     del src, dst
     return best
 
@@ -292,7 +285,7 @@ def peak_matmul_flops(device, sizes=None, by_kernel: dict | None = None) -> dict
             for kernel, matmul in kernels.items():
                 if kernel == "oneDNN" and name == "fp16":
                     continue  # no fp16 oneDNN matmul on most CPUs; torch's fp16 figure stands
-                best = _best_flops(functools.partial(matmul, a, b), 2 * n**3, device)
+                best = _best_rate(functools.partial(matmul, a, b), 2 * n**3, device)
                 peaks[name] = max(peaks[name], best)
                 if by_kernel is not None:
                     key = f"{name} {kernel}"
@@ -300,7 +293,8 @@ def peak_matmul_flops(device, sizes=None, by_kernel: dict | None = None) -> dict
     return peaks
 
 
-def _best_flops(fn: Callable[[], object], flops: int, device, runs: int = 5) -> float:
+def _best_rate(fn: Callable[[], object], amount: float, device, runs: int = 5) -> float:
+    """``amount`` (FLOPs, bytes) per second of ``fn``'s fastest run after a warm-up call."""
     fn()
     sync(device)
     best = 0.0
@@ -308,7 +302,7 @@ def _best_flops(fn: Callable[[], object], flops: int, device, runs: int = 5) -> 
         start = time.perf_counter()
         fn()
         sync(device)
-        best = max(best, flops / (time.perf_counter() - start))
+        best = max(best, amount / (time.perf_counter() - start))
     return best
 
 

@@ -37,7 +37,6 @@ from blip2_internlm.models.config import Blip2InternLMConfig
 from blip2_internlm.models.cpu_linear import cpu_fp32_linear_context
 from blip2_internlm.models.decode import generate_tokens
 from blip2_internlm.models.llm_inputs import (
-    autocast_context,
     checkpoint_frozen_llm_layers,
     generation_embeds,
     resolve_autocast_dtype,
@@ -123,13 +122,11 @@ class Blip2InternLM(Blip2Base):
         """The compute region of ViT, Q-Former and LLM: ``model.autocast_dtype``'s autocast, and outside
         autocast on a CPU, ``model.cpu_fp32_linear``'s kernel for fp32 linears; ``dtype`` is ignored."""
         device = self.query_tokens.device
+        dtype = resolve_autocast_dtype(self.autocast_dtype, device)
         region = contextlib.ExitStack()
-        region.enter_context(autocast_context(self.autocast_dtype, device))
-        region.enter_context(
-            cpu_fp32_linear_context(
-                self.model_config.cpu_fp32_linear, device, resolve_autocast_dtype(self.autocast_dtype, device)
-            )
-        )
+        if dtype is not None:
+            region.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+        region.enter_context(cpu_fp32_linear_context(self.model_config.cpu_fp32_linear, device, dtype))
         return region
 
     def image_embeds(self, samples) -> torch.Tensor:

@@ -23,7 +23,6 @@ The frozen LLM's weights stay in ``llm_precision`` in every mode: autocast casts
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 from collections.abc import Sequence
@@ -34,14 +33,6 @@ from blip2_internlm.models.config import AUTOCAST_DTYPES
 from blip2_internlm.models.cpu_linear import same_linear_kernel_on_recompute
 
 # --- precision --------------------------------------------------------------------------------
-
-
-def autocast_context(setting: str, device: torch.device):
-    """The autocast region ``autocast_dtype: setting`` asks for on ``device``."""
-    dtype = resolve_autocast_dtype(setting, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resolve_autocast_dtype(setting: str, device: torch.device):

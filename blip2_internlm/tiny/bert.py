@@ -114,25 +114,19 @@ def _build_tiny_bert_zh(out: Path) -> None:
     )
 
 
-def _dirname() -> str:
-    # as the Chinese one: a changed vocabulary is a new asset, never a stale cached one
-    digest = hashlib.sha256("\n".join(tiny_bert_vocab()).encode()).hexdigest()
-    return f"tiny-bert-{digest[:8]}"
-
-
-def _zh_dirname() -> str:
-    # the vocabulary follows the shapes text: new words there make a new asset
-    digest = hashlib.sha256("\n".join(tiny_zh_vocab()).encode()).hexdigest()
-    return f"tiny-bert-zh-{digest[:8]}"
+def _named_by_vocab(prefix: str, vocab: list[str]) -> str:
+    # a changed vocabulary (the Chinese one follows the shapes text) is a new asset, never a stale cached one
+    digest = hashlib.sha256("\n".join(vocab).encode()).hexdigest()
+    return f"{prefix}-{digest[:8]}"
 
 
 TINY_BERT = GeneratedAsset(
-    dirname=_dirname,
+    dirname=lambda: _named_by_vocab("tiny-bert", tiny_bert_vocab()),
     build=_build_tiny_bert,
     config=lambda: {"model_type": "bert", "vocab_size": len(tiny_bert_vocab()), **TINY_BERT_SIZES},
 )
 TINY_BERT_ZH = GeneratedAsset(
-    dirname=_zh_dirname,
+    dirname=lambda: _named_by_vocab("tiny-bert-zh", tiny_zh_vocab()),
     build=_build_tiny_bert_zh,
     config=lambda: {"model_type": "bert", "vocab_size": len(tiny_zh_vocab()), **TINY_BERT_SIZES},
 )
