@@ -64,6 +64,7 @@ from unittest import mock
 import torch
 
 from blip2_internlm.dtypes import DTYPES, dtype_name
+from blip2_internlm.hardware import cpu_has_native_bf16, cpu_isa_class, describe_machine, emulated_bf16_slowdown
 from blip2_internlm.measure import (
     interleaved_medians,
     measure_steps,
@@ -609,6 +610,9 @@ def machine_info(device: str) -> dict:
         pass
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    # the CPU's instruction-set class (avx2 / avx512 / avx512_bf16 / amx / aarch64), its kernel caps and
+    # what the defaults are decided from: speed figures hold per class
+    info.update(describe_machine())
     return info
 
 
@@ -716,9 +720,12 @@ class Bench:
         images = row["images"]
         prefix = side.prefix_tokens(prompt)
         cost = decode_step_cost(side.llm, images, images * NUM_BEAMS, prefix, new_tokens / 2)
-        floor = roofline_seconds(
-            cost["flops"], cost["weight_bytes"] + cost["kv_bytes"], self.peaks[cost["dtype"]], self.bandwidth
-        )
+        peak = self.peaks.get(cost["dtype"])
+        if not peak:
+            row["decode"] = dict(status=f"n/a on this CPU: no {cost['dtype']} matmul peak", step_ms=step_s * 1e3)
+            return
+        # the floor of the dtype the step really runs in, at the fastest kernel that ran for it
+        floor = roofline_seconds(cost["flops"], cost["weight_bytes"] + cost["kv_bytes"], peak, self.bandwidth)
         row["decode"] = dict(
             status="ok",
             step_ms=step_s * 1e3,
@@ -807,7 +814,9 @@ class Bench:
     def ours(self, **overrides) -> Side:
         model = build_ours(self.size, self.device, **overrides)
         label = "blip2_internlm" + (f" {overrides}" if overrides else "")
-        return Side(label, model, False, notes={"overrides": overrides})
+        resolved = model.resolved_defaults(self.device)
+        resolved.pop("machine")  # once, in the JSON's machine entry
+        return Side(label, model, False, notes={"overrides": overrides, "resolved_defaults": resolved})
 
     def ours_and_toggles(self, skip_toggles: bool) -> None:
         from blip2_internlm.compat.attention import set_attn_implementation
@@ -843,18 +852,22 @@ class Bench:
         no_autocast = dict(autocast_dtype="off")
         if _precision(self.size, self.device)["vit"] == "fp16":  # LAVIS's fp16 ViT runs only under autocast
             no_autocast["vit_precision"] = "fp32"
-        builds = [
-            (dict(autocast_dtype="bf16"), ("train", "caption", "vqa")),
-            (no_autocast, ("train", "caption", "vqa")),
-        ]
+        slow_bf16 = torch.device(self.device).type == "cpu" and not cpu_has_native_bf16()
+        builds = [] if slow_bf16 else [(dict(autocast_dtype="bf16"), ("train", "caption", "vqa"))]
+        builds.append((no_autocast, ("train", "caption", "vqa")))
+        if slow_bf16:
+            self.note(
+                f"bf16 rows: not measured, this CPU ({cpu_isa_class()}) only emulates bf16 "
+                f"(a bf16 matmul measured {emulated_bf16_slowdown():.0f}x slower than fp32)"
+            )
         if torch.device(self.device).type != "cuda":
             self.note(
                 "fp16 autocast + loss scaling: not measured on CPU (autocast_dtype fp16 means no autocast on CPU)"
             )
-        if _precision(self.size, self.device)["internlm2"] != "fp32":
-            # like for like with the fp32 baseline: the LLM in fp32 and no autocast region
-            builds.append((LIKE_FOR_LIKE, ("train", "caption", "vqa")))
-        else:
+        # like for like with the fp32 baseline (the LLM in fp32, no autocast region), also where the default
+        # resolves to it: the default is never to be slower than this row
+        builds.append((LIKE_FOR_LIKE, ("train", "caption", "vqa")))
+        if _precision(self.size, self.device)["internlm2"] == "fp32" and not slow_bf16:
             builds.append((dict(llm_precision="bf16"), ("train", "caption", "vqa")))
         if torch.device(self.device).type == "cpu":
             # fp32 linears through torch's default BLAS instead of oneDNN (models/cpu_linear.py), like for like
@@ -1138,6 +1151,11 @@ class Bench:
                     for base, ratio in row.get("time_vs", {}).items():
                         key = f"{task}_throughput_vs_lavis, {name} (target >= {limit})"
                         out.setdefault(key, {})[base] = round(1 / ratio, 3)
+        for task in ("train_step", "caption", "vqa"):
+            default, like_row = find(task, "ours: default"), find(task, like)
+            if default and like_row:
+                key = "default_time_vs_like_for_like (target <= 1, within noise)"
+                out.setdefault(key, {})[task] = round(default["median_s"] / like_row["median_s"], 3)
         for uncached, cached in (
             ("ours: default", "ours: feature cache on"),
             ("ours: autocast_dtype=bf16", "ours: autocast_dtype=bf16, feature cache on"),
@@ -1163,7 +1181,12 @@ class Bench:
         self.peaks = peak_matmul_flops(self.device, by_kernel=self.peak_by_kernel)
         self.bandwidth = memory_bandwidth(self.device)
         print("  peak matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peaks.items()), flush=True)
-        print("  by kernel: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.peak_by_kernel.items()), flush=True)
+        print(
+            "  by kernel: "
+            + ", ".join(f"{k} {v / 1e9:.0f}" if v else f"{k} n/a on this CPU" for k, v in self.peak_by_kernel.items()),
+            flush=True,
+        )
+        print(f"  CPU class: {cpu_isa_class()}", flush=True)
         print(f"  memory bandwidth (copy, read + write): {self.bandwidth / 1e9:.1f} GB/s", flush=True)
         with lavis_opt_generation():
             if "lavis" in sections:
@@ -1281,7 +1304,9 @@ def main(argv=None) -> int:
     result = Bench(args.size, args.device, args.repeats, args.batch_size, args.out_dir).run(args.skip_toggles, sections)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"{args.size}-{torch.device(args.device).type}-{stamp}.json"
+    where = torch.device(args.device).type
+    where = f"{where}-{cpu_isa_class()}" if where == "cpu" else where
+    out = args.out_dir / f"{args.size}-{where}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if result["scaling"]:
         chart = out.with_name(out.stem + "-scaling.svg")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import statistics
 import time
 import weakref
@@ -27,6 +28,8 @@ from collections.abc import Callable
 import torch
 
 from blip2_internlm.dtypes import DTYPES
+
+logger = logging.getLogger(__name__)
 
 
 def is_cuda(device) -> bool:
@@ -270,26 +273,43 @@ def peak_matmul_flops(device, sizes=None, by_kernel: dict | None = None) -> dict
 
     On a CPU the best of two kernels: ``torch.matmul`` (the default BLAS for fp32) and oneDNN's
     (``mkldnn._linear_pointwise``, which ``model.cpu_fp32_linear`` uses); ``by_kernel``, when given, gets
-    each kernel's figure, e.g. ``{"fp32 torch.matmul": ..., "fp32 oneDNN": ...}``."""
+    each kernel's figure, e.g. ``{"fp32 torch.matmul": ..., "fp32 oneDNN": ...}``, and ``None`` for a
+    kernel that cannot run that dtype on this CPU (oneDNN's bf16 without AVX-512, say).  A dtype that no
+    kernel runs has no entry in the result."""
+    from blip2_internlm.hardware import onednn_runs
+
     sizes = sizes or ((2048, 4096, 8192) if is_cuda(device) else (512, 1024, 2048))
     kernels = {"torch.matmul": torch.matmul}
     if not is_cuda(device) and torch.backends.mkldnn.is_available():
         kernels["oneDNN"] = _onednn_matmul_t  # a @ b.T: the same FLOPs as a @ b
     peaks = {}
     for name in ("fp32", "bf16", "fp16"):
-        peaks[name] = 0.0
+        dtype = DTYPES[name]
+        runs = {
+            kernel: kernel != "oneDNN" or (name != "fp16" and onednn_runs(dtype))  # no fp16 oneDNN on most CPUs
+            for kernel in kernels
+        }
         # fp16 matmuls on a CPU run at a few GFLOP/s: the smallest size tells as much in a fraction of a second
         for n in sizes[:1] if name == "fp16" and not is_cuda(device) else sizes:
-            a = torch.randn(n, n, device=device).to(DTYPES[name])
-            b = torch.randn(n, n, device=device).to(DTYPES[name])
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
             for kernel, matmul in kernels.items():
-                if kernel == "oneDNN" and name == "fp16":
-                    continue  # no fp16 oneDNN matmul on most CPUs; torch's fp16 figure stands
-                best = _best_rate(functools.partial(matmul, a, b), 2 * n**3, device)
-                peaks[name] = max(peaks[name], best)
+                if not runs[kernel]:
+                    continue
+                try:
+                    best = _best_rate(functools.partial(matmul, a, b), 2 * n**3, device)
+                except RuntimeError as err:  # no kernel for this dtype here: reported, not a crash
+                    logger.info("%s %s matmul cannot run here: %s", name, kernel, str(err).splitlines()[0])
+                    runs[kernel] = False
+                    continue
+                peaks[name] = max(peaks.get(name, 0.0), best)
                 if by_kernel is not None:
                     key = f"{name} {kernel}"
-                    by_kernel[key] = max(by_kernel.get(key, 0.0), best)
+                    by_kernel[key] = max(by_kernel.get(key) or 0.0, best)
+        if by_kernel is not None:
+            for kernel, ran in runs.items():
+                if not ran and not (kernel == "oneDNN" and name == "fp16"):
+                    by_kernel[f"{name} {kernel}"] = None
     return peaks
 
 

@@ -527,6 +527,8 @@ class ReliableRunner(RunnerBase):
             obj.update(
                 optimizer=self.optimizer.state_dict(),
                 config=self.config.to_dict(),
+                # what the model config's auto keys resolved to, and on which machine
+                resolved_defaults=_resolved_defaults(self.unwrap_dist_model(self.model)),
                 scaler=self.scaler.state_dict() if self.scaler else None,
                 # LAVIS's own resume starts at "epoch" + 1: a mid-epoch checkpoint restarts its epoch there
                 epoch=epoch if epoch_done else epoch - 1,
@@ -727,3 +729,9 @@ class ReliableRunnerIter(ReliableRunner):
 
     def checkpoint_name(self, epoch: int) -> str:
         return f"checkpoint_{(epoch + 1) * self.iters_per_inner_epoch}.pth"  # by iterations, as LAVIS names them
+
+
+def _resolved_defaults(model) -> dict | None:
+    """The model's ``resolved_defaults()`` (``blip2_internlm``), None for a model without them (stage 1)."""
+    resolve = getattr(model, "resolved_defaults", None)
+    return resolve() if callable(resolve) else None

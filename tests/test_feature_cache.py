@@ -173,14 +173,14 @@ def test_auto_autocast_resolving_otherwise_on_another_cpu_rebuilds_the_store(
     model, data_root, tmp_path, caplog, monkeypatch
 ):
     from blip2_internlm.feature_cache import FeatureStore
-    from blip2_internlm.models import llm_inputs
+    from blip2_internlm import hardware
 
     caplog.set_level(logging.INFO, logger="blip2_internlm.feature_cache")
     store, dataset = tmp_path / "store", caption_train(data_root)
     monkeypatch.setattr(model, "autocast_dtype", "auto")
-    monkeypatch.setattr(llm_inputs, "cpu_has_native_bf16", lambda: False)  # auto: no autocast
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)  # auto: no autocast
     FeatureStore.build(model, dataset, store, dtype="fp32")
-    monkeypatch.setattr(llm_inputs, "cpu_has_native_bf16", lambda: True)  # the same setting, bf16 here
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)  # the same setting, bf16 here
     caplog.clear()
     FeatureStore.build(model, dataset, store, dtype="fp32")
     assert "changed: autocast" in caplog.text

@@ -32,10 +32,12 @@ from torch import nn
 
 from blip2_internlm.compat.attention import resolve_attn_implementation, set_attn_implementation
 from blip2_internlm.compat.distributed import collective_device
+from blip2_internlm.dtypes import dtype_name
+from blip2_internlm.hardware import describe_machine, log_resolved_defaults, target_device
 from blip2_internlm.models.builders import FILES, WeightSource, build_qformer, build_vision_encoder, load_frozen_llm
 from blip2_internlm.models.config import Blip2InternLMConfig
-from blip2_internlm.models.cpu_linear import cpu_fp32_linear_context
-from blip2_internlm.models.decode import generate_tokens
+from blip2_internlm.models.cpu_linear import cpu_fp32_linear_context, resolve_cpu_fp32_linear
+from blip2_internlm.models.decode import generate_tokens, resolve_step_options
 from blip2_internlm.models.llm_inputs import (
     checkpoint_frozen_llm_layers,
     generation_embeds,
@@ -115,6 +117,32 @@ class Blip2InternLM(Blip2Base):
         if config.llm_grad_checkpoint:
             checkpoint_frozen_llm_layers(self.llm_model)
         self.lm_head_on_labels_only = config.lm_head_on_labels_only
+        if weights.kind != "meta":
+            log_resolved_defaults(self.resolved_defaults(weights.target_device if weights.device else target_device()))
+
+    def resolved_defaults(self, device=None) -> dict:
+        """What each ``auto`` (or null) key of the model config is on ``device`` (default: where the
+        model is), with the machine it was decided on: printed once when the model is built, kept in the
+        benchmark's JSON and in every checkpoint the runner saves."""
+        device = torch.device(device if device is not None else self.query_tokens.device)
+        config = self.model_config
+        llm_dtype = next(self.llm_model.parameters()).dtype
+        autocast = resolve_autocast_dtype(config.autocast_dtype, device)
+        compile, prepack, why_not = resolve_step_options(
+            self.llm_model, device, config.decode_compile, config.decode_prepack
+        )
+        linear = "under autocast" if autocast is not None else resolve_cpu_fp32_linear(config.cpu_fp32_linear, device)
+        return dict(
+            device=str(device),
+            machine=describe_machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
+            llm_precision=dict(setting=config.llm_precision, resolved=dtype_name(llm_dtype)),
+            autocast_dtype=dict(setting=config.autocast_dtype, resolved=dtype_name(autocast) if autocast else "off"),
+            cpu_fp32_linear=dict(
+                setting=config.cpu_fp32_linear, resolved=linear if device.type == "cpu" else "not a CPU"
+            ),
+            decode_prepack=dict(setting=config.decode_prepack, resolved=prepack, why_not=why_not),
+            decode_compile=dict(setting=config.decode_compile, resolved=compile),
+        )
 
     # --- shared front end ---------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from blip2_internlm.assets import AssetMissingError, resolve_llm, resolve_text_model, resolve_vit_weights
 from blip2_internlm.dtypes import to_dtype
+from blip2_internlm.hardware import resolve_llm_precision, target_device
 from blip2_internlm.models.architectures import TokenizerStub, llm_config, qformer_bert_config
 
 WEIGHT_KINDS = ("files", "random", "meta")
@@ -188,10 +189,12 @@ def build_qformer_tokenizer(text_model, truncation_side="right", weights: Weight
 
 
 def load_frozen_llm(llm_model, llm_precision: str, attn_implementation: str = "sdpa", weights: WeightSource = FILES):
-    """Tokenizer and frozen causal LM for ``model.llm_model`` (a local checkpoint directory, or ``tiny``)."""
+    """Tokenizer and frozen causal LM for ``model.llm_model`` (a local checkpoint directory, or ``tiny``);
+    ``llm_precision: auto`` resolves for the device the model will run on (``blip2_internlm.hardware``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = to_dtype(llm_precision, "model.llm_precision")
+    device = target_device() if weights.loads_files else weights.target_device
+    dtype = to_dtype(resolve_llm_precision(llm_precision, device), "model.llm_precision")
     if weights.loads_files:
         path = resolve_llm(llm_model)
         tokenizer = AutoTokenizer.from_pretrained(path)

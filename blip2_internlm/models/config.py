@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass
 
 VIT_PRECISIONS = ("fp16", "fp32")
-LLM_PRECISIONS = ("fp32", "fp16", "bf16")
+LLM_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = ("auto", "bf16", "fp16", "off")
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa")
 DECODE_IMPLEMENTATIONS = ("static", "transformers")
@@ -151,13 +151,15 @@ class Blip2InternLMConfig(VisionQformerConfig):
     arch: str = "blip2_internlm"
     #: a local checkpoint directory, a hub name already in the local cache, or ``tiny`` / ``tiny-opt``
     llm_model: str = "tiny"
-    llm_precision: str = dataclasses.field(default="bf16", metadata=_choice(*LLM_PRECISIONS))
+    #: the frozen LLM's weights; auto: bf16 where the device multiplies it natively (a GPU with bf16, a CPU
+    #: with AVX512-BF16 or AMX), fp16 on an older GPU, fp32 on any other CPU (blip2_internlm.hardware)
+    llm_precision: str = dataclasses.field(default="auto", metadata=_choice(*LLM_PRECISIONS))
     prompt: str = ""
     apply_lemmatizer: bool = False
     #: ViT, Q-Former and LLM attention: null reads $BLIP2_INTERNLM_ATTN, else sdpa
     attn_implementation: str | None = dataclasses.field(default=None, metadata=_choice(*ATTN_IMPLEMENTATIONS))
     #: the autocast region of ViT, Q-Former and LLM; LAVIS's ``maybe_autocast`` is fp16 (the InternLM2 model
-    #: types set auto: bf16 where the GPU has it)
+    #: types set auto: bf16 where the device multiplies it natively, fp16 on an older GPU, none on other CPUs)
     autocast_dtype: str = dataclasses.field(default="fp16", metadata=_choice(*AUTOCAST_DTYPES))
     llm_grad_checkpoint: bool = False
     llm_train_kv_cache: bool = True
@@ -165,14 +167,14 @@ class Blip2InternLMConfig(VisionQformerConfig):
     #: the LLM's decoding loop (models/decode.py): static (the prefix once per image, shared by its beams) or
     #: transformers (llm.generate as it is)
     decode_implementation: str = dataclasses.field(default="static", metadata=_choice(*DECODE_IMPLEMENTATIONS))
-    #: torch.compile the static loop's step; null: on CUDA only (where it pays)
+    #: torch.compile the static loop's step; null (auto): on CUDA only (where it pays)
     decode_compile: bool | None = None
     #: the static step's linear layers over weights packed once for oneDNN (bf16 on a CPU: same results,
-    #: faster; one more copy of the LLM's linear weights); null: wherever that applies
+    #: faster; one more copy of the LLM's linear weights); null (auto): wherever oneDNN runs the LLM's bf16
     decode_prepack: bool | None = None
-    #: fp32 linear layers on a CPU (models/cpu_linear.py): onednn (2.2x torch's default BLAS on the AMD VM the
-    #: README's numbers come from; results differ by fp32 rounding), torch (F.linear as it is); auto: onednn
-    #: where torch has it
+    #: fp32 linear layers on a CPU (models/cpu_linear.py): onednn (oneDNN's matmul; results differ from
+    #: torch's by fp32 rounding), torch (F.linear as it is); auto: whichever this CPU runs faster, measured
+    #: once per machine (blip2_internlm.hardware)
     cpu_fp32_linear: str = dataclasses.field(default="auto", metadata=_choice(*CPU_FP32_LINEARS))
 
     def __post_init__(self):

@@ -1,15 +1,16 @@
 """fp32 linear layers on a CPU through oneDNN: ``model.cpu_fp32_linear``.
 
-``F.linear`` on fp32 CPU tensors calls torch's default BLAS (MKL in the PyPI wheels).  On the 2-core
-AMD EPYC VM the project is measured on, MKL's sgemm runs at ~220 GFLOP/s while oneDNN's fp32 matmul,
-shipped in the same wheel, runs the same products at 300-490 (``make bench`` prints both as
-``peak_matmul_flops_by_kernel``; MKL takes slower code paths on CPUs it does not recognise as Intel's).  Every model of
-this package is mostly linear layers, so inside the model's compute region (``maybe_autocast``) an
-fp32 ``F.linear`` on the CPU goes to ``mkldnn._linear_pointwise``, with a backward of the same kernel
-(the input's gradient through the transposed weight, the weight's as a product of the transposed
-gradient and input), so training and generation both gain.
+``F.linear`` on fp32 CPU tensors calls torch's default BLAS (MKL in the PyPI wheels).  oneDNN's fp32
+matmul, shipped in the same wheel, is much faster than MKL on some CPUs and slower on others
+(``make bench`` prints both as ``peak_matmul_flops_by_kernel``; docs/portability.md has the figures per CPU
+class).  Every model of this package is mostly linear layers, so where oneDNN is faster, inside the
+model's compute region (``maybe_autocast``) an fp32 ``F.linear`` on the CPU goes to
+``mkldnn._linear_pointwise``, with a backward of the same kernel (the input's gradient through the
+transposed weight, the weight's as a product of the transposed gradient and input), so training and
+generation both gain.
 
-Settings: ``auto`` (oneDNN wherever torch has it), ``onednn``, ``torch`` (``F.linear`` as it is).
+Settings: ``auto`` (the faster of the two on this CPU, measured once per machine by
+``blip2_internlm.hardware.fastest_cpu_fp32_linear``), ``onednn``, ``torch`` (``F.linear`` as it is).
 Nothing changes under autocast or for bf16/fp16 tensors: torch already hands those to oneDNN.  The
 two kernels sum in different orders, so results differ by fp32 rounding (relative ~1e-6;
 ``tests/models/test_cpu_linear.py`` states the bounds and that generated tokens agree).
@@ -25,6 +26,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from blip2_internlm.hardware import fastest_cpu_fp32_linear, onednn_runs
 from blip2_internlm.models.config import CPU_FP32_LINEARS
 
 _active = threading.local()
@@ -38,11 +40,11 @@ def resolve_cpu_fp32_linear(setting: str, device: torch.device) -> str:
         raise ValueError(f"model.cpu_fp32_linear = {setting!r}; expected one of {list(CPU_FP32_LINEARS)}")
     if torch.device(device).type != "cpu" or setting == "torch":
         return "torch"
-    if not torch.backends.mkldnn.is_available():
-        if setting == "onednn":
-            raise ValueError("model.cpu_fp32_linear: onednn, but this torch build has no oneDNN (mkldnn)")
-        return "torch"
-    return "onednn"
+    if setting == "onednn":
+        if not onednn_runs(torch.float32):
+            raise ValueError("model.cpu_fp32_linear: onednn, but this torch build or CPU runs no oneDNN fp32 linear")
+        return "onednn"
+    return fastest_cpu_fp32_linear()
 
 
 def cpu_fp32_linear_context(setting: str, device: torch.device, autocast_dtype: torch.dtype | None = None):

@@ -55,6 +55,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
+from blip2_internlm.hardware import onednn_runs
 from blip2_internlm.internlm2.modeling import InternLM2ForCausalLM, apply_rotary_pos_emb
 from blip2_internlm.models.config import DECODE_IMPLEMENTATIONS
 
@@ -94,17 +95,24 @@ def generate_tokens(
     if "custom_generate" in generate_kwargs:
         raise ValueError("generate_tokens chooses the decoding loop itself; pass implementation=, not custom_generate=")
     if implementation == "static":
-        if compile is None:
-            compile = inputs_embeds.device.type == "cuda"
-        why_not = PackedLinears.unavailable(llm, inputs_embeds.device)
-        if prepack and why_not:
-            raise ValueError(f"prepack=True: {why_not}")
-        if prepack is None:
-            prepack = why_not is None and not compile
-        generate_kwargs["custom_generate"] = functools.partial(
-            decode_loop, compile_step=bool(compile), prepack=bool(prepack)
-        )
+        compile, prepack, _ = resolve_step_options(llm, inputs_embeds.device, compile, prepack)
+        generate_kwargs["custom_generate"] = functools.partial(decode_loop, compile_step=compile, prepack=prepack)
     return llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def resolve_step_options(llm: nn.Module, device, compile: bool | None, prepack: bool | None):
+    """(compile, prepack, why not prepacked) of the static loop's step on ``device``: ``compile`` None
+    compiles on CUDA only; ``prepack`` None packs wherever :class:`PackedLinears` applies and the step is
+    not compiled; ``prepack=True`` where it cannot apply is an error saying why."""
+    device = torch.device(device)
+    if compile is None:
+        compile = device.type == "cuda"
+    why_not = PackedLinears.unavailable(llm, device)
+    if prepack and why_not:
+        raise ValueError(f"prepack=True: {why_not}")
+    if prepack is None:
+        prepack = why_not is None and not compile
+    return bool(compile), bool(prepack), why_not
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -568,8 +576,8 @@ class PackedLinears:
             return (
                 f"the LLM's linear weights are {sorted(map(str, dtypes))}, packing keeps results identical in bf16 only"
             )
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return "this CPU or torch build has no oneDNN bf16 matmul"
+        if not onednn_runs(torch.bfloat16):
+            return "this CPU or torch build runs no oneDNN bf16 matmul"
         return None
 
     def __call__(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -690,6 +698,7 @@ __all__ = [
     "decode_loop",
     "decode_step",
     "generate_tokens",
+    "resolve_step_options",
     "shared_prefix_attention",
     "time_generation",
 ]

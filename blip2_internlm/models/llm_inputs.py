@@ -15,7 +15,8 @@ Precision (model config ``autocast_dtype``):
 * ``bf16``: bf16 autocast on CUDA and on the CPU; no loss scaling (bf16 has fp32's range), so
   run it with ``run.amp: False`` -- ``run.amp`` would add LAVIS's fp16 autocast around the
   parts of the step outside the model's own autocast regions.
-* ``auto``: bf16 where the GPU supports it, else fp16; none on the CPU.
+* ``auto``: bf16 where the device multiplies it natively (a GPU with bf16; a CPU with AVX512-BF16 or
+  AMX), fp16 on an older GPU, none on other CPUs (``blip2_internlm.hardware.fast_half_dtype``).
 * ``off``: no autocast anywhere in the model.
 
 The frozen LLM's weights stay in ``llm_precision`` in every mode: autocast casts per op.
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from blip2_internlm.hardware import fast_half_dtype, warn_if_slow_bf16
 from blip2_internlm.models.config import AUTOCAST_DTYPES
 from blip2_internlm.models.cpu_linear import same_linear_kernel_on_recompute
 
@@ -41,24 +43,17 @@ def resolve_autocast_dtype(setting: str, device: torch.device):
         raise ValueError(f"model.autocast_dtype = {setting!r}; expected one of {list(AUTOCAST_DTYPES)}")
     if setting == "off":
         return None
+    if setting == "auto":
+        return fast_half_dtype(device)
     if device.type == "cuda":
-        if setting == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if setting == "bf16" else torch.float16
     if device.type != "cpu":
         return None
-    # CPU: fp16 (LAVIS's default) never autocasts, fp16 matmuls on a CPU are no speed-up; auto is bf16
-    # where the CPU multiplies bf16 natively (README "Speed": faster, the demo's metrics unchanged)
-    if setting == "auto":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return torch.bfloat16 if setting == "bf16" else None
-
-
-def cpu_has_native_bf16() -> bool:
-    """The CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); without them bf16 matmuls are
-    emulated and slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    # CPU: fp16 (LAVIS's default) never autocasts, fp16 matmuls on a CPU are no speed-up
+    if setting == "bf16":
+        warn_if_slow_bf16("model.autocast_dtype: bf16", device)
+        return torch.bfloat16
+    return None
 
 
 def checkpoint_frozen_llm_layers(llm: torch.nn.Module) -> int:

@@ -185,19 +185,19 @@ def test_bf16_autocast_loss_is_within_2_percent_of_fp32_on_cpu(model):
 
 
 def test_autocast_settings_resolve_per_device(monkeypatch):
-    from blip2_internlm.models import llm_inputs
+    from blip2_internlm import hardware
     from blip2_internlm.models.llm_inputs import resolve_autocast_dtype
 
     cpu = torch.device("cpu")
     # auto is bf16 on a CPU that multiplies bf16 natively, no autocast on one that would emulate it
-    monkeypatch.setattr(llm_inputs, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     assert [resolve_autocast_dtype(s, cpu) for s in ("auto", "fp16", "off", "bf16")] == [
         torch.bfloat16,
         None,
         None,
         torch.bfloat16,
     ]
-    monkeypatch.setattr(llm_inputs, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     assert [resolve_autocast_dtype(s, cpu) for s in ("auto", "fp16", "off", "bf16")] == [
         None,
         None,
