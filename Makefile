@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # make demo LANG=en for English; LANG is usually a locale, so only en/zh count
 DEMO_LANG := $(if $(filter en zh,$(LANG)),$(LANG),zh)
 
-.PHONY: test demo venv clean-venv bench app
+.PHONY: test test-emulated demo venv clean-venv bench app
 
 venv: $(STAMP)
 
@@ -25,6 +25,13 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
+
+# the kernel-sensitive specs again on emulated CPUs (CI runs this after make test): an AVX2-only CPU
+# (no AVX-512, so no native bf16: oneDNN, MKL and ATen all capped) and ATen's plain, unvectorised kernels
+EMULATED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-emulated: $(STAMP)
+	$(EMULATED_AVX2) $(PY) -m pytest -m kernel_sensitive tests
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m kernel_sensitive tests
 
 # make demo SEEDS=42,1,2: one run per seed, with their mean and spread
 demo: $(STAMP)
