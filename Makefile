@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # make demo LANG=en for English; LANG is usually a locale, so only en/zh count
 DEMO_LANG := $(if $(filter en zh,$(LANG)),$(LANG),zh)
 
-.PHONY: test test-emulated demo venv clean-venv bench app
+.PHONY: test test-emulated demo venv clean-venv bench app gpu-check
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m blip2_internlm.bench --size small
+
+# the checks that need a GPU, one run within 8 minutes: report in output/gpu-check (exit 2 without CUDA);
+# GPU_CHECK_ARGS="--dry-run" lists them without a GPU, e.g. also "--only bench_real --out DIR"
+gpu-check: $(STAMP)
+	$(PY) -m blip2_internlm.gpu_check $(GPU_CHECK_ARGS)
 
 # the web demo on the model `make demo` trained (its newest stage-2 checkpoint), http://127.0.0.1:8501;
 # more options with APP_ARGS, e.g. make app APP_ARGS="--host 0.0.0.0 --port 8600"
