@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from blip2_internlm import bench
+from blip2_internlm import bench, hardware
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +165,32 @@ def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatc
         ("train_step", "ours: lm_head_on_labels_only=False"),
         ("vqa_mixed", "ours: mixed questions, length-sorted"),
         ("vqa_mixed", "ours: mixed questions, dataset order"),
-        ("train_step", "ours: autocast_dtype=bf16"),
-        ("train_step", "ours: autocast_dtype=bf16, feature cache on"),
         ("train_step", "ours: llm_precision=fp32, autocast_dtype=off"),  # like for like with the fp32 baseline
         ("vqa", "ours: llm_precision=fp32, autocast_dtype=off, cpu_fp32_linear=torch"),
         ("train_step", "ours: llm_grad_checkpoint=True"),
     ]:
         assert rows[(task, variant)]["status"] == "ok", rows[(task, variant)]
     targets = result["targets"]
-    assert set(targets["cached_step_vs_uncached (target <= 0.5)"]) == {
-        "ours: feature cache on / ours: default",
-        "ours: autocast_dtype=bf16, feature cache on / ours: autocast_dtype=bf16",
-    }
+    cached = {"ours: feature cache on / ours: default"}
+    bf16_rows = [
+        ("train_step", "ours: autocast_dtype=bf16"),
+        ("train_step", "ours: autocast_dtype=bf16, feature cache on"),
+    ]
+    if hardware.cpu_has_native_bf16():
+        assert all(rows[key]["status"] == "ok" for key in bf16_rows)
+        cached.add("ours: autocast_dtype=bf16, feature cache on / ours: autocast_dtype=bf16")
+    else:  # emulated bf16 would take minutes a row: left out, and said so with the measured factor
+        assert not any(key in rows for key in bf16_rows)
+        assert any(
+            note.startswith("bf16 rows: not measured") and "slower than fp32" in note for note in result["notes"]
+        )
+    assert set(targets["cached_step_vs_uncached (target <= 0.5)"]) == cached
+    # the default is read against like for like, and every auto key's resolution is in the JSON
+    assert set(targets["default_time_vs_like_for_like (target <= 1, within noise)"]) == {"train_step", "caption", "vqa"}
+    assert result["machine"]["isa_class"] == hardware.cpu_isa_class()
+    resolved = rows[("train_step", "ours: default")]["side_notes"]["resolved_defaults"]
+    assert resolved["llm_precision"] == {"setting": "auto", "resolved": hardware.resolve_llm_precision("auto", "cpu")}
+    assert resolved["cpu_fp32_linear"]["resolved"] in ("onednn", "torch", "under autocast")
     # the cached step runs no ViT: fewer FLOPs than the uncached one
     assert rows[("train_step", "ours: feature cache on")]["flops"] < rows[("train_step", "ours: default")]["flops"]
 

@@ -40,9 +40,13 @@ def resolve_cpu_fp32_linear(setting: str, device: torch.device) -> str:
         raise ValueError(f"model.cpu_fp32_linear = {setting!r}; expected one of {list(CPU_FP32_LINEARS)}")
     if torch.device(device).type != "cpu" or setting == "torch":
         return "torch"
+    if not torch.backends.mkldnn.is_available():
+        if setting == "onednn":
+            raise ValueError("model.cpu_fp32_linear: onednn, but this torch build has no oneDNN (mkldnn)")
+        return "torch"
     if setting == "onednn":
         if not onednn_runs(torch.float32):
-            raise ValueError("model.cpu_fp32_linear: onednn, but this torch build or CPU runs no oneDNN fp32 linear")
+            raise ValueError("model.cpu_fp32_linear: onednn, but oneDNN runs no fp32 linear on this CPU")
         return "onednn"
     return fastest_cpu_fp32_linear()
 
