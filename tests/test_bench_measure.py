@@ -11,6 +11,9 @@ import torch
 from blip2_internlm import measure
 from blip2_internlm.dtypes import DTYPES, dtype_name, to_dtype
 
+# the peak measurement runs every dtype's matmul kernel the CPU has (oneDNN bf16 only where native)
+pytestmark = pytest.mark.kernel_sensitive
+
 MiB = 2**20
 
 

@@ -117,6 +117,9 @@ def records(path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# the command and the evaluation run the same model in the same batches of BATCH on one CPU: the same sums,
+# bit for bit; what the trained checkpoint captions is this CPU's (its training ran on its kernels)
+@pytest.mark.kernel_sensitive
 def test_captions_equal_what_caption_evaluation_generates_for_the_same_checkpoint_and_images(
     uninterrupted, evaluated, shapes
 ):
@@ -130,6 +133,9 @@ def test_captions_equal_what_caption_evaluation_generates_for_the_same_checkpoin
     assert (settings["num_beams"], settings["max_len"], settings["min_len"]) == (3, 30, 1)  # the config's run section
 
 
+# the resumed run batches the remaining images differently: equal texts need a row's sums not to depend on
+# the batch's other rows (same prompt, no padding), and its decisions' gaps to exceed any GEMM-blocking change
+@pytest.mark.kernel_sensitive
 def test_a_killed_run_resumes_to_each_image_once_with_the_uninterrupted_texts(
     uninterrupted, checkpoint, shapes, tmp_path
 ):
@@ -201,6 +207,8 @@ def test_an_unreadable_image_is_an_error_row_and_counted_and_the_others_are_capt
     assert "5 written (3 ok, 2 unreadable)" in capsys.readouterr().out
 
 
+# the command and predict_answers run the same batches of 3 on one CPU: the same sums, bit for bit
+@pytest.mark.kernel_sensitive
 def test_vqa_with_questions_per_image_from_jsonl_equals_predict_answers(checkpoint, shapes, tmp_path):
     import torch
 

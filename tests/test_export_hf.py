@@ -14,6 +14,9 @@ import torch
 from PIL import Image, ImageDraw
 from spec_helpers import REPO, run_python
 
+# transformers' Blip2 against our model: other kernels (SDPA, split q/k/v) on both sides of each comparison
+pytestmark = pytest.mark.kernel_sensitive
+
 PROMPT = "图片描述："
 SCENES = [("red", "circle", "left"), ("blue", "square", "right"), ("green", "circle", "center")]
 RGB = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 40)}
@@ -252,6 +255,8 @@ def test_logits_match_ours_in_fp32(exported, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_and_beam_captions_are_ours(exported, arch):
     ours, theirs = exported[arch]
+    # our captions run ln_vision with its own eps, logits up to ~1.4e-3 from the export's (measured,
+    # LOGITS_ATOL_LN_VISION_EPS): equal captions need every decision's gap above that, on any CPU
     assert theirs["greedy"] == ours["greedy"]
     assert theirs["beam"] == ours["beam"]
     assert len(set(ours["greedy"])) > 1 and len(set(ours["beam"])) > 1  # not one caption for every image

@@ -44,6 +44,7 @@ the specs use keeps the earlier recipe (``keyword_corpus``, ``pretrain_causal_lm
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -340,6 +341,19 @@ class _PrefixTask:
         return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
 
+def _own_rng(train):
+    """Runs ``train`` on a fork of torch's global RNG: it seeds itself, and its caller's draws after it are
+    the same whether the asset was built now (a cold cache) or read from the cache."""
+
+    @functools.wraps(train)
+    def forked(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return train(*args, **kwargs)
+
+    return forked
+
+
+@_own_rng
 def pretrain_for_vqa(
     model_dir, rows: list[tuple[str, str, str]], settings: PretrainSettings | None = None
 ) -> list[float]:
@@ -458,6 +472,7 @@ def keyword_corpus(colors=None, shapes=None, positions=None, seed=0) -> list[tup
     return rows + [("", "", text) for text in data.text_corpus(colors, shapes_, positions)]
 
 
+@_own_rng
 def pretrain_causal_lm(
     model_dir, rows: list[tuple[str, str, str]], *, steps=1500, batch_size=32, lr=3e-3, seed=0, context_noise=0.5
 ) -> list[float]:

@@ -7,6 +7,10 @@ from transformers import LlamaForCausalLM
 from blip2_internlm.internlm2 import InternLM2ForCausalLM
 from blip2_internlm.internlm2.convert import main, merge_wqkv, split_wqkv
 
+# Llama's split q/k/v against our fused wqkv: the same fp32 products grouped in other GEMMs, ~1e-6 apart
+# at these logits against atol 1e-5; the converted weights themselves are compared bit for bit
+pytestmark = pytest.mark.kernel_sensitive
+
 
 @pytest.mark.parametrize(
     "overrides",

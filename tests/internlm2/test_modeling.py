@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from blip2_internlm.internlm2 import InternLM2Config
 from blip2_internlm.internlm2.modeling import InternLM2Attention, InternLM2RMSNorm, InternLM2RotaryEmbedding
 
+# eager vs SDPA, cached vs full, fused vs per-head products: fp32 sums of at most 32 O(1) terms in other
+# groupings, ~1e-7 apart, against ATOL 1e-5; the torch.equal checks run the same ops on both sides
+pytestmark = pytest.mark.kernel_sensitive
+
 ATOL = 1e-5
 
 

@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 from spec_helpers import run_python
 
+# the batched loss against a per-sample construction (other GEMM shapes, atol 1e-5 on a loss of a few
+# units), and answers after overfitting four samples: both rest on this CPU's fp32 kernels
+pytestmark = pytest.mark.kernel_sensitive
+
 CAPTIONS = ["左边有一个红色的圆形", "右边有一个蓝色的正方形", "中间有一个绿色的三角形", "中间有一个黄色的圆形"]
 
 
