@@ -8,6 +8,14 @@ from spec_helpers import REPO
 
 # generated assets and synthetic data are reused across runs unless CI says otherwise
 os.environ.setdefault("BLIP2_INTERNLM_CACHE", str(REPO / ".cache" / "blip2_internlm"))
+# Inductor's compiled code, one cache per kernel cap: its cache key ignores ATEN_CPU_CAPABILITY, and code
+# compiled under one capability fails to build or aborts the process under another (make test-emulated)
+_CAPS = "-".join(
+    os.environ.get(k, "") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+)
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / f"inductor-{_CAPS.strip('-').lower() or 'native'}")
+)
 
 
 @pytest.fixture(scope="session")
