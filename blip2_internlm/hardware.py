@@ -152,12 +152,14 @@ def resolve_llm_precision(setting: str, device) -> str:
 
 # --- the fp32 linear kernel on a CPU -----------------------------------------------------------------
 
-#: (rows, in, out) of the products timed: a training step's linears and a decoding step's.
-LINEAR_PROBE_SHAPES = ((128, 768, 768), (40, 512, 1536))
+#: (rows, in, out) of the products timed: a training step's linears and a decoding step's (at smaller
+#: products than these, BLAS libraries take single-threaded paths that say little about a model's).
+LINEAR_PROBE_SHAPES = ((512, 1024, 1024), (40, 1024, 1024))
 
 
 def machine_fingerprint() -> str:
-    """Names this machine's speed: the CPU model and flags' class, the kernel caps, torch's version."""
+    """Names this machine's speed: the CPU model and flags' class, the kernel caps, torch's version (and the
+    probe's shapes)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -165,6 +167,7 @@ def machine_fingerprint() -> str:
     except (OSError, StopIteration):
         pass
     parts = [cpu, _cpu_flag_class(), torch.__version__, *(f"{k}={os.environ.get(k, '')}" for k in ISA_ENV)]
+    parts.append(repr(LINEAR_PROBE_SHAPES))  # another probe is another measurement
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

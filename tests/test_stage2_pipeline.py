@@ -37,6 +37,19 @@ def test_stage2_trains_from_the_stage1_checkpoint(stage2_run):
     assert (job_dir / "checkpoint_0.pth").is_file()
 
 
+def test_the_checkpoint_records_what_each_auto_key_resolved_to_and_on_which_machine(stage2_run):
+    from blip2_internlm import hardware
+    from blip2_internlm.checkpoint import load_checkpoint_file
+
+    job_dir, result = stage2_run
+    saved = load_checkpoint_file(job_dir / "checkpoint_0.pth")["resolved_defaults"]
+    assert saved["device"] == "cpu" and saved["machine"]["isa_class"] == hardware.cpu_isa_class()
+    # the tiny config asks fp32 and leaves the kernel to the machine: what the run used is written down
+    assert saved["llm_precision"] == {"setting": "fp32", "resolved": "fp32"}
+    assert saved["cpu_fp32_linear"] == {"setting": "auto", "resolved": hardware.fastest_cpu_fp32_linear()}
+    assert "model defaults on cpu" in result.stderr + result.stdout  # printed once at start
+
+
 def test_zero_shot_vqa_prints_vqav2_metrics(stage2_run, tmp_path):
     job_dir, _ = stage2_run
     result = torchrun(
