@@ -64,7 +64,13 @@ from unittest import mock
 import torch
 
 from blip2_internlm.dtypes import DTYPES, dtype_name
-from blip2_internlm.hardware import cpu_has_native_bf16, cpu_isa_class, describe_machine, emulated_bf16_slowdown
+from blip2_internlm.hardware import (
+    cpu_has_native_bf16,
+    cpu_isa_class,
+    cpu_model_name,
+    describe_machine,
+    emulated_bf16_slowdown,
+)
 from blip2_internlm.measure import (
     interleaved_medians,
     measure_steps,
@@ -587,14 +593,8 @@ class Side:
 
 
 def machine_info(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     info = dict(
-        cpu=cpu,
+        cpu=cpu_model_name(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch=torch.__version__,

@@ -157,16 +157,19 @@ def resolve_llm_precision(setting: str, device) -> str:
 LINEAR_PROBE_SHAPES = ((512, 1024, 1024), (40, 1024, 1024))
 
 
+def cpu_model_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``; what ``platform`` knows elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_fingerprint() -> str:
     """Names this machine's speed: the CPU model and flags' class, the kernel caps, torch's version (and the
     probe's shapes)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    parts = [cpu, _cpu_flag_class(), torch.__version__, *(f"{k}={os.environ.get(k, '')}" for k in ISA_ENV)]
+    parts = [cpu_model_name(), _cpu_flag_class(), torch.__version__, *(f"{k}={os.environ.get(k, '')}" for k in ISA_ENV)]
     parts.append(repr(LINEAR_PROBE_SHAPES))  # another probe is another measurement
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -128,9 +128,12 @@ class Blip2InternLM(Blip2Base):
         config = self.model_config
         llm_dtype = next(self.llm_model.parameters()).dtype
         autocast = resolve_autocast_dtype(config.autocast_dtype, device)
-        compile, prepack, why_not = resolve_step_options(
-            self.llm_model, device, config.decode_compile, config.decode_prepack
-        )
+        try:
+            compile, prepack, why_not = resolve_step_options(
+                self.llm_model, device, config.decode_compile, config.decode_prepack
+            )
+        except ValueError as err:  # decode_prepack: true where it cannot apply: generate() will say so
+            compile, prepack, why_not = config.decode_compile, f"error: {err}", None
         linear = "under autocast" if autocast is not None else resolve_cpu_fp32_linear(config.cpu_fp32_linear, device)
         return dict(
             device=str(device),
