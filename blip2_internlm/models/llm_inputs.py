@@ -43,12 +43,12 @@ def resolve_autocast_dtype(setting: str, device: torch.device):
         raise ValueError(f"model.autocast_dtype = {setting!r}; expected one of {list(AUTOCAST_DTYPES)}")
     if setting == "off":
         return None
+    if device.type not in ("cuda", "cpu"):
+        return None  # no autocast region elsewhere (a meta build plans for a GPU, but computes nothing)
     if setting == "auto":
         return fast_half_dtype(device)
     if device.type == "cuda":
         return torch.bfloat16 if setting == "bf16" else torch.float16
-    if device.type != "cpu":
-        return None
     # CPU: fp16 (LAVIS's default) never autocasts, fp16 matmuls on a CPU are no speed-up
     if setting == "bf16":
         warn_if_slow_bf16("model.autocast_dtype: bf16", device)
