@@ -118,7 +118,7 @@ def cpu_has_native_bf16() -> bool:
     """The CPU multiplies bf16 natively (AVX512-BF16 or AMX, not capped off for oneDNN, and oneDNN
     really runs it); without that, bf16 matmuls are emulated and far slower than fp32."""
     if platform.machine().lower() in ("aarch64", "arm64"):
-        return False  # no bf16 kernel of torch's aarch64 builds is known here to beat fp32
+        return False  # not measured on an aarch64 CPU yet (some have bf16 instructions): fp32 until it is
     native = min(_level(_cpu_flag_class()), _level(_onednn_class())) >= _level("avx512_bf16")
     return native and onednn_runs(torch.bfloat16)
 
