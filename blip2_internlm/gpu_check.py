@@ -1,8 +1,8 @@
-"""``make gpu-check``: every check that needs a GPU, prepared to run in one go on a lent card.
+"""``make gpu-check``: every check that needs a GPU, prepared to run in one go on a borrowed card.
 
     python -m blip2_internlm.gpu_check [--out output/gpu-check] [--only NAME,...] [--dry-run] [--device cuda|cpu]
 
-A GPU is lent for minutes at a time; this script is what runs in them, so that no lent minute goes
+A GPU may be available for minutes at a time; this script is what runs in them, so that no such minute goes
 to writing code.  It runs the checks of :data:`CHECKS` in order, each against its own time budget
 (all of them together within :data:`TOTAL_BUDGET_S`), each wrapped so that a check that fails, raises
 or overruns is recorded (status, error, the tail of its traceback) and the next one still runs.  The
@@ -21,7 +21,7 @@ most.  The report is rewritten after every check, so a run cut short still leave
 
 Before the first check, the preparation generates what the checks read into the asset cache
 (``$BLIP2_INTERNLM_CACHE``): the tiny models, the shapes data and the bench size's tokenizer
-directories, a minute on a 2-core CPU the first time.  For a machine lent for minutes, fill a cache
+directories, a minute on a 2-core CPU the first time.  For a machine available for minutes, fill a cache
 inside the checkout beforehand (a few MB; e.g. ``BLIP2_INTERNLM_CACHE=.cache/blip2_internlm python -m
 blip2_internlm.gpu_check --device cpu --only bf16_step``) and take it along: the preparation then
 takes seconds.

@@ -1,4 +1,4 @@
-"""`make gpu-check` (blip2_internlm/gpu_check.py): the script prepared for a lent GPU runs nowhere else,
+"""`make gpu-check` (blip2_internlm/gpu_check.py): the script prepared for a borrowed GPU runs nowhere else,
 lists its checks without one, uses only commands, options and configs that exist, and records a check
 that fails, raises or overruns while the others still run.
 
@@ -53,7 +53,7 @@ def test_dry_run_lists_every_check_in_order_with_its_budget_and_exits_0(lavis_re
     assert "pretrain_stage2_internlm2_1.8b.yaml --measure --device cuda" in out
 
 
-def test_the_budgets_fit_the_eight_minutes_of_a_lent_gpu():
+def test_the_budgets_fit_the_eight_minutes_of_one_gpu_run():
     from blip2_internlm.gpu_check import CHECKS, PREPARE_BUDGET_S, STARTUP_ALLOWANCE_S, TOTAL_BUDGET_S
 
     assert [check.name for check in CHECKS] == CHECK_ORDER
