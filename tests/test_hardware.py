@@ -108,9 +108,20 @@ def test_an_explicit_choice_is_honoured_and_a_slow_bf16_warns_once_with_the_meas
     assert len(warnings) == 1 and "model.llm_precision: bf16" in warnings[0] and "32x slower" in warnings[0]
 
 
-def test_the_slowdown_measured_is_a_ratio_of_real_matmuls():
+def test_the_slowdown_is_timed_on_one_thread_in_both_dtypes_and_the_threads_are_restored(monkeypatch):
+    """One thread: a ratio of kernels that another busy process cannot skew by stalling a thread."""
+    seen, matmul = [], torch.matmul
+
+    def spy(a, b):
+        seen.append((a.dtype, torch.get_num_threads()))
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    threads = torch.get_num_threads()
     ratio = hardware.emulated_bf16_slowdown(size=64)
-    assert ratio > 0 and torch.get_num_threads() >= 1
+    assert ratio > 0 and torch.get_num_threads() == threads
+    assert {dtype for dtype, _ in seen} == {torch.float32, torch.bfloat16}
+    assert {count for _, count in seen} == {1}
 
 
 # --- the fp32 linear kernel -----------------------------------------------------------------------------
