@@ -1151,6 +1151,22 @@ class Bench:
                     for base, ratio in row.get("time_vs", {}).items():
                         key = f"{task}_throughput_vs_lavis, {name} (target >= {limit})"
                         out.setdefault(key, {})[base] = round(1 / ratio, 3)
+        # What no kernel could beat: the default's FLOPs at the fastest matmul measured here, against the
+        # same baseline. A target past this bound cannot be met on this CPU without doing less arithmetic.
+        peak = max(filter(None, self.peaks.values()), default=None)
+        for task in ("train_step", "caption", "vqa"):
+            row = find(task, "ours: default")
+            if not (row and peak and row.get("flops")):
+                continue
+            for base in row.get("time_vs", {}):
+                base_row = find(task, base)
+                if base_row is None:
+                    continue
+                ratio = row["flops"] / peak / base_row["median_s"]
+                bound = ratio if task == "train_step" else 1 / ratio
+                kind = "time, lower bound" if task == "train_step" else "throughput, upper bound"
+                key = f"default_at_matmul_peak_vs_lavis ({kind})"
+                out.setdefault(key, {})[f"{task}: {base}"] = round(bound, 3)
         for task in ("train_step", "caption", "vqa"):
             default, like_row = find(task, "ours: default"), find(task, like)
             if default and like_row:

@@ -140,6 +140,14 @@ def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkey
         "vqa: ours: default",
         f"vqa: {fp32_base}",
     }
+    # the bound no kernel could beat: the default's FLOPs at the fastest matmul peak, against the baseline
+    at_peak = result["targets"]
+    step_bound = at_peak["default_at_matmul_peak_vs_lavis (time, lower bound)"][f"train_step: {fp32_base}"]
+    step = rows[("train_step", "ours: default")]["flops"] / 1e12 / rows[("train_step", fp32_base)]["median_s"]
+    assert step_bound == pytest.approx(step, abs=1e-3)
+    vqa_bound = at_peak["default_at_matmul_peak_vs_lavis (throughput, upper bound)"][f"vqa: {fp32_base}"]
+    vqa = rows[("vqa", fp32_base)]["median_s"] / (rows[("vqa", "ours: default")]["flops"] / 1e12)
+    assert vqa_bound == pytest.approx(vqa, rel=1e-3)
     # the sweep: both models at every batch size and beam count, and the chart of it beside the JSON
     scaling = result["scaling"]
     for label in (fp32_base, "ours: default"):
