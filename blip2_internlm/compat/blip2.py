@@ -1,4 +1,4 @@
-"""LAVIS's BLIP-2 models: offline assets, stage 1 built from its config, string image ids, Q-Former caption generation."""
+"""LAVIS's BLIP-2 models: offline assets, stage 1 built from its config (image-id-aware loss), Q-Former caption generation."""
 
 import functools
 import os
@@ -49,7 +49,13 @@ def offline_blip2_assets():
 
 @fix
 def stage1_models_built_from_config():
-    """LAVIS's stage-1 models take no key for their BERT and ViT weights; blip2, blip2_feature_extractor and blip2_image_text_matching (registry names, and Blip2Qformer/Blip2ITM.from_config) build Blip2Stage1(ITM), whose config names them (qformer_text_model, vit_weights)."""
+    """LAVIS's stage-1 models take no key for their BERT and ViT weights and count only sample i as text i's ITC positive; blip2, blip2_feature_extractor and blip2_image_text_matching (registry names, and Blip2Qformer/Blip2ITM.from_config) build Blip2Stage1(ITM), whose config names the weights (qformer_text_model, vit_weights) and whose loss makes every caption of an image its positive.
+
+    Blip2Stage1.forward is the stage-1 loss with image-id-aware contrastive targets
+    (blip2_internlm.models.blip2_stage1); LAVIS's Blip2Qformer.forward is left as it is, so a
+    Blip2Qformer built by its own constructor (not from_config, from_pretrained or the registry)
+    has LAVIS 1.0.2's forward: diagonal targets, same-image captions repel each other.
+    """
     from lavis.common.registry import registry
     from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
     from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
@@ -67,16 +73,6 @@ def stage1_models_built_from_config():
         return built_as[cls].from_config(cfg) if cls in built_as else lavis_from_config(cls, cfg)
 
     Blip2Qformer.from_config = classmethod(from_config)
-
-
-@fix
-def itc_positives_from_image_ids():
-    """Blip2Qformer (1.0.2) takes only sample i as text i's positive, so captions of one image in a batch repel each other."""
-    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
-
-    from blip2_internlm.models.stage1 import stage1_forward
-
-    Blip2Qformer.forward = stage1_forward
 
 
 def expand_text_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

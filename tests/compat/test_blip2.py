@@ -81,8 +81,38 @@ def test_string_image_ids_are_accepted_and_distinct_ids_match_lavis_diagonal_tar
     assert not torch.allclose(with_distinct_ids, with_shared_id)
 
 
+def test_the_image_id_aware_loss_is_the_stage1_class_s_own_forward_and_lavis_s_is_untouched(
+    fresh_tiny_stage1_model,
+):
+    from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    from blip2_internlm.models.blip2_stage1 import Blip2Stage1, Blip2Stage1ITM
+
+    assert type(fresh_tiny_stage1_model) is Blip2Stage1  # what Blip2Qformer.from_pretrained builds
+    assert "forward" in vars(Blip2Stage1)
+    assert Blip2Qformer.forward.__module__ == "lavis.models.blip2_models.blip2_qformer"  # LAVIS 1.0.2's own
+    assert Blip2Stage1ITM.forward is Blip2ITM.forward  # image-text matching scores, not the loss
+
+
+def test_the_image_text_matching_model_scores_pairs_with_lavis_s_itm_and_itc_heads(lavis_ready):
+    from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
+    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+    from blip2_internlm.models.blip2_stage1 import Blip2Stage1ITM
+
+    cfg = OmegaConf.load(Blip2Qformer.default_config_path("tiny")).model
+    model = Blip2ITM.from_config(cfg).eval()
+    assert type(model) is Blip2Stage1ITM
+    # LAVIS's ITM forward tokenizes without padding: the captions of one call have one length
+    samples = {"image": torch.randn(2, 3, 64, 64), "text_input": ["a red circle on the left"] * 2}
+    with torch.no_grad():
+        assert model(samples, match_head="itm").shape == (2, 2)
+        assert model(samples, match_head="itc").shape == (2, 1)
+
+
 def test_contrastive_targets_spread_mass_over_all_captions_of_an_image():
-    from blip2_internlm.models.stage1 import contrastive_targets, same_image_mask
+    from blip2_internlm.models.blip2_stage1 import contrastive_targets, same_image_mask
 
     same = same_image_mask({"image_id": ["a", "b", "a"]}, 3, "cpu")
     assert same.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
