@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import random
 from datetime import datetime
 
-import numpy as np
 import torch
+
+from blip2_internlm.seeding import run_seed, seed_all
 
 
 def parse_args(description: str, argv=None):
@@ -62,10 +62,7 @@ def check_device(run_cfg) -> None:
 def setup_seeds(run_cfg) -> None:
     from lavis.common.dist_utils import get_rank
 
-    seed = int(run_cfg.seed) + get_rank()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_all(run_seed(run_cfg.seed, get_rank()))
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
 

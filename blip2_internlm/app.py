@@ -215,7 +215,7 @@ def load_samples(root: Path) -> list[Sample]:
 def demo_stage2_checkpoint(demo_output: Path) -> Path:
     """The checkpoint the demo evaluates: ``checkpoint_last.pth`` of the newest stage-2 job under ``demo_output``
     that has a checkpoint, else that job's last epoch checkpoint."""
-    from blip2_internlm.runner import EPOCH_CHECKPOINT, LAST
+    from blip2_internlm.checkpoint import EPOCH_CHECKPOINT, LAST
 
     jobs = sorted(p for p in (demo_output / "stage2").glob("*") if p.is_dir())  # job ids are timestamps
     for job in reversed(jobs):

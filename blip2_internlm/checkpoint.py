@@ -1,9 +1,10 @@
-"""Safe checkpoint loading with key reporting.
+"""Checkpoints: safe loading with key reporting, atomic saving, and a training run's checkpoints.
 
 LAVIS loads every checkpoint with a bare ``torch.load`` (arbitrary unpickling) and
 ``load_state_dict(strict=False)`` (missing keys silently ignored).  Here a checkpoint is
 read with ``weights_only=True`` (or from ``.safetensors``), unpickling anything else is an
-explicit opt-in, and every load reports what it left out.
+explicit opt-in, and every load reports what it left out.  ``CheckpointManager`` owns a
+training run's checkpoints (save, load, find the newest, prune, the best); the runner only calls it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Mapping
+import random
+import re
+import shutil
+import signal
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -247,3 +253,235 @@ def load_weights(
         )
     logger.info("Loaded %s", report.summary())
     return report
+
+
+# ----------------------------------------------------------------------------- checkpoint sources
+
+
+def resolve_checkpoint(key: str, url_or_path) -> str:
+    """A local checkpoint file for config ``key``; URLs only with downloads enabled."""
+    from lavis.common.utils import is_url
+
+    from blip2_internlm.assets import AssetMissingError, downloads_allowed, resolve_file
+
+    if not url_or_path:
+        raise AssetMissingError(key, url_or_path, "no checkpoint given", "Set it to a local checkpoint file.")
+    if is_url(str(url_or_path)):
+        if not downloads_allowed():
+            raise AssetMissingError(
+                key,
+                url_or_path,
+                "a URL, and downloads are disabled",
+                "Download the file yourself and set the key to its local path, or set "
+                "BLIP2_INTERNLM_ALLOW_DOWNLOADS=1 on a machine with network.",
+            )
+        from lavis.common.dist_utils import download_cached_file
+
+        return download_cached_file(str(url_or_path), check_hash=False, progress=True)
+    return str(resolve_file(key, url_or_path, "Set it to an existing checkpoint file."))
+
+
+def required_prefixes(model) -> tuple:
+    """Keys a pretrained/finetuned BLIP-2 checkpoint must provide: the Q-Former and its queries."""
+    return tuple(
+        getattr(
+            model, "checkpoint_required_prefixes", ("Qformer.", "query_tokens") if hasattr(model, "Qformer") else ()
+        )
+    )
+
+
+def trainable_keys(model) -> tuple:
+    """Every trainable parameter's name: what a training checkpoint must give back."""
+    return tuple(name for name, param in model.named_parameters() if param.requires_grad)
+
+
+# ----------------------------------------------------------------------------- a training run's checkpoints
+
+LAST = "checkpoint_last.pth"
+BEST = "checkpoint_best.pth"
+EPOCH_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pth$")
+
+#: Fault-injection hook for the specs, ``"N"``: rank 0 SIGKILLs itself during its N-th save, after
+#: writing the temporary file and before it replaces the previous checkpoint.
+INJECT_KILL_IN_SAVE_ENV = "BLIP2_INTERNLM_INJECT_KILL_IN_SAVE"
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain containers (``weights_only``-loadable)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes the same bytes as ``source``, atomically (a hard link where possible)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint restores: the model's trainable weights, the optimizer, the
+    loss scaler; the runner's own progress and RNG states travel beside them."""
+
+    model: torch.nn.Module  # unwrapped from DDP
+    optimizer: torch.optim.Optimizer
+    scaler: object | None = None  # torch.amp.GradScaler
+
+
+@dataclass
+class CheckpointManager:
+    """The one owner of a training run's checkpoints: save (atomic, refused when weights are not
+    finite), load (safe: ``weights_only``, every trainable weight required), find the newest that
+    loads, prune old epoch files, and the best checkpoint.
+
+    Files in ``directory`` (the job's output directory): ``checkpoint_last.pth`` always,
+    ``checkpoint_best.pth`` (a link to the last, when it was the best), and per-epoch files named by
+    ``epoch_file`` when a run has no validation split, of which ``keep_last_n`` are kept.
+    """
+
+    directory: Path
+    keep_last_n: int | None = None
+    allow_unsafe: bool | None = None
+    epoch_file: Callable[[int], str] = "checkpoint_{}.pth".format
+    last: Path | None = None  # the newest checkpoint written or resumed from in this run
+    _saves: int = 0
+
+    def save(
+        self,
+        state: TrainingState,
+        *,
+        epoch: int,
+        epoch_done: bool,
+        progress: dict,
+        extra: dict,
+        is_best: bool = False,
+        per_epoch_file: bool = False,
+    ) -> Path:
+        """Every rank calls this (every rank's RNG states are gathered); rank 0 writes.
+
+        As LAVIS, only trainable parameters and buffers are saved; frozen weights come from their own
+        files.  ``epoch`` is the one being trained: LAVIS's resume starts at a checkpoint's ``epoch`` + 1,
+        so a mid-epoch checkpoint records the epoch before it (its own ``progress`` says where it is).
+        """
+        from lavis.common.dist_utils import get_world_size, is_dist_avail_and_initialized, is_main_process
+
+        frozen = {name for name, param in state.model.named_parameters() if not param.requires_grad}
+        obj = {"model": {k: v for k, v in state.model.state_dict().items() if k not in frozen}}
+        bad = nonfinite_tensors(obj["model"])
+        if bad:  # same weights on every rank, so every rank refuses alike
+            raise CheckpointError(
+                f"refusing to save a checkpoint at epoch {epoch}: {len(bad)} tensors are not finite "
+                f"({', '.join(bad[:5])}); last good checkpoint: {self.last or 'none'}"
+            )
+        rng = [None] * get_world_size()
+        if is_dist_avail_and_initialized():
+            torch.distributed.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        last = Path(self.directory) / LAST
+        if is_main_process():
+            obj.update(
+                optimizer=state.optimizer.state_dict(),
+                scaler=state.scaler.state_dict() if state.scaler else None,
+                epoch=epoch if epoch_done else epoch - 1,
+                progress=progress,
+                rng=rng,
+                world_size=get_world_size(),
+                **extra,
+            )
+            if per_epoch_file:
+                self._write(obj, Path(self.directory) / self.epoch_file(epoch))
+                link_or_copy(Path(self.directory) / self.epoch_file(epoch), last)
+                self.prune()
+            else:
+                self._write(obj, last)
+            if is_best:
+                link_or_copy(last, Path(self.directory) / BEST)
+            batches = progress.get("iters_done", 0)
+            logger.info("Saved checkpoint at epoch %d, %d batches into it, to %s", epoch, batches, last)
+        self.last = last
+        return last
+
+    def _write(self, obj: dict, path: Path) -> None:
+        self._saves += 1
+        if str(self._saves) in os.environ.get(INJECT_KILL_IN_SAVE_ENV, "").replace(" ", "").split(","):
+            torch.save(obj, path.with_name(f".{path.name}.{os.getpid()}.partial"))  # what an atomic save leaves
+            os.kill(os.getpid(), signal.SIGKILL)
+        save_checkpoint_file(obj, path)
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last_n`` per-epoch checkpoints (all when None)."""
+        if self.keep_last_n is None:
+            return
+        directory = Path(self.directory)
+        numbers = sorted(int(m.group(1)) for p in directory.iterdir() if (m := EPOCH_CHECKPOINT.match(p.name)))
+        for number in numbers[: -self.keep_last_n]:
+            (directory / f"checkpoint_{number}.pth").unlink(missing_ok=True)
+
+    def read(self, url_or_path, map_location) -> tuple[str, dict]:
+        """(local path, checkpoint) of ``run.resume_ckpt_path``, read safely."""
+        path = resolve_checkpoint("run.resume_ckpt_path", url_or_path)
+        return path, load_checkpoint_file(path, map_location=map_location, allow_unsafe=self.allow_unsafe)
+
+    def restore(self, state: TrainingState, path, checkpoint: dict) -> None:
+        """Weights, optimizer and scaler from ``checkpoint`` (read from ``path``) into ``state``.
+
+        Every trainable parameter must come back, or training would silently restart it."""
+        weights = state_dict_of(checkpoint, path)
+        load_weights(state.model, path, required_prefixes=trainable_keys(state.model), state_dict=weights)
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if state.scaler and checkpoint.get("scaler"):
+            state.scaler.load_state_dict(checkpoint["scaler"])
+        self.last = Path(path)
+
+    def find_latest(self, map_location) -> tuple[Path, dict] | None:
+        """The newest checkpoint under this run's output root (any job directory beside this one)
+        that loads, loaded; None when there is none."""
+        root = Path(self.directory).parent
+        candidates = sorted(
+            (p for p in root.glob("*/checkpoint_*.pth") if p.name != BEST),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for path in candidates:
+            try:
+                checkpoint = load_checkpoint_file(path, map_location=map_location, allow_unsafe=self.allow_unsafe)
+            except CheckpointError as err:
+                logger.warning("run.resume = auto: skipping %s (%s)", path, err)
+                continue
+            return path, checkpoint
+        return None
+
+    def adopt_best(self, resumed_from: Path) -> None:
+        """Link the best checkpoint of the job resumed from into this job's directory, where the test
+        phase reloads it.  Rank 0 only."""
+        earlier = Path(resumed_from).parent / BEST
+        if earlier.is_file() and earlier.parent != Path(self.directory):
+            link_or_copy(earlier, Path(self.directory) / BEST)
+
+    def reload_best(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The best checkpoint's trainable weights into ``model``, for the test phase."""
+        load_weights(model, Path(self.directory) / BEST, required_prefixes=trainable_keys(model))
+        return model

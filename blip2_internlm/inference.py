@@ -35,8 +35,7 @@ from lavis.common.registry import registry
 from lavis.models import load_preprocess
 from omegaconf import OmegaConf
 
-from blip2_internlm.checkpoint import CheckpointError, load_weights
-from blip2_internlm.compat.checkpoints import required_prefixes, trainable_keys
+from blip2_internlm.checkpoint import CheckpointError, load_weights, required_prefixes, trainable_keys
 
 DEFAULT_ARCH = "blip2_internlm"
 

@@ -2,9 +2,10 @@
 
 What it adds to LAVIS 1.0.2's ``RunnerBase``, each switchable in ``run:`` (see docs/reliability.md):
 
-- checkpoints written atomically (``checkpoint.save_checkpoint_file``): ``checkpoint_last.pth``
-  always, ``checkpoint_best.pth`` when validating, ``checkpoint_<epoch>.pth`` as LAVIS (pruned
-  by ``keep_last_n``), and mid-epoch ``checkpoint_last.pth`` every ``save_every_iters`` steps;
+- checkpoints through ``checkpoint.CheckpointManager`` (atomic, safe to load):
+  ``checkpoint_last.pth`` always, ``checkpoint_best.pth`` when validating, ``checkpoint_<epoch>.pth``
+  as LAVIS (pruned by ``keep_last_n``), and mid-epoch ``checkpoint_last.pth`` every
+  ``save_every_iters`` steps;
 - exact resume, mid-epoch included: a checkpoint holds the optimizer, scaler, epoch, batches
   done in the epoch, the best metric and epoch, the non-finite counters and every rank's RNG
   states; the train sampler starts at any batch (``resume_ckpt_path`` or ``resume: auto``);
@@ -21,45 +22,33 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import random
-import re
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from lavis.common.logger import MetricLogger, SmoothedValue
 from lavis.datasets.data_utils import prepare_sample
+from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader, PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ChainDataset, DataLoader, DistributedSampler
 
-from blip2_internlm.checkpoint import (
-    CheckpointError,
-    load_checkpoint_file,
-    nonfinite_tensors,
-    save_checkpoint_file,
-)
+from blip2_internlm.checkpoint import CheckpointManager, TrainingState, set_rng_state
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.datasets import guard
+from blip2_internlm.seeding import run_seed, seed_all
 
 logger = logging.getLogger(__name__)
 _CPU = torch.device("cpu")  # a default argument, built once
 
 #: Fault-injection hooks for the specs, ``"STEP[@RANK],..."`` (global steps; on that rank, or all):
 #: the loss of those steps becomes NaN; the process SIGKILLs itself before training that step.
+#: (The kill during a save is ``checkpoint.INJECT_KILL_IN_SAVE_ENV``.)
 INJECT_NONFINITE_ENV = "BLIP2_INTERNLM_INJECT_NONFINITE_LOSS"
 INJECT_KILL_ENV = "BLIP2_INTERNLM_INJECT_KILL_AT_STEP"
-#: ``"N"``: rank 0 SIGKILLs itself during its N-th checkpoint save, after writing the temporary
-#: file and before it replaces the previous checkpoint.
-INJECT_KILL_IN_SAVE_ENV = "BLIP2_INTERNLM_INJECT_KILL_IN_SAVE"
-
-LAST = "checkpoint_last.pth"
-BEST = "checkpoint_best.pth"
-EPOCH_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pth$")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -131,27 +120,95 @@ class EpochLoader:
         return iter(self.loader)
 
 
-def rng_state() -> dict:
-    """This process's RNG states as tensors and plain containers (``weights_only``-loadable)."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def delegate_to_wrapped_loader(self, name):
+    """``__getattr__`` of loader wrappers: sampler, dataset, batch_size come from the wrapped loader."""
+    if name == "loader":  # not set yet (unpickling, copying): no recursion
+        raise AttributeError(name)
+    return getattr(self.loader, name)
 
 
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class _PassThroughLoader:
+    """What LAVIS's PrefetchLoader offers the runner, minus the CUDA stream and the copy to CUDA."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    __getattr__ = delegate_to_wrapped_loader
+
+
+class PausingIterLoader(IterLoader):
+    """LAVIS's ``IterLoader`` (an endless iterator over epochs) with its pause at each epoch boundary
+    (2 s in LAVIS, "prevent possible deadlock") set by ``run.epoch_transition_sleep``."""
+
+    def __init__(self, dataloader, use_distributed: bool, epoch_sleep: float):
+        super().__init__(dataloader, use_distributed=use_distributed)
+        self.epoch_sleep = epoch_sleep
+
+    def __next__(self):
+        try:
+            return next(self.iter_loader)
+        except StopIteration:
+            self._epoch += 1
+            if hasattr(self._dataloader.sampler, "set_epoch") and self._use_distributed:
+                self._dataloader.sampler.set_epoch(self._epoch)
+            time.sleep(self.epoch_sleep)
+            self.iter_loader = iter(self._dataloader)
+            return next(self.iter_loader)
+
+
+def lavis_loader(
+    dataset,
+    batch_size: int,
+    is_train: bool,
+    collate_fn,
+    *,
+    num_workers: int,
+    device: torch.device,
+    distributed: bool,
+    dist_eval_sampler: bool,
+    epoch_sleep: float,
+):
+    """The loader LAVIS's ``RunnerBase.create_loaders`` builds for one dataset, with the device and the
+    epoch pause as arguments: a webdataset stream is iterated as it is; map-style data gets LAVIS's
+    sampler, the CUDA prefetcher only on CUDA (on a CPU it would make a CUDA stream and copy there),
+    and, for training, an endless iterator."""
+    import webdataset as wds
+
+    if isinstance(dataset, (ChainDataset, wds.DataPipeline)):  # has its own sampler and collate_fn
+        return iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=True))
+    sampler = None
+    if distributed and (is_train or dist_eval_sampler):
+        sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(), rank=get_rank())
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=True,
+        sampler=sampler,
+        shuffle=sampler is None and is_train,
+        collate_fn=collate_fn,
+        drop_last=is_train,
+    )
+    loader = PrefetchLoader(loader) if device.type == "cuda" else _PassThroughLoader(loader)
+    return PausingIterLoader(loader, distributed, epoch_sleep) if is_train else loader
+
+
+def start_loader_epoch(loader, epoch: int) -> None:
+    """Put a train loader built by ``lavis_loader`` (or several, in a ``MultiIterLoader``) at the start
+    of ``epoch``: sampler epoch, per-sample seeds, a fresh iterator."""
+    for inner in getattr(loader, "loaders", [loader]):
+        if isinstance(inner, IterLoader):
+            inner._epoch = epoch
+            if inner._use_distributed and hasattr(inner._dataloader.sampler, "set_epoch"):
+                inner._dataloader.sampler.set_epoch(epoch)
+            guard.set_epoch(inner._dataloader.dataset, epoch)
+            inner.iter_loader = iter(inner._dataloader)
 
 
 def injected_steps(variable: str) -> set[int]:
@@ -234,10 +291,9 @@ class ReliableRunner(RunnerBase):
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
         self.datasets = guard.guard_datasets(self.datasets, cfg.run_cfg)
         self.progress = Progress()
-        self.last_checkpoint: Path | None = None
         self._resume_rng: list | None = None  # every rank's RNG states, for a mid-epoch resume
         self.bad_samples = guard.BadSampleTally.from_run_config(cfg.run_cfg)
-        self._saves = 0  # counted for the kill-during-save hook
+        self._checkpoints: CheckpointManager | None = None
 
     # --- settings ------------------------------------------------------------------------
 
@@ -271,36 +327,55 @@ class ReliableRunner(RunnerBase):
     def collective_device(self):
         return collective_device() if is_dist_avail_and_initialized() else torch.device("cpu")
 
+    @property
+    def checkpoints(self) -> CheckpointManager:
+        """This job's checkpoints (its output directory exists once LAVIS's constructor has run)."""
+        if self._checkpoints is None:
+            self._checkpoints = CheckpointManager(
+                Path(self.output_dir),
+                keep_last_n=self.keep_last_n,
+                allow_unsafe=self.config.run_cfg.get("allow_unsafe_checkpoints", None),
+                epoch_file=self.checkpoint_name,
+            )
+        return self._checkpoints
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.checkpoints.last
+
+    def training_state(self) -> TrainingState:
+        return TrainingState(self.unwrap_dist_model(self.model), self.optimizer, self.scaler)
+
     # --- loaders -------------------------------------------------------------------------
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
         """Map-style train data gets an ``EpochLoader`` (resumable at any batch); everything else
-        (evaluation, webdataset streams, map-style data mixed with streams) LAVIS's loaders."""
-        resumable = [
-            is_train and not isinstance(dataset, (list, tuple)) and guard.is_map_style(dataset)
-            for dataset, is_train in zip(datasets, is_trains)
-        ]
-        others = [k for k, ours in enumerate(resumable) if not ours]
-        built = (
-            super().create_loaders(
-                [datasets[k] for k in others],
-                num_workers,
-                [batch_sizes[k] for k in others],
-                [is_trains[k] for k in others],
-                [collate_fns[k] for k in others],
-                dataset_ratios,
-            )
-            if others
-            else []
+        (evaluation, webdataset streams, map-style data mixed with streams) the loaders LAVIS builds,
+        from ``lavis_loader``."""
+        settings = dict(
+            num_workers=int(num_workers),
+            device=self.device,
+            distributed=self.use_distributed,
+            dist_eval_sampler=bool(self.use_dist_eval_sampler),
+            epoch_sleep=float(self._run("epoch_transition_sleep", 2.0)),
         )
-        loaders = dict(zip(others, built))
         seed = int(self._run("seed", 42))
-        for k, ours in enumerate(resumable):
-            if ours:
-                loaders[k] = EpochLoader(
-                    datasets[k], int(batch_sizes[k]), int(num_workers), collate_fns[k], seed, self.device.type == "cuda"
+        loaders = []
+        for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+            if isinstance(dataset, (list, tuple)):  # several datasets of one split, drawn by ratio
+                parts = [
+                    lavis_loader(d, batch_size, is_train, collate_fn[i], **settings) for i, d in enumerate(dataset)
+                ]
+                loaders.append(MultiIterLoader(loaders=parts, ratios=dataset_ratios))
+            elif is_train and guard.is_map_style(dataset):
+                loaders.append(
+                    EpochLoader(
+                        dataset, int(batch_size), int(num_workers), collate_fn, seed, self.device.type == "cuda"
+                    )
                 )
-        return [loaders[k] for k in range(len(datasets))]
+            else:
+                loaders.append(lavis_loader(dataset, batch_size, is_train, collate_fn, **settings))
+        return loaders
 
     # --- the run -------------------------------------------------------------------------
 
@@ -356,11 +431,8 @@ class ReliableRunner(RunnerBase):
     def train_epoch(self, epoch):
         """One epoch from ``self.progress.iters_done`` (non-zero after a mid-epoch resume)."""
         self.model.train()
-        loader = self.train_loader
-        seed = int(self._run("seed", 42)) + get_rank() + 1000 * int(epoch)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        loader = self.train_loader  # built lazily, drawing random numbers: before seeding
+        seed_all(run_seed(int(self._run("seed", 42)), get_rank(), epoch=int(epoch)))
         start = self.progress.iters_done if self.progress.epoch == epoch else 0
         batches = self._epoch_batches(loader, epoch, start)
         if self._resume_rng is not None:  # after the loader drew its worker seeds, as the interrupted run did
@@ -377,8 +449,6 @@ class ReliableRunner(RunnerBase):
     def _epoch_batches(self, loader, epoch: int, start: int):
         if isinstance(loader, EpochLoader):
             return loader.epoch(epoch, start)
-        from blip2_internlm.compat.runner import start_loader_epoch
-
         start_loader_epoch(loader, epoch)
         if start:
             logger.warning(
@@ -503,72 +573,24 @@ class ReliableRunner(RunnerBase):
 
     # --- checkpoints ---------------------------------------------------------------------
 
-    def _checkpoint_state(self) -> dict:
-        model = self.unwrap_dist_model(self.model)
-        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
-        # as LAVIS: trainable parameters and buffers; frozen weights come from their own files
-        return {"model": {k: v for k, v in model.state_dict().items() if k not in frozen}}
-
     def save_checkpoint(self, epoch: int, epoch_done: bool, is_best: bool = False) -> None:
         """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes."""
-        obj = self._checkpoint_state()
-        bad = nonfinite_tensors(obj["model"])
-        if bad:  # same weights on every rank, so every rank refuses alike
-            raise CheckpointError(
-                f"refusing to save a checkpoint at epoch {epoch}: {len(bad)} tensors are not finite "
-                f"({', '.join(bad[:5])}); last good checkpoint: {self.last_checkpoint or 'none'}"
-            )
-        rng = [None] * get_world_size()
-        if is_dist_avail_and_initialized():
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
-        if is_main_process():
-            obj.update(
-                optimizer=self.optimizer.state_dict(),
+        self.checkpoints.save(
+            self.training_state(),
+            epoch=epoch,
+            epoch_done=epoch_done,
+            progress=asdict(self.progress),
+            # the config, and what the model config's auto keys resolved to, and on which machine
+            extra=dict(
                 config=self.config.to_dict(),
-                # what the model config's auto keys resolved to, and on which machine
                 resolved_defaults=_resolved_defaults(self.unwrap_dist_model(self.model)),
-                scaler=self.scaler.state_dict() if self.scaler else None,
-                # LAVIS's own resume starts at "epoch" + 1: a mid-epoch checkpoint restarts its epoch there
-                epoch=epoch if epoch_done else epoch - 1,
-                progress=asdict(self.progress),
-                rng=rng,
-                world_size=get_world_size(),
-            )
-            directory = Path(self.output_dir)
-            if epoch_done and not self.valid_splits:
-                self._write(obj, directory / self.checkpoint_name(epoch))
-                link_or_copy(directory / self.checkpoint_name(epoch), directory / LAST)
-                self._prune_epoch_checkpoints(directory)
-            else:
-                self._write(obj, directory / LAST)
-            if is_best:
-                link_or_copy(directory / LAST, directory / BEST)
-            logger.info(
-                "Saved checkpoint at epoch %d, %d batches into it, to %s",
-                epoch,
-                self.progress.iters_done,
-                directory / LAST,
-            )
-        self.last_checkpoint = Path(self.output_dir) / LAST
+            ),
+            is_best=is_best,
+            per_epoch_file=epoch_done and not self.valid_splits,
+        )
 
     def checkpoint_name(self, epoch: int) -> str:
         return f"checkpoint_{epoch}.pth"
-
-    def _write(self, obj: dict, path: Path) -> None:
-        self._saves += 1
-        if self._saves in injected_steps(INJECT_KILL_IN_SAVE_ENV):
-            torch.save(obj, path.with_name(f".{path.name}.{os.getpid()}.partial"))  # what an atomic save leaves
-            os.kill(os.getpid(), signal.SIGKILL)
-        save_checkpoint_file(obj, path)
-
-    def _prune_epoch_checkpoints(self, directory: Path) -> None:
-        if self.keep_last_n is None:
-            return
-        epochs = sorted(int(m.group(1)) for p in directory.iterdir() if (m := EPOCH_CHECKPOINT.match(p.name)))
-        for epoch in epochs[: -self.keep_last_n]:
-            (directory / f"checkpoint_{epoch}.pth").unlink(missing_ok=True)
 
     def _resume(self) -> None:
         explicit = self.resume_ckpt_path
@@ -576,36 +598,22 @@ class ReliableRunner(RunnerBase):
         if explicit is not None:
             self._load_checkpoint(explicit)
         elif mode == "auto":
-            found = self._auto_resume_checkpoint()
+            found = self.checkpoints.find_latest(map_location=self.device)
             if found is None:
                 logger.info(
                     "run.resume = auto: no checkpoint under %s, starting from scratch", Path(self.output_dir).parent
                 )
             else:
+                logger.info("run.resume = auto: resuming from %s", found[0])
                 self._load_checkpoint(str(found[0]), checkpoint=found[1])
 
-    def _auto_resume_checkpoint(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint of this run's output_dir (any job directory under it) that loads, loaded."""
-        root = Path(self.output_dir).parent
-        candidates = sorted(
-            (p for p in root.glob("*/checkpoint_*.pth") if p.name != BEST),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-        for path in candidates:
-            try:
-                checkpoint = load_checkpoint_file(path, map_location=self.device)
-            except CheckpointError as err:
-                logger.warning("run.resume = auto: skipping %s (%s)", path, err)
-                continue
-            logger.info("run.resume = auto: resuming from %s", path)
-            return path, checkpoint
-        return None
-
     def _load_checkpoint(self, url_or_filename, checkpoint: dict | None = None):
-        from blip2_internlm.compat.checkpoints import restore_training_state
-
-        path, checkpoint = restore_training_state(self, url_or_filename, checkpoint)
+        """Resume from a checkpoint: ``run.resume_ckpt_path`` or the newest found by ``resume: auto``."""
+        if checkpoint is None:
+            path, checkpoint = self.checkpoints.read(url_or_filename, map_location=self.device)
+        else:
+            path = str(url_or_filename)
+        self.checkpoints.restore(self.training_state(), path, checkpoint)
         progress = checkpoint.get("progress")
         if progress is None:  # a LAVIS checkpoint: epoch boundaries only, no counters
             self.progress = Progress(epoch=checkpoint["epoch"] + 1)
@@ -623,11 +631,8 @@ class ReliableRunner(RunnerBase):
                     get_world_size(),
                 )
         self.start_epoch = self.progress.epoch
-        self.last_checkpoint = Path(path)
-        earlier_best = Path(path).parent / BEST
-        if is_main_process() and earlier_best.is_file() and earlier_best.parent != Path(self.output_dir):
-            # the test phase reloads the best model from this job's directory
-            link_or_copy(earlier_best, Path(self.output_dir) / BEST)
+        if is_main_process():
+            self.checkpoints.adopt_best(Path(path))
         logger.info(
             "Resumed from %s: epoch %d, %d batches into it, best %s at epoch %d",
             path,
@@ -636,6 +641,10 @@ class ReliableRunner(RunnerBase):
             self.progress.best_agg_metric,
             self.progress.best_epoch,
         )
+
+    def _reload_best_model(self, model):
+        """The test phase's model: the best checkpoint's trainable weights, loaded safely."""
+        return self.checkpoints.reload_best(model)
 
     # --- distributed ---------------------------------------------------------------------
 
@@ -663,19 +672,6 @@ def _is_collective_failure(err: Exception) -> bool:
     return isinstance(err, dist.DistBackendError) or any(
         word in text for word in ("connection closed", "connection reset", "gloo", "nccl", "timed out", "broken pipe")
     )
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """``target`` becomes the same bytes as ``source``, atomically (a hard link where possible)."""
-    import shutil
-
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
 
 
 class ReliableRunnerIter(ReliableRunner):

@@ -14,6 +14,20 @@ def derived_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
+def run_seed(base: int, rank: int, epoch: int | None = None) -> int:
+    """The seed of a training process: ``run.seed``, plus the rank (ranks draw differently), plus
+    1000 per epoch when seeding an epoch, so that epoch k draws the same in a run resumed at k as in
+    one that got there itself."""
+    return int(base) + int(rank) + (0 if epoch is None else 1000 * int(epoch))
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs (numpy takes 32 bits)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Python, numpy and torch (CPU) RNGs seeded for the block, the caller's states restored after."""

@@ -184,3 +184,21 @@ def test_a_run_killed_mid_epoch_resumes_to_bitwise_equal_weights_and_optimizer_s
         (x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
     ]
     assert moments and all(torch.equal(x, y) for x, y in moments)
+
+
+def test_the_runner_hands_its_device_and_epoch_pause_to_every_loader_it_builds(toy, tmp_path):
+    """Train data LAVIS's way (a list of datasets drawn by ratio) and evaluation data: on a CPU run no
+    CUDA prefetcher, and the epoch pause of run.epoch_transition_sleep."""
+    from lavis.datasets.datasets.dataloader_utils import MultiIterLoader, PrefetchLoader
+
+    from blip2_internlm.runner import PausingIterLoader
+
+    runner = make_runner(toy, tmp_path, epoch_transition_sleep=0.25)
+    _, Pairs, _ = toy
+    mixed, evaluation = runner.create_loaders(
+        [[Pairs(), Pairs()], Pairs()], 0, [4, 4], [True, False], [[None, None], None], dataset_ratios=[1, 1]
+    )
+    assert isinstance(mixed, MultiIterLoader)
+    assert all(isinstance(inner, PausingIterLoader) and inner.epoch_sleep == 0.25 for inner in mixed.loaders)
+    assert not any(isinstance(inner._dataloader, PrefetchLoader) for inner in mixed.loaders)
+    assert not isinstance(evaluation, PrefetchLoader) and len(evaluation) == len(Pairs()) // 4 + bool(len(Pairs()) % 4)

@@ -22,13 +22,12 @@ def patch_lavis() -> None:
     from blip2_internlm.compat import (
         attention,
         blip2,
-        checkpoints,
         config,
         datasets,
         distributed,
+        model_weights,
         runner,
         tasks,
-        training,
     )
 
     config.run_config_validated_at_start()
@@ -37,17 +36,12 @@ def patch_lavis() -> None:
     runner.ddp_device_ids_only_on_cuda()
     runner.grad_scaler_only_on_cuda()
     runner.fresh_job_dir_relative_to_cwd()
-    runner.prefetch_loader_only_on_cuda()
     runner.epoch_reshuffle_behind_prefetch_loader()
-    runner.configurable_epoch_transition_sleep()
     runner.evaluation_on_the_models_device()
-    runner.resumable_epochs()
-    training.reliable_runners()
-    checkpoints.safe_model_checkpoint_loading()
-    checkpoints.safe_runner_checkpoint_loading()
+    runner.reliable_runners()
+    model_weights.safe_model_checkpoint_loading()
     blip2.offline_blip2_assets()
     blip2.stage1_models_built_from_config()
-    blip2.itc_positives_from_image_ids()
     blip2.qformer_lm_head_generation()
     blip2.qformer_lm_head_bias_tied()
     blip2.qformer_captions_without_cjk_spaces()

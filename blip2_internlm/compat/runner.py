@@ -1,6 +1,7 @@
-"""LAVIS's runner: CPU runs (DDP, GradScaler, prefetching, evaluation), loader epochs, resumable epochs."""
+"""LAVIS's runner: ``runner_base``/``runner_iter`` are this package's fault-tolerant runners
+(``blip2_internlm.runner``, which builds the loaders and owns checkpoints and epoch seeding), and
+what they inherit from ``RunnerBase`` works on a CPU (DDP, GradScaler, job directories, evaluation)."""
 
-import contextvars
 import itertools
 from pathlib import Path
 
@@ -83,97 +84,14 @@ def fresh_job_dir_relative_to_cwd():
     RunnerBase.setup_output_dir = setup_output_dir
 
 
-def _delegate_to_loader(self, name):
-    """``__getattr__`` of loader wrappers: sampler, dataset, batch_size come from the wrapped loader."""
-    if name == "loader":  # not set yet (unpickling, copying): no recursion
-        raise AttributeError(name)
-    return getattr(self.loader, name)
-
-
-class _PassThroughLoader:
-    """What PrefetchLoader offers the runner, minus the CUDA stream and the copy to CUDA."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
-
-    __getattr__ = _delegate_to_loader
-
-
-#: Set by RunnerBase.create_loaders (patched below) for the loaders it builds.
-_LOADER_SETTINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loader_settings", default=None)
-
-
-def _loader_setting(name: str, default=None):
-    return (_LOADER_SETTINGS.get() or {}).get(name, default)
-
-
-@fix
-def prefetch_loader_only_on_cuda():
-    """RunnerBase wraps every loader in PrefetchLoader, which creates a CUDA stream and copies batches to CUDA even for run.device: cpu."""
-    import functools
-
-    from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
-    from lavis.runners import runner_base
-
-    def prefetch_loader(loader):
-        device = _loader_setting("device")
-        return PrefetchLoader(loader) if device is not None and device.type == "cuda" else _PassThroughLoader(loader)
-
-    create_loaders = runner_base.RunnerBase.create_loaders
-
-    @functools.wraps(create_loaders)
-    def create_loaders_on_device(self, *args, **kwargs):
-        settings = {"device": self.device, "epoch_sleep": float(self.config.run_cfg.get("epoch_transition_sleep", 2.0))}
-        token = _LOADER_SETTINGS.set(settings)
-        try:
-            return create_loaders(self, *args, **kwargs)
-        finally:
-            _LOADER_SETTINGS.reset(token)
-
-    runner_base.PrefetchLoader = prefetch_loader
-    runner_base.RunnerBase.create_loaders = create_loaders_on_device
-
-
 @fix
 def epoch_reshuffle_behind_prefetch_loader():
     """IterLoader calls sampler.set_epoch only if its loader has a sampler; PrefetchLoader hides it, so GPU runs see one shuffle for all epochs."""
     from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 
-    PrefetchLoader.__getattr__ = _delegate_to_loader
+    from blip2_internlm.runner import delegate_to_wrapped_loader
 
-
-@fix
-def configurable_epoch_transition_sleep():
-    """IterLoader sleeps 2 s at every epoch boundary ("prevent possible deadlock"); run.epoch_transition_sleep sets it, 0 on CPU runs."""
-    import time
-
-    from lavis.datasets.datasets.dataloader_utils import IterLoader
-
-    init = IterLoader.__init__
-
-    def init_with_sleep(self, dataloader, use_distributed=False):
-        init(self, dataloader, use_distributed)
-        self.epoch_sleep = _loader_setting("epoch_sleep", 2.0)
-
-    def next_batch(self):
-        try:
-            return next(self.iter_loader)
-        except StopIteration:
-            self._epoch += 1
-            if hasattr(self._dataloader.sampler, "set_epoch") and self._use_distributed:
-                self._dataloader.sampler.set_epoch(self._epoch)
-            time.sleep(self.epoch_sleep)
-            self.iter_loader = iter(self._dataloader)
-            return next(self.iter_loader)
-
-    IterLoader.__init__ = init_with_sleep
-    IterLoader.__next__ = next_batch
+    PrefetchLoader.__getattr__ = delegate_to_wrapped_loader
 
 
 @fix
@@ -191,39 +109,13 @@ def evaluation_on_the_models_device():
     BaseTask.evaluation = evaluation_on_device
 
 
-def start_loader_epoch(loader, epoch: int) -> None:
-    """Put LAVIS's train loader(s) at the start of ``epoch``: sampler epoch, per-sample seeds, a fresh iterator."""
-    from lavis.datasets.datasets.dataloader_utils import IterLoader
-
-    from blip2_internlm.datasets.guard import set_epoch
-
-    for inner in getattr(loader, "loaders", [loader]):  # MultiIterLoader holds several
-        if isinstance(inner, IterLoader):
-            inner._epoch = epoch
-            if inner._use_distributed and hasattr(inner._dataloader.sampler, "set_epoch"):
-                inner._dataloader.sampler.set_epoch(epoch)
-            set_epoch(inner._dataloader.dataset, epoch)
-            inner.iter_loader = iter(inner._dataloader)
-
-
 @fix
-def resumable_epochs():
-    """LAVIS seeds once per run and advances the sampler epoch by counting passes, so a run resumed at epoch k draws other batches and dropout masks than one that got there itself."""
-    import random
+def reliable_runners():
+    """RunnerBase/RunnerIter write checkpoints in place, cannot resume mid-epoch and train on through NaN losses and bad samples."""
+    from lavis.common.registry import registry
 
-    import numpy as np
-    from lavis.common.dist_utils import get_rank
-    from lavis.runners.runner_base import RunnerBase
+    from blip2_internlm.runner import ReliableRunner, ReliableRunnerIter
 
-    train_epoch = RunnerBase.train_epoch
-
-    def train_epoch_from_its_number(self, epoch):
-        loader = self.train_loader  # built lazily, drawing random numbers: before seeding
-        seed = int(self.config.run_cfg.get("seed", 42)) + get_rank() + 1000 * int(epoch)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        start_loader_epoch(loader, int(epoch))
-        return train_epoch(self, epoch)
-
-    RunnerBase.train_epoch = train_epoch_from_its_number
+    # set, not register: LAVIS's registry refuses a second class under a taken name
+    registry.mapping["runner_name_mapping"]["runner_base"] = ReliableRunner
+    registry.mapping["runner_name_mapping"]["runner_iter"] = ReliableRunnerIter

@@ -53,12 +53,20 @@ def test_output_dir_is_relative_to_the_working_directory(lavis_ready, tmp_path, 
     assert (runner.output_dir / "result").is_dir()
 
 
-def test_cpu_loaders_skip_the_cuda_prefetcher(lavis_ready):
-    from lavis.runners import runner_base
+def loader_settings(**overrides):
+    settings = dict(
+        num_workers=0, device=torch.device("cpu"), distributed=False, dist_eval_sampler=True, epoch_sleep=2.0
+    )
+    return settings | overrides
 
-    loader = runner_base.PrefetchLoader([{"x": torch.ones(1)}, {"x": torch.zeros(1)}])
+
+def test_cpu_loaders_skip_the_cuda_prefetcher(lavis_ready):
+    from blip2_internlm.runner import lavis_loader
+
+    data = [{"x": torch.ones(1)}, {"x": torch.zeros(1)}]
+    loader = lavis_loader(data, 1, False, None, **loader_settings())
     assert [b["x"].device.type for b in loader] == ["cpu", "cpu"]
-    assert len(loader) == 2
+    assert len(loader) == 2 and loader.sampler is not None  # what the runner reads through the wrapper
 
 
 def test_asking_for_cuda_on_a_cpu_machine_says_what_to_do(lavis_ready):
@@ -73,7 +81,7 @@ def test_asking_for_cuda_on_a_cpu_machine_says_what_to_do(lavis_ready):
 def _gather_same_image(rank, world, port, results):
     import torch.distributed as dist
 
-    from blip2_internlm.models.stage1 import same_image_mask
+    from blip2_internlm.models.blip2_stage1 import same_image_mask
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -110,13 +118,15 @@ def test_the_sampler_is_reachable_through_the_prefetch_loader(lavis_ready):
 
 def test_epoch_transition_sleep_follows_the_run_config(lavis_ready, monkeypatch):
     from lavis.datasets.datasets import dataloader_utils
-    from lavis.datasets.datasets.dataloader_utils import IterLoader
-    from torch.utils.data import DataLoader
+
+    from blip2_internlm import runner
 
     slept = []
+    monkeypatch.setattr(runner.time, "sleep", slept.append)
     monkeypatch.setattr(dataloader_utils.time, "sleep", slept.append)
-    loader = IterLoader(DataLoader(list(range(2)), batch_size=2))
-    assert loader.epoch_sleep == 2.0  # LAVIS's default outside a runner
-    loader.epoch_sleep = 0.0
+    loader = runner.lavis_loader(list(range(2)), 2, True, None, **loader_settings(epoch_sleep=0.0))
     batches = [next(loader) for _ in range(3)]
     assert slept == [0.0, 0.0] and len(batches) == 3 and loader.epoch == 2
+    default = runner.lavis_loader(list(range(2)), 2, True, None, **loader_settings())
+    [next(default) for _ in range(2)]
+    assert slept[-1] == 2.0  # LAVIS's pause where the run config says nothing
