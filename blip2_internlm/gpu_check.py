@@ -21,10 +21,10 @@ most.  The report is rewritten after every check, so a run cut short still leave
 
 Before the first check, the preparation generates what the checks read into the asset cache
 (``$BLIP2_INTERNLM_CACHE``): the tiny models, the shapes data and the bench size's tokenizer
-directories, a minute on a 2-core CPU the first time.  For a machine available for minutes, fill a cache
-inside the checkout beforehand (a few MB; e.g. ``BLIP2_INTERNLM_CACHE=.cache/blip2_internlm python -m
-blip2_internlm.gpu_check --device cpu --only bf16_step``) and take it along: the preparation then
-takes seconds.
+directories, which takes a while the first time (docs/performance.md).  For a machine available for
+minutes, fill a cache inside the checkout beforehand (a few MB; e.g.
+``BLIP2_INTERNLM_CACHE=.cache/blip2_internlm python -m blip2_internlm.gpu_check --device cpu --only
+bf16_step``) and take it along: the preparation then takes seconds.
 
 ``--dry-run`` (no GPU needed) lists the checks with their budgets and what each runs, and verifies
 that every config file, command-line module, option, model key and function they use exists:
@@ -75,7 +75,7 @@ TINY_STAGE2 = TINY_RUN_CONFIG_DIR / "pretrain_stage2.yaml"
 REAL_STAGE2 = REPO_CONFIG_DIR / "blip2_internlm" / "pretrain_stage2_internlm2_1.8b.yaml"
 #: The card the planner's batch is chosen for (an RTX 4090), as the README's plan is.
 PLANNER_GPU_GIB = 24.0
-#: plan --measure against the planner: docs/plan.md has the real-size rows within +0.1 to +4.4%.
+#: plan --measure against the planner: docs/plan.md has the real-size rows, all within this tolerance.
 PLAN_TOLERANCE = 0.10
 #: The tiny shapes data the in-process checks train on: 8 batches of 8.
 TINY_DATA = (
@@ -875,10 +875,11 @@ with open(out_json, "w", encoding="utf-8") as f:
     json.dump(result, f, ensure_ascii=False)
 """
 #: The caption the logits are compared on, and their tolerance: fp32 on both sides; the export's
-#: ``ln_vision`` eps differs from ours (one ``layer_norm_eps`` in ``Blip2VisionConfig``), measured 1.4e-3 on
-#: the CPU with the spec's fitted bridge (tests/test_export_hf.py allows 5e-3); a GPU's kernels add
-#: summation-order differences.  The difference must also be a tenth of what changing the image does, or
-#: the seeded, untrained bridge (whose logits hardly depend on the image) would hide a broken image path.
+#: ``ln_vision`` eps differs from ours (one ``layer_norm_eps`` in ``Blip2VisionConfig``; docs/export.md has
+#: the difference measured on the CPU with the spec's fitted bridge, which tests/test_export_hf.py allows
+#: 5e-3); a GPU's kernels add summation-order differences.  The difference must also be a tenth of what
+#: changing the image does, or the seeded, untrained bridge (whose logits hardly depend on the image)
+#: would hide a broken image path.
 EXPORT_TEXT = "左边有一个红色的圆形"
 EXPORT_LOGITS_ATOL = 1e-2
 

@@ -1,15 +1,16 @@
 """What this machine computes fast, and the ``auto`` defaults decided from it.
 
-Machines differ: one CPU multiplies bf16 natively (AVX512-BF16, AMX) and another emulates it a
-hundred times slower; on one CPU oneDNN's fp32 matmul beats torch's default BLAS (MKL) and on
-another it loses.  So no default is a constant measured on one machine.  Each ``auto`` key of the
-model config resolves here, on the machine that runs it:
+Machines differ: one CPU multiplies bf16 natively (AVX512-BF16, AMX) and another emulates it many
+times slower (docs/portability.md has the factors measured per CPU class); on one CPU oneDNN's fp32
+matmul beats torch's default BLAS (MKL) and on another it loses.  So no default is a constant
+measured on one machine.  Each ``auto`` key of the model config resolves here, on the machine that
+runs it:
 
 * ``llm_precision`` and ``autocast_dtype``: bf16 on a CPU only where its matmuls are native
   (:func:`cpu_has_native_bf16`: the CPU's flags, oneDNN's instruction-set cap, and a bf16 product
   that oneDNN really runs); on CUDA bf16 where the GPU supports it, else fp16.
 * ``cpu_fp32_linear``: the faster of oneDNN and torch's ``F.linear`` at the model's shapes,
-  measured once in a few milliseconds and kept per machine (:func:`fastest_cpu_fp32_linear`).
+  measured once, briefly, and kept per machine (:func:`fastest_cpu_fp32_linear`).
 * the decoding loop's packed weights: where oneDNN runs bf16 (:func:`onednn_runs`).
 
 The emulated machines CI checks set ``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA`` and

@@ -289,7 +289,7 @@ def peak_matmul_flops(device, sizes=None, by_kernel: dict | None = None) -> dict
             kernel: kernel != "oneDNN" or (name != "fp16" and onednn_runs(dtype))  # no fp16 oneDNN on most CPUs
             for kernel in kernels
         }
-        # fp16 matmuls on a CPU run at a few GFLOP/s: the smallest size tells as much in a fraction of a second
+        # fp16 matmuls on a CPU are emulated and very slow: the smallest size tells as much, quickly
         for n in sizes[:1] if name == "fp16" and not is_cuda(device) else sizes:
             a = torch.randn(n, n, device=device).to(dtype)
             b = torch.randn(n, n, device=device).to(dtype)

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 GiB = 1024**3
 
 #: Allowance for what PyTorch's allocator does not report: the CUDA context with cuBLAS/cuDNN
-#: workspaces (measured: 0.75 GiB on an H200 with torch 2.11, device used minus reserved) and,
+#: workspaces (measured on an H200, device used minus reserved: docs/plan.md, "Method") and,
 #: with DDP, NCCL's buffers.
 CUDA_CONTEXT_GIB = 0.75
 NCCL_GIB = 0.25
 #: Caching-allocator fragmentation: reserved minus allocated at the peak, as a share of the
-#: allocated peak (measured 2-6% with fixed-length batches; variable caption lengths vary the
+#: allocated peak (measured below this with fixed-length batches: docs/plan.md; variable caption lengths vary the
 #: block sizes from step to step, hence more).
 FRAGMENTATION = 0.08
 

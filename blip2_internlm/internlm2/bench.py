@@ -4,9 +4,10 @@
 
 * generate() tokens/s with the KV cache off/on, eager vs sdpa, for the tiny model and a
   ~100M-parameter config (random weights, fp32, greedy, batch 1);
-* unless ``--skip-1_8b`` (~30 s, 3.8 GB of temporary disk): writes a random bf16 checkpoint of the internlm2-1_8b shape
-  (~3.8 GB, sharded safetensors) to a temp dir and loads it in a fresh subprocess
-  with ``low_cpu_mem_usage=True``, reporting peak RSS against the size of the weights.
+* unless ``--skip-1_8b`` (3.8 GB of temporary disk; docs/internlm2.md has the times): writes a random
+  bf16 checkpoint of the internlm2-1_8b shape (~3.8 GB, sharded safetensors) to a temp dir and loads
+  it in a fresh subprocess with ``low_cpu_mem_usage=True``, reporting peak RSS against the size of
+  the weights.
 """
 
 from __future__ import annotations

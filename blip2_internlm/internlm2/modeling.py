@@ -161,8 +161,8 @@ def build_causal_mask(
 ) -> torch.Tensor | None:
     """4D mask (batch, 1, q_len, kv_len): bool "may attend" for sdpa, additive float for eager.
 
-    transformers' vmap-based ``create_causal_mask`` costs ~5 ms per decoding step on
-    CPU, several times the tiny model's own step, hence this direct construction.
+    transformers' vmap-based ``create_causal_mask`` was measured slower per decoding step on
+    a CPU than the tiny model's whole step (docs/internlm2.md), hence this direct construction.
     Returns None for sdpa when causality alone suffices (no padding, and the query is
     a single token or the whole sequence). A 4D mask passed in is used as it is.
 

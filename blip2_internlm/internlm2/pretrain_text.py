@@ -23,7 +23,7 @@ measurements behind each point):
   each colour-and-shape pair ("红色的圆形") a single token, so nothing was shared
   between a caption and a question.
 * It must read a soft prompt, not only keywords.  The Q-Former's soft prompt is a point
-  nowhere near the embedding table (measured: 50 times the norm of an embedding row), and
+  nowhere near the embedding table (its norm measured far above an embedding row's: docs/demo.md), and
   it is trained for captions only.  So the contexts' embeddings are noised and rescaled
   (up to ``context_scale`` times), and from ``prefix_start`` on, every ``prefix_every``
   steps a fresh small network learns, with the LLM frozen, a prefix from which the LLM

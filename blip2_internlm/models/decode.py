@@ -21,7 +21,7 @@ switch, ``implementation``:
   - the step (token embedding to logits) has the same shapes at every step of a call, so
     ``compile`` runs it through ``torch.compile`` (by default on CUDA only);
   - on a CPU with bf16 weights, ``prepack`` reorders the LLM's linear weights once for oneDNN
-    (:class:`PackedLinears`): the same products bit for bit, 1.4-1.8x faster at decoding shapes;
+    (:class:`PackedLinears`): the same products bit for bit, faster at decoding shapes;
   - transformers' min-length processors, which copy the whole (rows, vocabulary) scores at every
     step, are replaced by :class:`EosBan`, which sets the same scores in place.
 
@@ -84,8 +84,8 @@ def generate_tokens(
 
     ``implementation``: ``"static"`` (the loop of this module where it applies, see the module
     docstring) or ``"transformers"`` (``llm.generate`` as it is).  ``compile``: run the static loop's
-    decoding step through ``torch.compile`` (a one-off compilation per shape family: tens of seconds);
-    None compiles on CUDA only, where it pays (on a 2-core CPU it does not: docs/generation.md).
+    decoding step through ``torch.compile`` (a one-off compilation per shape family, slow to start);
+    None compiles on CUDA only, where it pays (on the CPUs measured it does not: docs/generation.md).
     ``prepack``: the step's linear layers read weights reordered once for oneDNN (:class:`PackedLinears`;
     bf16 weights on a CPU only, identical results; a second copy of those weights while the model
     generates); None: wherever that applies.  Both are ignored by ``"transformers"``.
@@ -536,8 +536,8 @@ class PackedLinears:
     ``F.linear`` on a CPU hands oneDNN a plain weight, which it reorders into its blocked layout at every
     call; at decoding shapes (tens of rows) that is a large part of the call.  Reordered once
     (``mkldnn._reorder_linear_weight``, what Inductor's weight freezing does) and applied by
-    ``mkldnn._linear_pointwise``, the products are the same bit for bit in bf16 and 1.4-1.8x faster
-    on the 2-core VM (docs/generation.md).  Only for bf16 weights: in fp32 oneDNN's kernel for the
+    ``mkldnn._linear_pointwise``, the products are the same bit for bit in bf16 and measured faster
+    (docs/generation.md, "Packed weights").  Only for bf16 weights: in fp32 oneDNN's kernel for the
     packed weight rounds differently from the unpacked one.
 
     The packed weights are kept on the model (one more copy of its linear weights) and rebuilt when a
