@@ -29,12 +29,11 @@ def setup(description: str, argv=None):
     from lavis.common.logger import setup_logger
 
     import blip2_internlm  # noqa: F401  (compat + registration before LAVIS reads the config)
-    from blip2_internlm.run_config import RunConfigError, validate_run_config
+    from blip2_internlm.run_config import RunConfigError
 
     args = parse_args(description, argv)
     try:
-        cfg = Config(args)
-        validate_run_config(cfg.run_cfg)  # before distributed set-up, models and datasets
+        cfg = Config(args)  # validates run: (compat fix run_config_validated_at_start), before anything is built
     except RunConfigError as error:
         source = args.cfg_path + (" with --options" if args.options else "")
         if len(error.problems) == 1:
@@ -62,7 +61,9 @@ def check_device(run_cfg) -> None:
 def setup_seeds(run_cfg) -> None:
     from lavis.common.dist_utils import get_rank
 
-    seed_all(run_seed(run_cfg.seed, get_rank()))
+    from blip2_internlm.run_config import RunSettings
+
+    seed_all(run_seed(RunSettings.read(run_cfg).runner.seed, get_rank()))
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
 
@@ -87,19 +88,14 @@ def build(cfg, job_id):
     from lavis.common.registry import registry
 
     from blip2_internlm.feature_cache import apply_feature_cache
+    from blip2_internlm.run_config import RunSettings
 
-    lr_sched = cfg.run_cfg.get("lr_sched", None)
-    if lr_sched is not None and registry.get_lr_scheduler_class(lr_sched) is None:
-        raise SystemExit(f"run.lr_sched = {lr_sched!r} is not a registered LAVIS LR scheduler")
-
+    run = RunSettings.read(cfg.run_cfg)  # validated: lr_sched and runner name registered classes
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
-    datasets = apply_feature_cache(cfg, model, datasets)  # run.feature_cache; a no-op when off
-    runner_name = cfg.run_cfg.get("runner", "runner_base")
-    runner_cls = registry.get_runner_class(runner_name)
-    if runner_cls is None:
-        raise SystemExit(f"run.runner = {runner_name!r} is not a registered LAVIS runner")
+    datasets = apply_feature_cache(run, model, datasets)  # run.feature_cache; a no-op when off
+    runner_cls = registry.get_runner_class(run.runner.runner)
     return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
 
 

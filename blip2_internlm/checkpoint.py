@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blip2_internlm.settings import Boolean, CheckpointFile, Choice, Integer, Nullable, setting
+
 logger = logging.getLogger(__name__)
 
 #: Environment switch for trusted legacy checkpoints that pickle more than tensors.
@@ -296,6 +298,28 @@ def trainable_keys(model) -> tuple:
 
 
 # ----------------------------------------------------------------------------- a training run's checkpoints
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """The ``run:`` keys of a training run's checkpoints and resume."""
+
+    resume_ckpt_path: str | None = setting(
+        None, Nullable(CheckpointFile()), "runner checkpoint to resume training from (a local file or a URL)"
+    )
+    resume: str | bool | None = setting(
+        None, Nullable(Choice(False, "auto")), "auto: from the newest loadable checkpoint under output_dir"
+    )
+    save_every_iters: int = setting(
+        0, Nullable(Integer(0)), "also write checkpoint_last.pth every N optimizer steps inside an epoch; 0: off"
+    )
+    keep_last_n: int | None = setting(None, Nullable(Integer(1)), "per-epoch checkpoints kept (the newest); null: all")
+    allow_unsafe_checkpoints: bool | None = setting(
+        None,
+        Nullable(Boolean()),
+        f"load checkpoints that need pickle (trusted files only); null: ${UNSAFE_ENV} decides",
+    )
+
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"

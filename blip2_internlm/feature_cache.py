@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from blip2_internlm.seeding import derived_seed, seeded
+from blip2_internlm.settings import Boolean, Choice, Integer, Nullable, Splits, Text, setting
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,27 @@ HEADER = "header.json"
 #: itself runs in fp16 (``vit_precision: fp16``, the real configs), and otherwise rounds each
 #: feature to 11 significant bits (relative error <= 2**-11 ~ 4.9e-4).
 STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
-CONFIG_KEYS = {"enabled", "dir", "views", "dtype", "splits", "seed", "batch_size", "num_workers"}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class FeatureCacheError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class FeatureCacheSettings:
+    """``run.feature_cache``: the frozen-ViT feature cache of a run."""
+
+    enabled: bool = setting(False, Boolean(), "build and read the frozen-ViT feature cache")
+    dir: str | None = setting(None, Nullable(Text()), "where the stores live; null: <cache dir>/features")
+    views: int = setting(1, Integer(1, cast=True), "augmented views cached per training image")
+    dtype: str = setting("fp16", Choice(*STORE_DTYPES), "on-disk dtype of the features")
+    splits: tuple = setting(("train", "val", "test"), Splits(), "splits to cache (of those the run reads)")
+    seed: int = setting(0, Integer(0, cast=True), "seed of the augmentations drawn for the views")
+    batch_size: int | None = setting(
+        None, Nullable(Integer(1, cast=True)), "batch size of the build; null: run.batch_size_eval"
+    )
+    num_workers: int = setting(0, Nullable(Integer(0, cast=True)), "loader workers of the build")
 
 
 # --- identity: what the cached features depend on ---------------------------------------
@@ -718,24 +734,21 @@ def default_dir() -> Path:
     return cache_dir() / "features"
 
 
-def apply_feature_cache(cfg, model, datasets):
-    """``run.feature_cache: {enabled: true, ...}``: wrap the configured splits of every dataset
-    in ``CachedFeatures`` (building stores as needed); otherwise ``datasets`` unchanged."""
-    options = cfg.run_cfg.get("feature_cache", None)
-    if not options or not options.get("enabled", False):
+def apply_feature_cache(run, model, datasets):
+    """Wrap the configured splits of every dataset in ``CachedFeatures`` (building stores as needed)
+    when ``run.feature_cache.enabled``; otherwise ``datasets`` unchanged.
+
+    ``run`` is the typed ``run:`` section (``run_config.RunSettings``): its ``feature_cache``, and the
+    splits, device and evaluation batch size of its ``runner``."""
+    options, loop = run.feature_cache, run.runner
+    if options is None or not options.enabled:
         return datasets
-    options = dict(options)
-    unknown = sorted(set(options) - CONFIG_KEYS)
-    if unknown:
-        raise ValueError(f"unknown keys in run.feature_cache: {unknown}; known: {sorted(CONFIG_KEYS)}")
-    run = cfg.run_cfg
-    root = Path(os.path.expanduser(str(options.get("dir") or default_dir())))
-    train_splits = set(run.get("train_splits", []))
+    root = Path(os.path.expanduser(str(options.dir or default_dir())))
+    train_splits = set(loop.train_splits)
     # only splits this run reads: evaluation-only runs build no train store and vice versa
-    used = train_splits | set(run.get("valid_splits", [])) | set(run.get("test_splits", []))
-    splits = set(options.get("splits", ["train", "val", "test"])) & used
+    splits = set(options.splits) & (train_splits | set(loop.valid_splits) | set(loop.test_splits))
     check_frozen_vit(model)
-    model.to(torch.device(run.get("device", "cpu")))
+    model.to(torch.device(loop.device))
     for name, by_split in datasets.items():
         for split in list(by_split):
             if split not in splits:
@@ -746,11 +759,11 @@ def apply_feature_cache(cfg, model, datasets):
                 by_split[split],
                 root / name / split,
                 # eval processors are deterministic: more views would be identical copies
-                views=int(options.get("views", 1)) if is_train else 1,
-                dtype=str(options.get("dtype", "fp16")),
-                seed=int(options.get("seed", 0)),
-                batch_size=int(options.get("batch_size") or run.get("batch_size_eval", 32)),
-                num_workers=int(options.get("num_workers") or 0),
+                views=options.views if is_train else 1,
+                dtype=options.dtype,
+                seed=options.seed,
+                batch_size=options.batch_size or loop.batch_size_eval,
+                num_workers=options.num_workers,
             )
             by_split[split] = CachedFeatures(by_split[split], store, train=is_train)
     return datasets

@@ -779,6 +779,7 @@ def check_feature_cache_gpu(ctx: Context) -> str:
     from lavis.datasets.data_utils import prepare_sample
 
     from blip2_internlm.feature_cache import CachedFeatures, apply_feature_cache
+    from blip2_internlm.run_config import RunSettings
 
     losses = {}
     for dtype in ("fp32", "fp16"):
@@ -789,7 +790,7 @@ def check_feature_cache_gpu(ctx: Context) -> str:
         torch.manual_seed(0)
         model = task.build_model(cfg)
         start = time.monotonic()
-        cached = apply_feature_cache(cfg, model, datasets)["shapes_caption"]["train"]
+        cached = apply_feature_cache(RunSettings.read(cfg.run_cfg), model, datasets)["shapes_caption"]["train"]
         if ctx.cuda:
             torch.cuda.synchronize()
         ctx.numbers[f"{dtype}_store_build_s"] = round(time.monotonic() - start, 2)

@@ -36,10 +36,24 @@ from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.utils.data import ChainDataset, DataLoader, DistributedSampler
 
-from blip2_internlm.checkpoint import CheckpointManager, TrainingState, set_rng_state
+from blip2_internlm.checkpoint import CheckpointManager, CheckpointSettings, TrainingState, set_rng_state
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.datasets import guard
 from blip2_internlm.seeding import run_seed, seed_all
+from blip2_internlm.settings import (
+    Boolean,
+    Device,
+    Integer,
+    Nullable,
+    Number,
+    Registered,
+    Splits,
+    Text,
+    Unsupported,
+    read_settings,
+    registered_names,
+    setting,
+)
 
 logger = logging.getLogger(__name__)
 _CPU = torch.device("cpu")  # a default argument, built once
@@ -49,6 +63,60 @@ _CPU = torch.device("cpu")  # a default argument, built once
 #: (The kill during a save is ``checkpoint.INJECT_KILL_IN_SAVE_ENV``.)
 INJECT_NONFINITE_ENV = "BLIP2_INTERNLM_INJECT_NONFINITE_LOSS"
 INJECT_KILL_ENV = "BLIP2_INTERNLM_INJECT_KILL_AT_STEP"
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """The ``run:`` keys of the training and evaluation loop (this runner's, and those its base,
+    LAVIS's ``RunnerBase``, reads)."""
+
+    task: str | None = setting(
+        None, Registered("task", registered_names("task", "lavis.tasks")), "the LAVIS task", required=True
+    )
+    runner: str = setting(
+        "runner_base",
+        Registered("runner", registered_names("runner", "lavis.runners")),
+        "epoch-based runner_base or iteration-based runner_iter",
+    )
+    evaluate: bool = setting(False, Boolean(), "evaluate only, no training")
+    device: str = setting("cuda", Device(), "where the model runs")
+    amp: bool = setting(False, Boolean(), "mixed precision on CUDA (autocast, GradScaler)")
+    # LAVIS's train.py adds the rank to it unconverted: an integer, not a string
+    seed: int = setting(42, Integer(0), "random seed; each rank adds its rank, each epoch 1000 x its number")
+    output_dir: str | None = setting(
+        None, Text(), "directory of the job directories (relative to the working directory)", required=True
+    )
+    max_epoch: int | None = setting(None, Integer(1, cast=True), "training epochs (runner_base)")
+    max_iters: int | None = setting(None, Integer(1, cast=True), "training iterations (runner_iter)")
+    iters_per_inner_epoch: int | None = setting(
+        None, Integer(1, cast=True), "iterations between validations and checkpoints (runner_iter)"
+    )
+    accum_grad_iters: int = setting(1, Integer(1, cast=True), "iterations whose gradients are summed per step")
+    grad_clip_norm: float | None = setting(
+        None, Nullable(Number(0, lowest_open=True)), "clip gradients to this total norm; null: off"
+    )
+    nonfinite_check: bool = setting(True, Boolean(), "watch for non-finite losses and gradients")
+    max_nonfinite_steps: int = setting(10, Integer(1), "consecutive non-finite steps that stop the run")
+    log_freq: int = setting(50, Integer(1), "iterations between training log lines")
+    batch_size_train: int | None = setting(None, Integer(1), "training batch size per rank", required=True)
+    batch_size_eval: int | None = setting(None, Integer(1), "evaluation batch size per rank", required=True)
+    num_workers: int | None = setting(None, Integer(0), "data-loader worker processes per rank", required=True)
+    train_splits: tuple = setting((), Splits(), "splits trained on")
+    valid_splits: tuple = setting((), Splits(), "splits validated on after every epoch (the best checkpoint is kept)")
+    test_splits: tuple = setting((), Splits(), "splits tested at the end")
+    train_dataset_ratios: None = setting(
+        None,
+        Unsupported(
+            "LAVIS 1.0.2 cannot sample by these weights: runner_base concatenates the training datasets and "
+            "ignores them (or hands the mapping to MultiIterLoader as if it were a list), runner_iter stops on "
+            "a NameError in RunnerIter.dataloaders; remove the key (the training datasets are then concatenated)"
+        ),
+        "sampling weights of the training datasets: not supported (the reason is the error)",
+    )
+    use_dist_eval_sampler: bool = setting(True, Boolean(), "split evaluation data across ranks")
+    epoch_transition_sleep: float = setting(
+        2.0, Number(0), "seconds the loader pauses at an epoch boundary of streamed data (LAVIS: 2)"
+    )
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -289,39 +357,19 @@ def guarded_optimizer_step(
 class ReliableRunner(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
-        self.datasets = guard.guard_datasets(self.datasets, cfg.run_cfg)
+        # validated when LAVIS's Config was built (compat fix run_config_validated_at_start)
+        self.loop = read_settings(RunnerSettings, cfg.run_cfg)
+        self.checkpoint_settings = read_settings(CheckpointSettings, cfg.run_cfg)
+        data = read_settings(guard.DataGuardSettings, cfg.run_cfg)
+        self.datasets = guard.guard_datasets(
+            self.datasets, policy=data.bad_samples, train_splits=self.loop.train_splits, seed=self.loop.seed
+        )
         self.progress = Progress()
         self._resume_rng: list | None = None  # every rank's RNG states, for a mid-epoch resume
-        self.bad_samples = guard.BadSampleTally.from_run_config(cfg.run_cfg)
+        self.bad_samples = guard.BadSampleTally(max_fraction=data.max_bad_sample_fraction)
         self._checkpoints: CheckpointManager | None = None
 
     # --- settings ------------------------------------------------------------------------
-
-    def _run(self, key, default=None):
-        value = self.config.run_cfg.get(key, default)
-        return default if value is None else value
-
-    @property
-    def save_every_iters(self) -> int:
-        return int(self._run("save_every_iters", 0))
-
-    @property
-    def keep_last_n(self) -> int | None:
-        value = self.config.run_cfg.get("keep_last_n", None)
-        return None if value is None else int(value)
-
-    @property
-    def max_nonfinite_steps(self) -> int:
-        return int(self._run("max_nonfinite_steps", 10))
-
-    @property
-    def nonfinite_check(self) -> bool:
-        return bool(self._run("nonfinite_check", True))
-
-    @property
-    def grad_clip_norm(self) -> float | None:
-        value = self.config.run_cfg.get("grad_clip_norm", None)
-        return None if value is None else float(value)
 
     @property
     def collective_device(self):
@@ -333,8 +381,8 @@ class ReliableRunner(RunnerBase):
         if self._checkpoints is None:
             self._checkpoints = CheckpointManager(
                 Path(self.output_dir),
-                keep_last_n=self.keep_last_n,
-                allow_unsafe=self.config.run_cfg.get("allow_unsafe_checkpoints", None),
+                keep_last_n=self.checkpoint_settings.keep_last_n,
+                allow_unsafe=self.checkpoint_settings.allow_unsafe_checkpoints,
                 epoch_file=self.checkpoint_name,
             )
         return self._checkpoints
@@ -357,9 +405,9 @@ class ReliableRunner(RunnerBase):
             device=self.device,
             distributed=self.use_distributed,
             dist_eval_sampler=bool(self.use_dist_eval_sampler),
-            epoch_sleep=float(self._run("epoch_transition_sleep", 2.0)),
+            epoch_sleep=self.loop.epoch_transition_sleep,
         )
-        seed = int(self._run("seed", 42))
+        seed = self.loop.seed
         loaders = []
         for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
             if isinstance(dataset, (list, tuple)):  # several datasets of one split, drawn by ratio
@@ -432,7 +480,7 @@ class ReliableRunner(RunnerBase):
         """One epoch from ``self.progress.iters_done`` (non-zero after a mid-epoch resume)."""
         self.model.train()
         loader = self.train_loader  # built lazily, drawing random numbers: before seeding
-        seed_all(run_seed(int(self._run("seed", 42)), get_rank(), epoch=int(epoch)))
+        seed_all(run_seed(self.loop.seed, get_rank(), epoch=int(epoch)))
         start = self.progress.iters_done if self.progress.epoch == epoch else 0
         batches = self._epoch_batches(loader, epoch, start)
         if self._resume_rng is not None:  # after the loader drew its worker seeds, as the interrupted run did
@@ -468,7 +516,7 @@ class ReliableRunner(RunnerBase):
         metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
         metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
         header = f"Train: data epoch: [{epoch}]"
-        batch_size = int(self.config.run_cfg.batch_size_train)
+        batch_size = self.loop.batch_size_train
         loss_finite = True
         step_ids: list = []
         step_losses: list = []
@@ -498,7 +546,8 @@ class ReliableRunner(RunnerBase):
                         metric_logger.update(loss=value.item())
                 loss_finite, step_ids, step_losses = True, [], []
                 self.progress.iters_done = i + 1
-                if self.save_every_iters and (i + 1) % self.save_every_iters == 0 and i + 1 < iters_per_epoch:
+                every = self.checkpoint_settings.save_every_iters
+                if every and (i + 1) % every == 0 and i + 1 < iters_per_epoch:
                     self.save_checkpoint(epoch, epoch_done=False)
                 if (i + 1) % self.log_freq == 0:
                     self._check_bad_samples()
@@ -522,8 +571,8 @@ class ReliableRunner(RunnerBase):
             optimizer,
             scaler,
             loss_finite,
-            grad_clip_norm=self.grad_clip_norm,
-            nonfinite_check=self.nonfinite_check,
+            grad_clip_norm=self.loop.grad_clip_norm,
+            nonfinite_check=self.loop.nonfinite_check,
             collective_device=self.collective_device,
         )
         if outcome.nonfinite:
@@ -556,10 +605,11 @@ class ReliableRunner(RunnerBase):
             self.progress.nonfinite_steps,
             step_ids,
         )
-        if self.progress.consecutive_nonfinite >= self.max_nonfinite_steps:
+        if self.progress.consecutive_nonfinite >= self.loop.max_nonfinite_steps:
             raise NonFiniteTrainingError(
                 f"{self.progress.consecutive_nonfinite} optimizer steps in a row had a non-finite {what} "
-                f"(run.max_nonfinite_steps = {self.max_nonfinite_steps}); stopping at epoch {epoch} iteration {i}. "
+                f"(run.max_nonfinite_steps = {self.loop.max_nonfinite_steps}); "
+                f"stopping at epoch {epoch} iteration {i}. "
                 f"Last good checkpoint: {self.last_checkpoint or 'none written in this run'}. Lower run.init_lr, "
                 "set run.grad_clip_norm, or check the data of the logged sample ids."
             )
@@ -593,8 +643,8 @@ class ReliableRunner(RunnerBase):
         return f"checkpoint_{epoch}.pth"
 
     def _resume(self) -> None:
-        explicit = self.resume_ckpt_path
-        mode = self.config.run_cfg.get("resume", None)
+        explicit = self.checkpoint_settings.resume_ckpt_path
+        mode = self.checkpoint_settings.resume
         if explicit is not None:
             self._load_checkpoint(explicit)
         elif mode == "auto":
@@ -681,9 +731,8 @@ class ReliableRunnerIter(ReliableRunner):
 
     def __init__(self, cfg, task, model, datasets, job_id):
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
-        self.max_iters = int(cfg.run_cfg.get("max_iters", -1))
-        self.iters_per_inner_epoch = int(cfg.run_cfg.get("iters_per_inner_epoch", -1))
-        if self.max_iters <= 0 or self.iters_per_inner_epoch <= 0:
+        self.max_iters, self.iters_per_inner_epoch = self.loop.max_iters, self.loop.iters_per_inner_epoch
+        if not (self.max_iters and self.iters_per_inner_epoch):
             raise ValueError("runner_iter needs run.max_iters > 0 and run.iters_per_inner_epoch > 0")
         self._stream = None
 

@@ -105,11 +105,40 @@ def test_an_unknown_key_is_an_error_that_suggests_the_closest_known_key(lavis_re
     assert problem.startswith("run.zzzz is not a known setting") and "did you mean" not in problem
 
 
-def test_the_table_knows_every_feature_cache_key(lavis_ready):
-    from blip2_internlm.feature_cache import CONFIG_KEYS
-    from blip2_internlm.run_config import RUN_KEYS
+def test_each_key_has_one_owner_and_each_field_a_default_a_kind_and_a_doc(lavis_ready):
+    import dataclasses
 
-    assert set(RUN_KEYS["feature_cache"].kind.kind.settings()) == CONFIG_KEYS
+    from blip2_internlm.run_config import RUN_KEYS, RUN_OWNERS
+    from blip2_internlm.settings import Kind
+
+    owned = [f.name for owner in RUN_OWNERS for f in dataclasses.fields(owner)]
+    assert len(owned) == len(set(owned)) == len(RUN_KEYS)
+    for owner in RUN_OWNERS:
+        assert dataclasses.is_dataclass(owner) and owner.__dataclass_params__.frozen
+        for field in dataclasses.fields(owner):
+            assert isinstance(field.metadata["kind"], Kind) and field.metadata["doc"], field.name
+            assert field.default is not dataclasses.MISSING, field.name
+
+
+def test_a_missing_or_null_key_reads_as_its_default_and_a_value_as_its_reader_takes_it(lavis_ready):
+    from blip2_internlm.run_config import RunSettings
+
+    run = RunSettings.read(
+        OmegaConf.create({"init_lr": "3e-3", "max_iters": 2e4, "keep_last_n": None, "feature_cache": {"enabled": True}})
+    )
+    assert run.optimizer.init_lr == 3e-3 and run.runner.max_iters == 20000 and isinstance(run.runner.max_iters, int)
+    assert run.checkpoints.keep_last_n is None and run.checkpoints.save_every_iters == 0
+    assert run.runner.seed == 42 and run.runner.train_splits == () and run.data.bad_samples == "skip"
+    assert run.feature_cache.enabled and run.feature_cache.views == 1 and run.feature_cache.dtype == "fp16"
+    assert RunSettings.read({}).feature_cache is None
+
+
+def test_docs_list_every_run_key_as_the_classes_define_it(lavis_ready):
+    from blip2_internlm.run_config import RUN_KEYS, markdown
+
+    page = (REPO / "docs" / "run_config.md").read_text()
+    assert page == markdown(), "regenerate: python -m blip2_internlm.run_config > docs/run_config.md"
+    assert all(f"| `{key}` |" in page for key in RUN_KEYS)
 
 
 def test_values_are_accepted_in_the_forms_their_readers_take(lavis_ready):

@@ -2,16 +2,37 @@
 
 import datetime
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from blip2_internlm.compat.fixes import fix
+from blip2_internlm.settings import Boolean, Choice, Integer, Nullable, Number, Text, read_settings, setting
+
+
+@dataclass(frozen=True)
+class DistributedSettings:
+    """The ``run:`` keys of the process group (``rank``, ``world_size``, ``gpu`` and ``distributed`` are
+    set by ``init_distributed_mode`` from torchrun's environment)."""
+
+    distributed: bool = setting(False, Boolean(), "use torch.distributed when launched by torchrun")
+    dist_url: str = setting("env://", Text(), "init_method of the process group")
+    dist_backend: str | None = setting(
+        None, Nullable(Choice("nccl", "gloo", "mpi")), "process-group backend; null: nccl on CUDA, else gloo"
+    )
+    dist_timeout_minutes: float = setting(
+        30.0, Number(0, lowest_open=True), "how long a collective waits for a rank that stopped answering"
+    )
+    world_size: int = setting(1, Integer(1), "number of ranks")
+    rank: int = setting(0, Integer(0), "this process's rank")
+    gpu: int = setting(0, Integer(0), "this process's local CUDA device index")
+    find_unused_parameters: bool = setting(False, Boolean(), "DDP's find_unused_parameters")
 
 
 def pick_backend(run_cfg) -> str:
     """``run.dist_backend`` if set, else NCCL on CUDA runs and gloo everywhere else."""
-    chosen = run_cfg.get("dist_backend", None)
+    chosen = read_settings(DistributedSettings, run_cfg).dist_backend
     if chosen:
         return str(chosen)
     wants_cuda = str(run_cfg.get("device", "cuda")).startswith("cuda")
@@ -52,7 +73,7 @@ def init_distributed_mode(args):
         init_method=args.dist_url,
         world_size=args.world_size,
         rank=args.rank,
-        timeout=datetime.timedelta(minutes=float(args.get("dist_timeout_minutes", 30))),
+        timeout=datetime.timedelta(minutes=read_settings(DistributedSettings, args).dist_timeout_minutes),
     )
     dist.barrier()
     setup_for_distributed(args.rank == 0)

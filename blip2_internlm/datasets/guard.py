@@ -26,6 +26,7 @@ import logging
 import os
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -33,6 +34,7 @@ from torch.utils.data import IterableDataset, default_collate
 
 from blip2_internlm.datasets.records import BadRecordError
 from blip2_internlm.seeding import derived_seed, seeded
+from blip2_internlm.settings import Choice, Number, setting
 
 logger = logging.getLogger(__name__)
 
@@ -259,19 +261,29 @@ def is_map_style(dataset) -> bool:
     return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
-def guard_datasets(datasets: dict, run_cfg) -> dict:
+@dataclass(frozen=True)
+class DataGuardSettings:
+    """The ``run:`` keys of bad training samples."""
+
+    bad_samples: str = setting(
+        "skip", Choice(*POLICIES), "an unreadable training sample is replaced, counted and logged, or stops the run"
+    )
+    max_bad_sample_fraction: float = setting(
+        DEFAULT_MAX_BAD_FRACTION, Number(0, 1), "more bad training samples than this fraction stop the run"
+    )
+
+
+def guard_datasets(datasets: dict, *, policy: str, train_splits, seed: int) -> dict:
     """Wrap every map-style dataset of LAVIS's ``{name: {split: dataset}}`` in ``GuardedDataset``.
 
-    Training splits (``run.train_splits``) get ``run.bad_samples`` (default ``skip``), every
-    other split ``error``; the seed is ``run.seed``.  Webdataset pipelines and other iterable
+    Training splits (``run.train_splits``) get ``policy`` (``run.bad_samples``), every other
+    split ``error``; ``seed`` is ``run.seed``.  Webdataset pipelines and other iterable
     datasets are left as they are (they have their own ``handler``).  Wrap after the feature
     cache, whose builder reads images through the unwrapped dataset.
     """
-    policy = str(run_cfg.get("bad_samples", "skip"))
     if policy not in POLICIES:
         raise ValueError(f"run.bad_samples must be one of {list(POLICIES)}, got {policy!r}")
-    train_splits = set(run_cfg.get("train_splits", None) or [])
-    seed = int(run_cfg.get("seed", 0))
+    train_splits = set(train_splits)
     for name, by_split in datasets.items():
         for split, dataset in list(by_split.items()):
             if isinstance(dataset, GuardedDataset) or not is_map_style(dataset):
@@ -314,10 +326,6 @@ class BadSampleTally:
         self.max_fraction, self.min_seen, self.keep = float(max_fraction), int(min_seen), int(keep)
         self._logged: set = set()
         self.reset()
-
-    @classmethod
-    def from_run_config(cls, run_cfg) -> BadSampleTally:
-        return cls(max_fraction=float(run_cfg.get("max_bad_sample_fraction", DEFAULT_MAX_BAD_FRACTION)))
 
     def reset(self) -> None:
         """Start a new epoch's count (each bad sample is still logged only once per run)."""

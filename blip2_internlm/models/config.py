@@ -10,9 +10,10 @@ default is written once, here.  The LAVIS bookkeeping keys (``arch``, ``model_ty
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass
+
+from blip2_internlm.settings import did_you_mean
 
 VIT_PRECISIONS = ("fp16", "fp32")
 LLM_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -49,9 +50,9 @@ class ModelConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             hints = [
-                f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+                f"{key!r} (did you mean {close!r}?)" if close else repr(key)
                 for key in unknown
-                for close in [difflib.get_close_matches(key, known, n=1)]
+                for close in [did_you_mean(key, known)]
             ]
             raise ValueError(
                 f"unknown keys in model config for {values.get('arch') or cls.__name__}: {', '.join(hints)}; "

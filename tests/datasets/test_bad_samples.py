@@ -242,9 +242,7 @@ def test_an_evaluation_split_errors_on_a_bad_question_even_when_training_skips(i
             "val": coco_vqa_eval(val, images, processors, tmp_path),
         }
     }
-    run_cfg = OmegaConf.create({"bad_samples": "skip", "train_splits": ["train"], "seed": 7})
-
-    guarded = guard_datasets(datasets, run_cfg)["coco_vqa"]
+    guarded = guard_datasets(datasets, policy="skip", train_splits=["train"], seed=7)["coco_vqa"]
 
     assert guarded["train"].policy == "skip" and guarded["val"].policy == "error"
     assert one_batch(guarded["train"])["bad_samples"][0]["index"] == BAD_INDEX
@@ -260,7 +258,7 @@ def test_the_error_policy_applies_to_training_splits_when_configured(images, pro
     records = with_bad_record(caption_records(), "corrupt jpeg")
     datasets = {"coco_caption": {"train": coco_caption(records, images, processors, tmp_path)}}
 
-    guarded = guard_datasets(datasets, {"bad_samples": "error", "train_splits": ["train"], "seed": 0})
+    guarded = guard_datasets(datasets, policy="error", train_splits=["train"], seed=0)
 
     with pytest.raises(BadSampleError, match="corrupt.jpg"):
         one_batch(guarded["coco_caption"]["train"])
@@ -268,7 +266,7 @@ def test_the_error_policy_applies_to_training_splits_when_configured(images, pro
 
 def test_an_unknown_policy_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"run.bad_samples must be one of \['skip', 'error'\], got 'drop'"):
-        guard_datasets({}, {"bad_samples": "drop"})
+        guard_datasets({}, policy="drop", train_splits=[], seed=0)
 
 
 def test_when_every_substitute_is_bad_too_the_error_lists_each_attempt(images, processors, tmp_path):
@@ -434,7 +432,7 @@ def test_iterable_datasets_are_left_as_they_are(images, processors, tmp_path):
     caption = coco_caption(caption_records(), images, processors, tmp_path)
     datasets = {"laion": {"train": stream}, "coco_caption": {"train": caption}}
 
-    guard_datasets(datasets, {"train_splits": ["train"]})
+    guard_datasets(datasets, policy="skip", train_splits=["train"], seed=0)
 
     assert datasets["laion"]["train"] is stream
     assert isinstance(datasets["coco_caption"]["train"], GuardedDataset)
