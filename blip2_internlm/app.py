@@ -63,9 +63,9 @@ class ServedModel:
 
 def check_source(source: ModelSource) -> None:
     """Fail on an unknown arch, model type, config file or model option, without building anything."""
-    from blip2_internlm.inference import model_config
+    from blip2_internlm.factory import merged_model_config
 
-    model_config(source.arch, source.model_type, source.cfg_path, dict(source.options))
+    merged_model_config(source.arch, source.model_type, cfg_path=source.cfg_path, options=dict(source.options))
 
 
 def question_processor_for(txt_processors):
@@ -315,7 +315,7 @@ def resolve_args(argv) -> argparse.Namespace:
 
 
 def model_source(args) -> ModelSource:
-    from blip2_internlm.inference import parse_model_options
+    from blip2_internlm.factory import parse_model_options
 
     return ModelSource(
         checkpoint=str(Path(args.checkpoint).absolute()),

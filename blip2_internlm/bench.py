@@ -31,8 +31,8 @@ the LLM's width, depth, heads and vocabulary size; the InternLM2 SwiGLU width is
 MLP has OPT's MLP parameter count.  The baseline is ``lavis.models.blip2_models.blip2_opt.Blip2OPT``
 as shipped: its vendored ``modeling_opt.OPTForCausalLM`` loaded in fp16 (LAVIS hard-codes
 ``torch_dtype=torch.float16``), its hand-written attention, its ``maybe_autocast`` (off on CPU),
-its ``forward``/``generate``.  Weights are random: ours are built by the ``random`` weight source
-of ``blip2_internlm.models.builders`` (the one assembly path every model takes), the baseline's
+its ``forward``/``generate``.  Weights are random: ours are built by ``blip2_internlm.factory`` with the
+``random`` weight source of ``blip2_internlm.models.builders`` (the one assembly path every model takes), the baseline's
 ViT and Q-Former by the same builders and its OPT by its own constructor with random
 initialisation (:func:`lavis_opt_random_weights`), so no weights are written or read and the
 ``real`` size needs no downloads.  ``Blip2OPTFair`` rows are
@@ -293,11 +293,9 @@ def _precision(size: dict, device: str) -> dict:
     return size["precision"]["cpu" if torch.device(device).type == "cpu" else "cuda"]
 
 
-def _weights(device: str):
+def _weights(device: str) -> str:
     """Random weights on ``device``; ``meta`` (a shape-only build) has none."""
-    from blip2_internlm.models.builders import WeightSource
-
-    return WeightSource("meta") if torch.device(device).type == "meta" else WeightSource("random", device)
+    return "meta" if torch.device(device).type == "meta" else "random"
 
 
 def _model_cfg(size: dict, device: str) -> dict:
@@ -341,25 +339,30 @@ def _spell_out_of_range_ids(tokenizer) -> None:
 
 
 def build_ours(size: dict, device: str, seed: int = 0, **overrides):
-    """``Blip2InternLM`` at ``size`` through its own ``from_config``; ``overrides``: model-config keys."""
-    from omegaconf import OmegaConf
-
-    from blip2_internlm.models.blip2_internlm import Blip2InternLM
+    """``blip2_internlm``'s InternLM2-1.8B model type at ``size`` (``blip2_internlm.factory``);
+    ``overrides``: model-config keys."""
+    from blip2_internlm.factory import build_model
 
     precision = _precision(size, device)
     # autocast as the InternLM2 model types set it: bf16 on GPUs that have it, none on the CPU
-    cfg = {
+    options = {
         **_model_cfg(size, device),
-        "arch": "blip2_internlm",
         "llm_model": str(internlm2_dir(size)),
         "llm_precision": precision["internlm2"],
         "autocast_dtype": "auto",
         **overrides,
     }
     torch.manual_seed(seed)
-    model = Blip2InternLM.from_config(OmegaConf.create(cfg), weights=_weights(device))
+    model = build_model(
+        "blip2_internlm",
+        "pretrain_internlm2_1.8b",
+        options=options,
+        weights=_weights(device),
+        device=device,
+        is_eval=False,
+    )
     _spell_out_of_range_ids(model.llm_tokenizer)
-    return model.to(device)
+    return model
 
 
 def build_baseline(size: dict, device: str, seed: int = 0, opt_dtype: str | None = None):
@@ -372,13 +375,13 @@ def build_baseline(size: dict, device: str, seed: int = 0, opt_dtype: str | None
     """
     from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-    from blip2_internlm.models.builders import AssetsFromConfig
+    from blip2_internlm.models.builders import AssetsFromConfig, WeightSource
 
     class LavisBlip2OPT(AssetsFromConfig, Blip2OPT):
         """LAVIS's class, told where its BERT and ViT weights come from."""
 
     cfg = _model_cfg(size, device)
-    weights = _weights(device)
+    weights = WeightSource(_weights(device), device)
     torch.manual_seed(seed)
     with lavis_opt_random_weights(DTYPES[opt_dtype] if opt_dtype else None), weights.building():
         model = LavisBlip2OPT(

@@ -546,7 +546,7 @@ def mode_of(args, items: list[Item]) -> str:
 def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
     from omegaconf import OmegaConf
 
-    from blip2_internlm.inference import DEFAULT_ARCH
+    from blip2_internlm.factory import DEFAULT_ARCH
     from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
     mode = mode_of(args, items)
@@ -596,7 +596,8 @@ def main(argv=None) -> int:
 
     import blip2_internlm  # noqa: F401  (compat fixes, registration)
     from blip2_internlm.checkpoint import CheckpointError
-    from blip2_internlm.inference import ModelOptionError, load_model_and_preprocess, parse_model_options
+    from blip2_internlm.factory import ModelOptionError, parse_model_options
+    from blip2_internlm.inference import load_model_and_preprocess
 
     try:
         items = collect_items(args.inputs, args.image_root, args.question)

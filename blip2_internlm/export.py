@@ -421,32 +421,6 @@ def _readable_by_all(directory: Path) -> None:
 # --- command line -------------------------------------------------------------------------------
 
 
-def model_config(arch: str, model_type: str | None, cfg_path: Path | None, options: Sequence[str]):
-    """The merged LAVIS config (``model`` and ``preprocess``) as LAVIS's ``Config`` builds it, options last."""
-    from lavis.common.config import Config
-    from lavis.common.registry import registry
-    from omegaconf import OmegaConf
-
-    where = str(cfg_path) if cfg_path is not None else "--arch/--model-type"
-    if cfg_path is not None:
-        config = OmegaConf.load(cfg_path)
-        if config.get("model") is None:
-            raise ExportError(f"{cfg_path} has no 'model:' section")
-    else:
-        config = OmegaConf.create({"model": {"arch": arch, "model_type": model_type}})
-    if registry.get_model_class(config.model.get("arch")) is None:
-        raise ExportError(f"{where}: model.arch {config.model.get('arch')!r} is not a registered LAVIS model")
-    bad = [option for option in options if "=" not in option]
-    if bad:
-        raise ExportError(f"--options takes key=value pairs; got {bad}")
-    overrides = OmegaConf.from_dotlist(list(options))
-    model_type = OmegaConf.select(overrides, "model.model_type")
-    if model_type is None and config.model.get("model_type") is None:
-        raise ExportError(f"{where}: model.model_type is not set (set it there or pass --options model.model_type=T)")
-    merged = Config.build_model_config(config, **{"model.model_type": model_type})
-    return OmegaConf.merge(merged, overrides)
-
-
 def run_decoding(cfg_path: Path | None, options: Sequence[str]) -> dict:
     """``export_to_hf``'s generation defaults from a run config's ``run.num_beams`` / ``max_len`` / ``min_len``
     (what LAVIS's caption task decodes with), so the export decodes as the evaluation that scored it."""
@@ -462,16 +436,6 @@ def run_decoding(cfg_path: Path | None, options: Sequence[str]) -> dict:
     return {names[key]: int(run[key]) for key in names if run.get(key) is not None}
 
 
-def build_model(config, checkpoint: Path | None = None):
-    """The model of a merged config in eval mode; ``checkpoint`` is loaded as ``model.finetuned``
-    (LAVIS's checked loading: the Q-Former and query tokens must come from it)."""
-    from lavis.common.registry import registry
-
-    if checkpoint is not None:
-        config.model.load_finetuned, config.model.finetuned = True, str(checkpoint)
-    return registry.get_model_class(config.model.arch).from_config(config.model).eval()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2_internlm.export", description=__doc__.split("\n")[0])
     parser.add_argument("--to-hf", type=Path, required=True, metavar="OUT", help="directory to write")
@@ -482,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--arch", default="blip2_internlm", help="with --model-type: blip2_internlm (default) or blip2_opt_baseline"
     )
     parser.add_argument(
-        "--checkpoint", type=Path, help="stage-2 checkpoint (.pth or .safetensors), loaded as model.finetuned"
+        "--checkpoint", type=Path, help="stage-2 checkpoint (.pth or .safetensors): every trainable weight"
     )
     parser.add_argument(
         "--options", nargs="+", default=[], help="config overrides, key=value (model.llm_model=/path/to/internlm2 ...)"
@@ -493,23 +457,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     import blip2_internlm  # noqa: F401  (LAVIS with this package's fixes and registrations)
     from blip2_internlm.assets import AssetMissingError
     from blip2_internlm.checkpoint import CheckpointError
+    from blip2_internlm.factory import ModelBuildError, merged_model_config, parse_model_options
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
     try:
-        config = model_config(args.arch, args.model_type, args.cfg_path, args.options)
+        arch = args.arch if args.cfg_path is None else None  # a config names its own
+        options = parse_model_options(args.options, run_sections=True)
+        config = merged_model_config(arch, args.model_type, cfg_path=args.cfg_path, options=options)
         decoding = run_decoding(args.cfg_path, args.options)
-        model = build_model(config, args.checkpoint)
+        model = config.build(checkpoint=args.checkpoint)
         vit_size = model.visual_encoder.patch_embed.img_size[0]
         out = export_to_hf(
             model,
             args.to_hf,
             dtype=args.dtype,
-            processor_image=image_processor(vit_size, config.get("preprocess")),
+            processor_image=image_processor(vit_size, config.preprocess),
             **decoding,
         )
-    except (ExportError, AssetMissingError, CheckpointError) as err:
+    except (ExportError, ModelBuildError, AssetMissingError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

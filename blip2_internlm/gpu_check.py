@@ -439,10 +439,10 @@ def tiny_model(device: str, **overrides):
     """The ``tiny`` blip2_internlm on ``device``, seeded: the same weights for the same overrides."""
     import torch
 
-    from blip2_internlm.models.blip2_internlm import Blip2InternLM
+    from blip2_internlm.factory import build_model
 
     torch.manual_seed(0)
-    return Blip2InternLM.from_config(tiny_model_config(overrides)).to(device)
+    return build_model("blip2_internlm", "tiny", options=overrides, is_eval=False).to(device)
 
 
 def tiny_dataset(ctx: Context):

@@ -7,7 +7,7 @@ moments, DDP buckets) of the trainable part, the activation memory of one traini
 configured ``run.batch_size_train`` (with and without gradient checkpointing of the ViT), a CUDA
 context and fragmentation allowance, and a verdict with the margin and the largest batch that
 fits.  Evaluation configs (``run.evaluate: True``) get an inference estimate instead.  The model
-is built on the ``meta`` device (``blip2_internlm.meta``): no weights, no downloads, no GPU.
+is built on the ``meta`` device (``blip2_internlm.factory``): no weights, no downloads, no GPU.
 
     python -m blip2_internlm.plan --cfg-path CFG --measure [--device cpu|cuda] [--batch B] [--options ...]
 
@@ -631,11 +631,9 @@ def make_plan(
     cfg_path, gpus: int | None = None, gpu_mem_gb: float = 24.0, options=(), batch: int | None = None
 ) -> Plan:
     """Plan ``cfg_path`` (+ ``--options``) for ``gpus`` GPUs of ``gpu_mem_gb`` GiB each."""
-    from blip2_internlm.meta import build_on_meta
-
     cfg = load_config(cfg_path, options)
     model_cfg, run = cfg.model, cfg.run
-    model = build_on_meta(model_cfg)
+    model = build_configured_model(cfg_path, options, weights="meta")
     a = describe(model, model_cfg)
     device = str(_run_value(run, "device", "cuda"))
     on_cuda = device.startswith("cuda")
@@ -697,6 +695,15 @@ def make_plan(
         max_batch=max_batch,
         extra={"device": device},
     )
+
+
+def build_configured_model(cfg_path, options=(), weights="meta", device=None):
+    """The model of ``cfg_path`` and the ``model.`` keys of ``--options``, as a run would train it:
+    on ``meta`` for a plan, with random weights on ``device`` for a measurement."""
+    from blip2_internlm.factory import build_model, parse_model_options
+
+    model_options = parse_model_options(options, run_sections=True)
+    return build_model(cfg_path=cfg_path, options=model_options, weights=weights, device=device, is_eval=False)
 
 
 def load_config(cfg_path, options=()):
@@ -795,13 +802,12 @@ def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu",
     (the measuring itself: :func:`blip2_internlm.plan_validation.measure_training_step`)."""
     import torch
 
-    from blip2_internlm.meta import build_on_meta
     from blip2_internlm.plan_validation import measure_training_step, synthetic_samples
 
     cfg = load_config(cfg_path, options)
     model_cfg, run = cfg.model, cfg.run
     torch.manual_seed(0)
-    model = build_on_meta(model_cfg, device=device)
+    model = build_configured_model(cfg_path, options, weights="random", device=device)
     a = describe(model, model_cfg)
     on_cuda = device.startswith("cuda")
     amp = bool(_run_value(run, "amp", False)) and on_cuda

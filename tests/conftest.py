@@ -84,6 +84,28 @@ def tiny_eval_model(lavis_ready):
 
 
 @pytest.fixture(scope="session")
+def tiny_trained_checkpoint(lavis_ready, tmp_path_factory):
+    """A tiny ``blip2_internlm`` whose trainable weights moved away from any fresh build, and its checkpoint
+    as a LAVIS runner saves one (trainable weights only, under "model"): (model, path, state)."""
+    import torch
+
+    from blip2_internlm.checkpoint import save_checkpoint_file
+    from blip2_internlm.factory import build_model
+
+    model = build_model("blip2_internlm", "tiny")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items() if name not in frozen}
+    path = tmp_path_factory.mktemp("weights") / "checkpoint_best.pth"
+    save_checkpoint_file({"model": state, "epoch": 3}, path)
+    return model, path, state
+
+
+@pytest.fixture(scope="session")
 def small_shapes_root(lavis_ready):
     from blip2_internlm.datasets.builders import default_data_root, generator_args
     from blip2_internlm.datasets.shapes import generate_shapes

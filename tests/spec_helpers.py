@@ -45,12 +45,8 @@ def build_tiny_blip2(**overrides):
     """``Blip2InternLM`` from its ``tiny`` model type with model-config ``overrides``, seeded: every call
     with the same overrides gives the same weights."""
     import torch
-    from omegaconf import OmegaConf
 
-    from blip2_internlm.models.blip2_internlm import Blip2InternLM
+    from blip2_internlm.factory import build_model
 
-    cfg = OmegaConf.load(Blip2InternLM.default_config_path("tiny")).model
-    for key, value in overrides.items():
-        cfg[key] = value
     torch.manual_seed(0)
-    return Blip2InternLM.from_config(cfg)
+    return build_model("blip2_internlm", "tiny", options=overrides, is_eval=False)

@@ -210,9 +210,9 @@ def test_two_ranks_run_the_tiny_chinese_stage1_config_and_save_a_checkpoint(tmp_
 
 
 def test_the_planner_sizes_the_tiny_chinese_stage1_like_the_built_model(zh_model):
-    from blip2_internlm.meta import build_on_meta, merged_model_config
+    from blip2_internlm.factory import build_model
 
-    on_meta = build_on_meta(merged_model_config(REPO / "configs" / "tiny" / "pretrain_stage1_zh.yaml"))
+    on_meta = build_model(cfg_path=REPO / "configs" / "tiny" / "pretrain_stage1_zh.yaml", weights="meta")
     assert (
         on_meta.Qformer.bert.embeddings.word_embeddings.weight.shape
         == zh_model.Qformer.bert.embeddings.word_embeddings.weight.shape

@@ -321,14 +321,27 @@ def test_export_refuses_a_non_empty_directory_and_a_foreign_llm(lavis_ready, tmp
         plain_language_model(nn.Linear(2, 2))
 
 
-def test_config_path_and_options_merge_over_the_model_type(lavis_ready):
-    from blip2_internlm.export import model_config, run_decoding
+def test_a_config_path_gives_the_decoding_of_its_evaluation(lavis_ready):
+    # the model and processors of --cfg-path and --options: blip2_internlm.factory (tests/test_factory.py)
+    from blip2_internlm.export import run_decoding
 
     cfg_path = REPO / "configs/tiny/caption_eval.yaml"
-    config = model_config("ignored", None, cfg_path, ["model.max_txt_len=16"])
-    assert config.model.arch == "blip2_internlm" and config.model.max_txt_len == 16
-    assert config.model.llm_model == "tiny"  # from the tiny model type, under the run config
-    assert config.preprocess.vis_processor.eval.name == "blip_image_eval"
     # the export decodes as the evaluation did: run.num_beams 3, max_len 30, and min_len from the options
     assert run_decoding(cfg_path, ["run.min_len=2"]) == {"num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 2}
     assert run_decoding(None, []) == {}
+
+
+def test_the_command_line_builds_a_config_paths_model_with_a_whole_runs_options(
+    tiny_trained_checkpoint, tmp_path, capsys
+):
+    from blip2_internlm.export import main
+
+    _, checkpoint, _ = tiny_trained_checkpoint
+    source = ["--cfg-path", str(REPO / "configs/tiny/caption_eval.yaml"), "--checkpoint", str(checkpoint)]
+    out = tmp_path / "hf"
+    assert main(["--to-hf", str(out), *source, "--options", "model.max_txt_len=16", "run.min_len=2"]) == 0
+    assert json.loads((out / "generation_config.json").read_text())["min_new_tokens"] == 2
+    # a model option the config does not have is refused before anything is written
+    assert main(["--to-hf", str(tmp_path / "not_written"), *source, "--options", "model.max_txt_lenn=16"]) == 1
+    assert "did you mean 'max_txt_len'" in capsys.readouterr().err
+    assert not (tmp_path / "not_written").exists()

@@ -1,7 +1,7 @@
 """The real-size project configs (configs/blip2_internlm, configs/blip2_opt) and their run scripts.
 
 Every config is merged with its model type's defaults as LAVIS's ``Config`` does and built on the
-``meta`` device (blip2_internlm.meta: no weights, no files), then checked against the published
+``meta`` device (blip2_internlm.factory, weights="meta": no weights, no files), then checked against the published
 architecture sizes; the expected trainable parameter count is computed here from those sizes.
 """
 
@@ -101,14 +101,13 @@ def expected_trainable(stage, llm_hidden=None, queries=32, text_vocab=BERT["voca
 @pytest.fixture(scope="module")
 def built(lavis_ready):
     """(config, meta model) per config file, built once."""
-    from blip2_internlm.meta import build_on_meta
+    from blip2_internlm.factory import build_model
 
     cache = {}
 
     def get(path):
         if path not in cache:
-            cfg = lavis_config(path)
-            cache[path] = (cfg, build_on_meta(cfg.model))
+            cache[path] = (lavis_config(path), build_model(cfg_path=path, weights="meta", is_eval=False))
         return cache[path]
 
     return get
@@ -221,7 +220,7 @@ def test_paths_follow_environment_variables_and_options(lavis_ready, monkeypatch
 def test_meta_build_sizes_the_llm_from_a_local_config_json(lavis_ready, tmp_path):
     from transformers import OPTConfig
 
-    from blip2_internlm.meta import llm_config
+    from blip2_internlm.models.architectures import llm_config
 
     OPTConfig(
         hidden_size=96, num_hidden_layers=3, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=96

@@ -123,11 +123,11 @@ def test_lavis_released_stage1_checkpoint_layout_initialises_the_real_size_stage
     # LAVIS's blip2_pretrained.pth is a Blip2Qformer state dict under "model"; stage 1 here is a
     # Blip2Qformer subclass, so both have this layout.  Built on meta at real size: every key
     # stage 2 requires from a stage-1 checkpoint is there, with the same shape.
-    from blip2_internlm.meta import build_on_meta, merged_model_config
+    from blip2_internlm.factory import build_model
 
-    stage1 = build_on_meta(merged_model_config(REPO / "configs" / "blip2_internlm" / "pretrain_stage1.yaml"))
-    stage2 = build_on_meta(
-        merged_model_config(REPO / "configs" / "blip2_internlm" / "pretrain_stage2_internlm2_1.8b.yaml")
+    stage1 = build_model(cfg_path=REPO / "configs" / "blip2_internlm" / "pretrain_stage1.yaml", weights="meta")
+    stage2 = build_model(
+        cfg_path=REPO / "configs" / "blip2_internlm" / "pretrain_stage2_internlm2_1.8b.yaml", weights="meta"
     )
     released = {k: tuple(v.shape) for k, v in stage1.state_dict().items()}
     required = {
