@@ -38,20 +38,20 @@ test-emulated: $(STAMP)
 
 # make demo SEEDS=42,1,2: one run per seed, with their mean and spread
 demo: $(STAMP)
-	$(PY) -m blip2_internlm.demo --lang $(DEMO_LANG) $(if $(SEEDS),--seeds $(SEEDS))
+	$(PY) -m blip2_internlm.tools.demo --lang $(DEMO_LANG) $(if $(SEEDS),--seeds $(SEEDS))
 
 bench: $(STAMP)
-	$(PY) -m blip2_internlm.bench --size small
+	$(PY) -m blip2_internlm.tools.bench --size small
 
 # the checks that need a GPU, one run within 8 minutes: report in output/gpu-check (exit 2 without CUDA);
 # GPU_CHECK_ARGS="--dry-run" lists them without a GPU, e.g. also "--only bench_real --out DIR"
 gpu-check: $(STAMP)
-	$(PY) -m blip2_internlm.gpu_check $(GPU_CHECK_ARGS)
+	$(PY) -m blip2_internlm.tools.gpu_check $(GPU_CHECK_ARGS)
 
 # the web demo on the model `make demo` trained (its newest stage-2 checkpoint), http://127.0.0.1:8501;
 # more options with APP_ARGS, e.g. make app APP_ARGS="--host 0.0.0.0 --port 8600"
 app: $(STAMP)
-	$(PY) -m blip2_internlm.app --from-demo output/demo $(APP_ARGS)
+	$(PY) -m blip2_internlm.tools.app --from-demo output/demo $(APP_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

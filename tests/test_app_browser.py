@@ -1,4 +1,4 @@
-"""The web demo (``python -m blip2_internlm.app``), served from a stage-2 checkpoint and driven by a real
+"""The web demo (``python -m blip2_internlm.tools.app``), served from a stage-2 checkpoint and driven by a real
 browser: what the page shows is what the model's ``generate`` / ``predict_answers`` return for the same
 image and settings, computed here.
 
@@ -119,7 +119,7 @@ def app_url(chromium_path, stage2_checkpoint, tmp_path_factory):
             [
                 sys.executable,
                 "-m",
-                "blip2_internlm.app",
+                "blip2_internlm.tools.app",
                 "--model-type",
                 "tiny",
                 "--checkpoint",
@@ -264,7 +264,7 @@ def test_sampling_and_beam_controls_reach_generate(page, reference, upload_image
 
 
 def test_make_app_without_a_demo_run_says_to_run_make_demo(lavis_ready, tmp_path):
-    from blip2_internlm.app import main
+    from blip2_internlm.tools.app import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--from-demo", str(tmp_path / "demo")])  # what `make app` runs, before any server starts
@@ -272,7 +272,7 @@ def test_make_app_without_a_demo_run_says_to_run_make_demo(lavis_ready, tmp_path
 
 
 def test_the_demo_model_is_the_newest_stage2_jobs_last_checkpoint(tmp_path):
-    from blip2_internlm.app import demo_stage2_checkpoint
+    from blip2_internlm.tools.app import demo_stage2_checkpoint
 
     stage2 = tmp_path / "stage2"
     older, newer = stage2 / "20260101000000", stage2 / "20260102000000"

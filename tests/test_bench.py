@@ -1,4 +1,4 @@
-"""The benchmark harness ``python -m blip2_internlm.bench``: it runs, it writes its JSON, and it
+"""The benchmark harness ``python -m blip2_internlm.tools.bench``: it runs, it writes its JSON, and it
 compares like with like (LAVIS's own Blip2OPT against Blip2InternLM at matched sizes).
 
 No test here checks a timing: the harness measures, these specs check what it measures.
@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from blip2_internlm import bench, hardware
+from blip2_internlm import hardware
+from blip2_internlm.tools import bench
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,7 @@ def test_a_decode_steps_cost_is_what_one_real_step_does_and_reads():
     from transformers.cache_utils import DynamicCache
 
     from blip2_internlm.internlm2.modeling import InternLM2ForCausalLM
-    from blip2_internlm.measure import count_flops
+    from blip2_internlm.tools.measure import count_flops
 
     config = bench.internlm2_config(bench.load_size("tiny"))
     config._attn_implementation = "sdpa"

@@ -1,5 +1,5 @@
-"""The measuring that ``python -m blip2_internlm.bench`` and ``python -m blip2_internlm.plan --measure``
-share (``blip2_internlm.measure``), and the dtype names and config directories the tools share
+"""The measuring that ``python -m blip2_internlm.tools.bench`` and ``python -m blip2_internlm.tools.plan --measure``
+share (``blip2_internlm.tools.measure``), and the dtype names and config directories the tools share
 (``blip2_internlm.dtypes``, ``blip2_internlm.paths``).
 
 No test here checks a timing: only that the readings are what they claim to read.
@@ -8,8 +8,8 @@ No test here checks a timing: only that the readings are what they claim to read
 import pytest
 import torch
 
-from blip2_internlm import measure
 from blip2_internlm.dtypes import DTYPES, dtype_name, to_dtype
+from blip2_internlm.tools import measure
 
 # the peak measurement runs every dtype's matmul kernel the CPU has (oneDNN bf16 only where native)
 pytestmark = pytest.mark.kernel_sensitive
@@ -78,7 +78,7 @@ def test_peak_matmul_flops_reports_every_dtype_of_the_table():
 
 
 def test_bench_reads_its_measurements_from_the_shared_module():
-    from blip2_internlm import bench
+    from blip2_internlm.tools import bench
 
     assert bench.peak_matmul_flops is measure.peak_matmul_flops
     assert bench.measure_steps is measure.measure_steps

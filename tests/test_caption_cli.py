@@ -1,4 +1,4 @@
-"""``python -m blip2_internlm.caption``: the batch captioning / VQA command, on a tiny model trained
+"""``python -m blip2_internlm.tools.caption``: the batch captioning / VQA command, on a tiny model trained
 through stage 1 and a short stage 2 on the synthetic shapes."""
 
 import contextlib
@@ -95,7 +95,7 @@ def caption_args(checkpoint, shapes, out) -> list[str]:
 def run_in_process(argv) -> str:
     """The command in this process (the tiny model loads in a second, an interpreter with LAVIS
     in several); what it prints."""
-    from blip2_internlm.caption import main
+    from blip2_internlm.tools.caption import main
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -141,7 +141,7 @@ def test_a_killed_run_resumes_to_each_image_once_with_the_uninterrupted_texts(
 ):
     reference = rows(uninterrupted[0])
     out = tmp_path / "captions.jsonl"
-    command = [sys.executable, "-m", "blip2_internlm.caption", *caption_args(checkpoint, shapes, out)]
+    command = [sys.executable, "-m", "blip2_internlm.tools.caption", *caption_args(checkpoint, shapes, out)]
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -168,7 +168,7 @@ def test_a_killed_run_resumes_to_each_image_once_with_the_uninterrupted_texts(
 def test_an_unreadable_image_is_an_error_row_and_counted_and_the_others_are_captioned(
     checkpoint, shapes, tmp_path, capsys
 ):
-    from blip2_internlm.caption import main
+    from blip2_internlm.tools.caption import main
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -212,9 +212,9 @@ def test_an_unreadable_image_is_an_error_row_and_counted_and_the_others_are_capt
 def test_vqa_with_questions_per_image_from_jsonl_equals_predict_answers(checkpoint, shapes, tmp_path):
     import torch
 
-    from blip2_internlm.caption import main
     from blip2_internlm.inference import load_model_and_preprocess
     from blip2_internlm.internlm2.pretrain_text import VQA_PROMPTS
+    from blip2_internlm.tools.caption import main
 
     asked = records(shapes / "annotations/vqa_zh_test.json")[:6]
     questions = tmp_path / "questions.jsonl"
@@ -262,7 +262,7 @@ def test_vqa_with_questions_per_image_from_jsonl_equals_predict_answers(checkpoi
 
 
 def test_folder_glob_and_list_inputs_give_the_same_sorted_images(tmp_path):
-    from blip2_internlm.caption import collect_items
+    from blip2_internlm.tools.caption import collect_items
 
     names = ["b.png", "a.jpg", "sub/c.png", "sub/deeper/a.png"]
     for name in names:
@@ -285,7 +285,7 @@ def test_folder_glob_and_list_inputs_give_the_same_sorted_images(tmp_path):
 
 
 def test_csv_output_resumes_and_a_rerun_with_other_settings_is_refused(checkpoint, shapes, tmp_path, capsys):
-    from blip2_internlm.caption import main
+    from blip2_internlm.tools.caption import main
 
     images = [str(shapes / "images" / "test" / f"test_{index:05d}.png") for index in range(3)]
     out = tmp_path / "captions.csv"
@@ -302,7 +302,7 @@ def test_csv_output_resumes_and_a_rerun_with_other_settings_is_refused(checkpoin
 
 
 def test_usage_errors_and_a_missing_model_exit_non_zero_naming_the_cause(tmp_path, capsys):
-    from blip2_internlm.caption import main
+    from blip2_internlm.tools.caption import main
 
     out = ["--out", str(tmp_path / "out.jsonl")]
     with pytest.raises(SystemExit) as usage:
@@ -318,7 +318,7 @@ def test_usage_errors_and_a_missing_model_exit_non_zero_naming_the_cause(tmp_pat
 
 
 def test_the_bench_times_the_command_loop_against_generate_on_the_same_images(lavis_ready, tmp_path):
-    from blip2_internlm import bench
+    from blip2_internlm.tools import bench
 
     run = bench.Bench("tiny", "cpu", repeats=1, out_dir=tmp_path)
     run.caption_cli(batches=2)

@@ -1,4 +1,4 @@
-"""``blip2_internlm.charts``: the bench's scaling chart is a self-contained SVG that draws what it is given.
+"""``blip2_internlm.tools.charts``: the bench's scaling chart is a self-contained SVG that draws what it is given.
 
 The SVG is parsed, not compared to a stored file: each series is one polyline through its points, in x
 order, higher values drawn higher, every series named in the legend.
@@ -6,7 +6,7 @@ order, higher values drawn higher, every series named in the legend.
 
 import xml.etree.ElementTree as ET
 
-from blip2_internlm.charts import line_chart, panels
+from blip2_internlm.tools.charts import line_chart, panels
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -1,4 +1,4 @@
-"""``python -m blip2_internlm.demo``: --seeds runs every seed into its own directory and aggregates their
+"""``python -m blip2_internlm.tools.demo``: --seeds runs every seed into its own directory and aggregates their
 metrics; --seed keeps the one-run layout; the LLM is taken from the cache under its recipe digest;
 the per-question VQA breakdown names the yes/no answers given."""
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from blip2_internlm import demo
+from blip2_internlm.tools import demo
 
 
 def fake_summary(seed):

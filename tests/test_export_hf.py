@@ -159,8 +159,8 @@ def exported(lavis_ready, tmp_path_factory):
     from safetensors.torch import load_file
 
     from blip2_internlm.checkpoint import save_checkpoint_file
-    from blip2_internlm.export import export_to_hf
     from blip2_internlm.models.blip2_internlm import stop_token_ids
+    from blip2_internlm.tools.export import export_to_hf
 
     tmp = tmp_path_factory.mktemp("export")
     for i, scene in enumerate(SCENES):
@@ -181,7 +181,7 @@ def exported(lavis_ready, tmp_path_factory):
             checkpoint = save_checkpoint_file({"model": trained}, tmp / "stage2.pth")
             result = run_python(
                 "-m",
-                "blip2_internlm.export",
+                "blip2_internlm.tools.export",
                 "--to-hf",
                 str(exports[arch]),
                 "--model-type",
@@ -290,7 +290,7 @@ def test_vit_options_without_a_blip2_counterpart_are_named(lavis_ready):
     from lavis.models.eva_vit import VisionTransformer
     from torch import nn
 
-    from blip2_internlm.export import ExportError, vision_config_and_weights
+    from blip2_internlm.tools.export import ExportError, vision_config_and_weights
 
     vit = VisionTransformer(
         img_size=32,
@@ -312,7 +312,7 @@ def test_export_refuses_a_non_empty_directory_and_a_foreign_llm(lavis_ready, tmp
 
     from torch import nn
 
-    from blip2_internlm.export import ExportError, export_to_hf, plain_language_model
+    from blip2_internlm.tools.export import ExportError, export_to_hf, plain_language_model
 
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(ExportError, match="exists and is not an empty directory"):
@@ -323,7 +323,7 @@ def test_export_refuses_a_non_empty_directory_and_a_foreign_llm(lavis_ready, tmp
 
 def test_a_config_path_gives_the_decoding_of_its_evaluation(lavis_ready):
     # the model and processors of --cfg-path and --options: blip2_internlm.factory (tests/test_factory.py)
-    from blip2_internlm.export import run_decoding
+    from blip2_internlm.tools.export import run_decoding
 
     cfg_path = REPO / "configs/tiny/caption_eval.yaml"
     # the export decodes as the evaluation did: run.num_beams 3, max_len 30, and min_len from the options
@@ -334,7 +334,7 @@ def test_a_config_path_gives_the_decoding_of_its_evaluation(lavis_ready):
 def test_the_command_line_builds_a_config_paths_model_with_a_whole_runs_options(
     tiny_trained_checkpoint, tmp_path, capsys
 ):
-    from blip2_internlm.export import main
+    from blip2_internlm.tools.export import main
 
     _, checkpoint, _ = tiny_trained_checkpoint
     source = ["--cfg-path", str(REPO / "configs/tiny/caption_eval.yaml"), "--checkpoint", str(checkpoint)]

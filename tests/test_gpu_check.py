@@ -1,4 +1,4 @@
-"""`make gpu-check` (blip2_internlm/gpu_check.py): the script prepared for a borrowed GPU runs nowhere else,
+"""`make gpu-check` (blip2_internlm/tools/gpu_check.py): the script prepared for a borrowed GPU runs nowhere else,
 lists its checks without one, uses only commands, options and configs that exist, and records a check
 that fails, raises or overruns while the others still run.
 
@@ -26,11 +26,11 @@ CHECK_ORDER = [
 def test_without_cuda_the_command_exits_2_saying_so_and_writes_nothing(lavis_ready, tmp_path, capsys):
     import torch
 
-    from blip2_internlm.gpu_check import main
+    from blip2_internlm.tools.gpu_check import main
 
     out = tmp_path / "out"
     if torch.cuda.is_available():  # hide the GPU from a fresh interpreter
-        result = run_python("-m", "blip2_internlm.gpu_check", "--out", str(out), env={"CUDA_VISIBLE_DEVICES": ""})
+        result = run_python("-m", "blip2_internlm.tools.gpu_check", "--out", str(out), env={"CUDA_VISIBLE_DEVICES": ""})
         code, stderr = result.returncode, result.stderr
     else:
         code, stderr = main(["--out", str(out)]), capsys.readouterr().err
@@ -40,7 +40,7 @@ def test_without_cuda_the_command_exits_2_saying_so_and_writes_nothing(lavis_rea
 
 
 def test_dry_run_lists_every_check_in_order_with_its_budget_and_exits_0(lavis_ready, capsys):
-    from blip2_internlm.gpu_check import main
+    from blip2_internlm.tools.gpu_check import main
 
     assert main(["--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -49,12 +49,12 @@ def test_dry_run_lists_every_check_in_order_with_its_budget_and_exits_0(lavis_re
     assert all(int(budget) > 0 for _, budget in listed)
     assert "MISSING" not in out and "0 problem(s)" in out
     # what the checks run is shown, the real sizes included
-    assert "python -m blip2_internlm.bench --size real --device cuda" in out
+    assert "python -m blip2_internlm.tools.bench --size real --device cuda" in out
     assert "pretrain_stage2_internlm2_1.8b.yaml --measure --device cuda" in out
 
 
 def test_the_budgets_fit_the_eight_minutes_of_one_gpu_run():
-    from blip2_internlm.gpu_check import CHECKS, PREPARE_BUDGET_S, STARTUP_ALLOWANCE_S, TOTAL_BUDGET_S
+    from blip2_internlm.tools.gpu_check import CHECKS, PREPARE_BUDGET_S, STARTUP_ALLOWANCE_S, TOTAL_BUDGET_S
 
     assert [check.name for check in CHECKS] == CHECK_ORDER
     assert TOTAL_BUDGET_S <= 8 * 60
@@ -62,38 +62,43 @@ def test_the_budgets_fit_the_eight_minutes_of_one_gpu_run():
 
 
 def test_every_command_option_config_and_function_the_checks_use_exists(lavis_ready):
-    from blip2_internlm.gpu_check import CHECKS, Command
+    from blip2_internlm.tools.gpu_check import CHECKS, Command
 
     references = [reference for check in CHECKS for reference in check.uses("cuda")]
     problems = [problem for reference in references for problem in reference.problems()]
     assert problems == []
     # the command lines the GPU run starts are among them, so a renamed option of any of them fails above
     modules = {reference.module for reference in references if isinstance(reference, Command)}
-    assert modules == {"blip2_internlm.train", "blip2_internlm.export", "blip2_internlm.plan", "blip2_internlm.bench"}
+    assert modules == {
+        "blip2_internlm.train",
+        "blip2_internlm.tools.export",
+        "blip2_internlm.tools.plan",
+        "blip2_internlm.tools.bench",
+    }
 
 
 def test_a_renamed_option_an_unknown_choice_and_a_missing_config_are_named(lavis_ready, tmp_path):
-    from blip2_internlm.gpu_check import Command, ConfigWithOptions, ModelOverrides, Uses
+    from blip2_internlm.tools.gpu_check import Command, ConfigWithOptions, ModelOverrides, Uses
 
-    renamed = Command("blip2_internlm.bench", ("--size", "real", "--batchsize", "8"))
+    renamed = Command("blip2_internlm.tools.bench", ("--size", "real", "--batchsize", "8"))
     assert renamed.problems() == [
-        f"python -m blip2_internlm.bench has no option --batchsize (its options: {_options_of(renamed)})"
+        f"python -m blip2_internlm.tools.bench has no option --batchsize (its options: {_options_of(renamed)})"
     ]
-    (problem,) = Command("blip2_internlm.bench", ("--size", "huge")).problems()
-    assert problem.startswith("python -m blip2_internlm.bench --size huge: not one of [") and "'real'" in problem
+    (problem,) = Command("blip2_internlm.tools.bench", ("--size", "huge")).problems()
+    assert problem.startswith("python -m blip2_internlm.tools.bench --size huge: not one of [") and "'real'" in problem
     missing = tmp_path / "gone.yaml"
-    assert Command("blip2_internlm.plan", ("--cfg-path", str(missing))).problems() == [
+    assert Command("blip2_internlm.tools.plan", ("--cfg-path", str(missing))).problems() == [
         f"config file {missing} does not exist"
     ]
     assert ConfigWithOptions(missing, ()).problems() == [f"config file {missing} does not exist"]
-    from blip2_internlm.gpu_check import TINY_STAGE2
+    from blip2_internlm.tools.gpu_check import TINY_STAGE2
 
     (problem,) = ConfigWithOptions(TINY_STAGE2, ("run.amps=True",)).problems()
     assert "run.amps is not a known setting; did you mean run.amp?" in problem
     (problem,) = ModelOverrides((("decode_compiled", True),)).problems()
     assert "decode_compiled" in problem
-    assert Uses("blip2_internlm.bench.SECTIONS", ("ours", "everything")).problems() == [
-        "blip2_internlm.bench.SECTIONS has no everything"
+    assert Uses("blip2_internlm.tools.bench.SECTIONS", ("ours", "everything")).problems() == [
+        "blip2_internlm.tools.bench.SECTIONS has no everything"
     ]
     assert Uses("blip2_internlm.runner.guarded_step").problems() == [
         "blip2_internlm.runner.guarded_step does not exist"
@@ -101,7 +106,7 @@ def test_a_renamed_option_an_unknown_choice_and_a_missing_config_are_named(lavis
 
 
 def _options_of(command):
-    from blip2_internlm.gpu_check import cli_options
+    from blip2_internlm.tools.gpu_check import cli_options
 
     return ", ".join(sorted(cli_options(command.module)))
 
@@ -120,7 +125,7 @@ def raises(ctx):
 
 
 def misses(ctx):
-    from blip2_internlm.gpu_check import CheckFailed
+    from blip2_internlm.tools.gpu_check import CheckFailed
 
     raise CheckFailed("measured 2, expected 1")
 
@@ -131,7 +136,7 @@ def overruns(ctx):
 
 
 def run_stand_ins(tmp_path, checks):
-    from blip2_internlm.gpu_check import Check, Context, describe_machine, run_checks
+    from blip2_internlm.tools.gpu_check import Check, Context, describe_machine, run_checks
 
     table = [Check(name, budget, f"stand-in {name}", fn) for name, budget, fn in checks]
     ctx = Context("cpu", tmp_path / "work", tmp_path / "artifacts")
@@ -223,7 +228,7 @@ def test_readme_lines_carry_the_cards_headline_numbers(tmp_path):
 
 
 def test_only_runs_the_named_checks_in_the_tables_order_and_refuses_unknown_names(lavis_ready, capsys):
-    from blip2_internlm.gpu_check import main
+    from blip2_internlm.tools.gpu_check import main
 
     assert main(["--dry-run", "--only", "bench_real,bf16_step"]) == 0
     listed = re.findall(r"^ *\d+\. (\w+) \(", capsys.readouterr().out, re.M)

@@ -18,7 +18,8 @@ import pytest
 import torch
 from spec_helpers import run_python
 
-from blip2_internlm import hardware, measure
+from blip2_internlm import hardware
+from blip2_internlm.tools import measure
 
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
@@ -218,7 +219,8 @@ def test_a_matmul_that_fails_for_want_of_a_kernel_is_left_out_of_the_peaks(monke
 
 EMULATED_PROBE = """
 import json, torch
-from blip2_internlm import hardware, measure
+from blip2_internlm import hardware
+from blip2_internlm.tools import measure
 from blip2_internlm.models.llm_inputs import resolve_autocast_dtype
 by_kernel = {}
 measure.peak_matmul_flops("cpu", sizes=(64,), by_kernel=by_kernel)

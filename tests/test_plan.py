@@ -1,4 +1,4 @@
-"""The memory planner (blip2_internlm.plan): validated against a measured training step, and its
+"""The memory planner (blip2_internlm.tools.plan): validated against a measured training step, and its
 verdicts on the real-size configs.
 
 The activation model was checked on a GPU too (docs/plan.md: real sizes on an H200, within 5%);
@@ -26,7 +26,7 @@ LAVIS_CAPTION_RECIPE = [
 
 
 def plan(path, gpus=2, gpu_mem_gb=24, options=(), batch=None):
-    from blip2_internlm.plan import make_plan
+    from blip2_internlm.tools.plan import make_plan
 
     return make_plan(path, gpus, gpu_mem_gb, options, batch)
 
@@ -35,7 +35,7 @@ def test_prediction_matches_a_measured_training_step(tmp_path):
     """A small stage-2 model (257 ViT tokens, 4-layer Q-Former and InternLM2) trained one step on
     the CPU in a fresh process, at two batch sizes: each measured peak is within 25% of the
     prediction, and so is the growth from one batch size to the other."""
-    from blip2_internlm.plan_validation import calibration_cases
+    from blip2_internlm.tools.plan_validation import calibration_cases
 
     name, cfg, options, batch = next(
         c for c in calibration_cases(tmp_path) if c[0].startswith("small stage 2, InternLM2")
@@ -44,7 +44,7 @@ def test_prediction_matches_a_measured_training_step(tmp_path):
     for size in (batch, 2 * batch):
         result = run_python(
             "-m",
-            "blip2_internlm.plan",
+            "blip2_internlm.tools.plan",
             "--measure",
             "--device",
             "cpu",
@@ -127,7 +127,7 @@ def test_vit_gradient_checkpointing_is_modelled(lavis_ready):
 
 
 def test_cli_prints_the_plan(lavis_ready, capsys):
-    from blip2_internlm.plan import main
+    from blip2_internlm.tools.plan import main
 
     assert main(["--cfg-path", str(STAGE2_1_8B), "--gpus", "2", "--gpu-mem-gb", "24"]) == 0
     out = capsys.readouterr().out

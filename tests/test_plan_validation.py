@@ -1,4 +1,4 @@
-"""The measuring side of the memory planner's checks (``blip2_internlm.plan_validation``): the
+"""The measuring side of the memory planner's checks (``blip2_internlm.tools.plan_validation``): the
 training step it measures is LAVIS's, the CPU reading counts what that step keeps alive, and the
 calibration set points at real configs.  The planner against those measurements is in
 tests/test_plan.py.
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from blip2_internlm import plan_validation
+from blip2_internlm.tools import plan_validation
 
 MiB = 2**20
 

@@ -2,7 +2,7 @@
 
 Builders: ``coco_cn_caption``, ``flickr8k_cn_caption``, ``flickr30k_cn_caption``, ``aic_caption``
 (AI Challenger 2017), ``zh_caption_json`` (LAVIS caption JSON, the generic format that
-``python -m blip2_internlm.data.convert`` writes) and ``zh_caption_wds`` (webdataset shards,
+``python -m blip2_internlm.tools.convert_corpus`` writes) and ``zh_caption_wds`` (webdataset shards,
 Wukong/LAION style).  The file formats, with their sources, are in docs/chinese_data.md.
 
 Every corpus reader turns its files into *items* ``(where, record, problem)``: ``record`` is

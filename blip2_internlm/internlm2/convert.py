@@ -9,7 +9,7 @@ copied unchanged. Only the layout changes: no dtype cast, no rounding.
 
 In memory, :func:`internlm2_to_llama` gives the ``LlamaForCausalLM`` of a loaded model and
 :func:`internlm2_tokenizer_to_llama` a transformers ``LlamaTokenizerFast`` that encodes and
-decodes as ``InternLM2Tokenizer`` does (``blip2_internlm.export`` uses both).
+decodes as ``InternLM2Tokenizer`` does (``blip2_internlm.tools.export`` uses both).
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def llm_config(llm_model):
 class TokenizerStub:
     """What the model constructors read from a tokenizer: its length and special ids.
 
-    Called, it tokenizes stand-in text for memory measurements (``blip2_internlm.plan
+    Called, it tokenizes stand-in text for memory measurements (``blip2_internlm.tools.plan
     --measure``): every whitespace-separated word is one token with a stable id, so a caption's
     length in tokens is its length in words.  It is not a real tokenizer.
     """

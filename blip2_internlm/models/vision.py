@@ -17,7 +17,7 @@ from torch import nn
 VIT_ARCHS = {
     "eva_clip_g": dict(patch_size=14, embed_dim=1408, depth=39, num_heads=1408 // 88, mlp_ratio=4.3637),
     "tiny": dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0),
-    # ViT-S/16 shape (12 x 384, 6 heads): the benchmark's ``small`` size (blip2_internlm.bench),
+    # ViT-S/16 shape (12 x 384, 6 heads): the benchmark's ``small`` size (blip2_internlm.tools.bench),
     # big enough on 2 CPU cores for the ViT/LLM cost split to resemble the real model's
     "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
 }

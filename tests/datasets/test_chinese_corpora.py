@@ -226,7 +226,7 @@ def test_ai_challenger_finds_images_next_to_each_split_and_uses_all_five_caption
 
 
 def test_converter_output_round_trips_through_zh_caption_json(lavis_ready, tmp_path, capsys):
-    from blip2_internlm.data.convert import main
+    from blip2_internlm.tools.convert_corpus import main
 
     coco_cn(tmp_path)
     out = tmp_path / "converted"
@@ -287,13 +287,13 @@ def test_converter_cli_writes_ai_challenger_images_relative_to_the_root(lavis_re
 
     aic(tmp_path)
     out = tmp_path / "aic_val.json"
-    # `python -m blip2_internlm.data.convert ...`, in this interpreter (a fresh one takes ~15 s to import)
-    monkeypatch.delitem(sys.modules, "blip2_internlm.data.convert", raising=False)
+    # `python -m blip2_internlm.tools.convert_corpus ...`, in this interpreter (a fresh one takes ~15 s to import)
+    monkeypatch.delitem(sys.modules, "blip2_internlm.tools.convert_corpus", raising=False)
     monkeypatch.setattr(
         "sys.argv", ["convert", "--from", "aic", "--root", str(tmp_path), "--split", "val", "--out", str(out)]
     )
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("blip2_internlm.data.convert", run_name="__main__")
+        runpy.run_module("blip2_internlm.tools.convert_corpus", run_name="__main__")
     assert exit_.value.code == 0
     converted = json.loads(out.read_text(encoding="utf-8"))
     assert converted == [
@@ -317,7 +317,7 @@ def test_converter_cli_writes_ai_challenger_images_relative_to_the_root(lavis_re
         "sys.argv", ["convert", "--from", "aic", "--root", str(tmp_path), "--split", "test", "--out", str(out)]
     )
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("blip2_internlm.data.convert", run_name="__main__")
+        runpy.run_module("blip2_internlm.tools.convert_corpus", run_name="__main__")
     assert exit_.value.code == 1  # AI Challenger's release has no test captions
 
 

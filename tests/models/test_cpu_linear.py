@@ -132,7 +132,7 @@ def test_onednn_asked_of_a_torch_without_it_is_an_error(monkeypatch):
 
 
 def test_the_flop_counter_counts_the_onednn_linear_as_f_linear():
-    from blip2_internlm.measure import count_flops
+    from blip2_internlm.tools.measure import count_flops
 
     x, weight = randn(2, 7, 16), randn(12, 16)
     assert count_flops(lambda: onednn_linear(x, weight)) == count_flops(lambda: F.linear(x, weight)) == 2 * 14 * 16 * 12

@@ -345,7 +345,7 @@ def test_llm_loads_in_bf16_without_a_second_fp32_copy(lavis_ready, tmp_path):
 
     from blip2_internlm.assets import resolve_llm
     from blip2_internlm.internlm2 import InternLM2Config
-    from blip2_internlm.internlm2.bench import write_random_checkpoint
+    from blip2_internlm.tools.bench_internlm2 import write_random_checkpoint
 
     config = InternLM2Config(
         vocab_size=32000,

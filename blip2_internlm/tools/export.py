@@ -1,6 +1,6 @@
 """Export ``blip2_internlm`` / ``blip2_opt_baseline`` to plain transformers' ``Blip2ForConditionalGeneration``.
 
-    python -m blip2_internlm.export --to-hf OUT (--model-type T [--arch A] | --cfg-path CFG)
+    python -m blip2_internlm.tools.export --to-hf OUT (--model-type T [--arch A] | --cfg-path CFG)
         [--checkpoint PTH] [--options k=v ...] [--dtype auto|fp32|fp16|bf16]
 
 ``OUT`` is a directory that transformers loads without this package, LAVIS or
@@ -437,7 +437,7 @@ def run_decoding(cfg_path: Path | None, options: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.tools.export", description=__doc__.split("\n")[0])
     parser.add_argument("--to-hf", type=Path, required=True, metavar="OUT", help="directory to write")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")

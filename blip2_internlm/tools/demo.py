@@ -37,7 +37,7 @@ from blip2_internlm.datasets.builders import default_data_root, generator_args
 from blip2_internlm.datasets.shapes import QUESTION_TYPES
 from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS, recipe_digest
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 LOSS_LINE = re.compile(r"Train: data epoch: \[(\d+)\].*?\[\s*(\d+)/(\d+)\].*?loss: ([0-9.]+)")
 
 #: The data every stage sees: same generator settings, hence the same generated files.
@@ -368,7 +368,7 @@ def summary_value(value) -> str:
 
 def svg_curve(points, title, width=420, height=220) -> str:
     """A stage's loss curve, (fractional epoch, loss) points; empty without points."""
-    from blip2_internlm.charts import line_chart
+    from blip2_internlm.tools.charts import line_chart
 
     if not points:
         return ""

@@ -1,6 +1,6 @@
 """``make gpu-check``: every check that needs a GPU, prepared to run in one go on a borrowed card.
 
-    python -m blip2_internlm.gpu_check [--out output/gpu-check] [--only NAME,...] [--dry-run] [--device cuda|cpu]
+    python -m blip2_internlm.tools.gpu_check [--out output/gpu-check] [--only NAME,...] [--dry-run] [--device cuda|cpu]
 
 A GPU may be available for minutes at a time; this script is what runs in them, so that no such minute goes
 to writing code.  It runs the checks of :data:`CHECKS` in order, each against its own time budget
@@ -23,7 +23,7 @@ Before the first check, the preparation generates what the checks read into the 
 (``$BLIP2_INTERNLM_CACHE``): the tiny models, the shapes data and the bench size's tokenizer
 directories, which takes a while the first time (docs/performance.md).  For a machine available for
 minutes, fill a cache inside the checkout beforehand (a few MB; e.g.
-``BLIP2_INTERNLM_CACHE=.cache/blip2_internlm python -m blip2_internlm.gpu_check --device cpu --only
+``BLIP2_INTERNLM_CACHE=.cache/blip2_internlm python -m blip2_internlm.tools.gpu_check --device cpu --only
 bf16_step``) and take it along: the preparation then takes seconds.
 
 ``--dry-run`` (no GPU needed) lists the checks with their budgets and what each runs, and verifies
@@ -498,10 +498,10 @@ def free_cuda_memory() -> None:
 
 def planner_batch(ctx: Context, gpu_mem_gib: float) -> int:
     """The planner's largest batch for the stage-2 config on one GPU of ``gpu_mem_gib``
-    (``plan.make_plan``, what ``python -m blip2_internlm.plan`` prints), capped in a rehearsal."""
+    (``plan.make_plan``, what ``python -m blip2_internlm.tools.plan`` prints), capped in a rehearsal."""
     key = ("planner_batch", round(gpu_mem_gib, 1))
     if key not in ctx.cache:
-        from blip2_internlm.plan import make_plan
+        from blip2_internlm.tools.plan import make_plan
 
         plan = make_plan(str(ctx.scale.plan_config), 1, gpu_mem_gib)
         ctx.cache[key] = plan.max_batch
@@ -517,7 +517,7 @@ def prepare(ctx: Context) -> str:
     directories) into the asset cache; seconds when it is already there."""
     import torch
 
-    from blip2_internlm.bench import internlm2_dir, load_size, opt_dir, qformer_dir
+    from blip2_internlm.tools.bench import internlm2_dir, load_size, opt_dir, qformer_dir
 
     start = time.monotonic()
     tiny_model("cpu")
@@ -618,8 +618,8 @@ def check_bf16_step(ctx: Context) -> str:
     every trainable parameter and only those gets a finite gradient, and AdamW's step moves them."""
     import torch
 
-    from blip2_internlm.measure import measure_steps
-    from blip2_internlm.plan_validation import lavis_adamw
+    from blip2_internlm.tools.measure import measure_steps
+    from blip2_internlm.tools.plan_validation import lavis_adamw
 
     samples = tiny_batch(ctx, 8)
     reference = tiny_model(ctx.device, autocast_dtype="off").eval()
@@ -837,7 +837,7 @@ def check_feature_cache_gpu(ctx: Context) -> str:
 
 def export_command(to_hf, checkpoint) -> Command:
     return Command(
-        "blip2_internlm.export", ("--to-hf", str(to_hf), "--model-type", "tiny", "--checkpoint", str(checkpoint))
+        "blip2_internlm.tools.export", ("--to-hf", str(to_hf), "--model-type", "tiny", "--checkpoint", str(checkpoint))
     )
 
 
@@ -918,7 +918,7 @@ def our_logits(model, pixels):
 
 
 def check_export_gpu(ctx: Context) -> str:
-    """``python -m blip2_internlm.export`` of a tiny stage-2 checkpoint (the trained parts of the seeded tiny
+    """``python -m blip2_internlm.tools.export`` of a tiny stage-2 checkpoint (the trained parts of the seeded tiny
     model), loaded by plain transformers (``Blip2ForConditionalGeneration``, a fresh interpreter with neither
     this package nor LAVIS) on the device, both in fp32: every weight comes from the file, its logits over
     a prompt and caption are ours (well within what changing the image changes), and its greedy and beam-3
@@ -983,7 +983,7 @@ def plan_measure_command(scale: Scale, device: str, batch: int | str | None = No
     args = ["--cfg-path", str(scale.plan_config), "--measure", "--device", device]
     if batch is not None:
         args += ["--batch", str(batch)]
-    return Command("blip2_internlm.plan", tuple(args))
+    return Command("blip2_internlm.tools.plan", tuple(args))
 
 
 def last_json_object(text: str) -> dict:
@@ -996,7 +996,7 @@ def last_json_object(text: str) -> dict:
 
 
 def check_plan_measure_real(ctx: Context) -> str:
-    """``python -m blip2_internlm.plan --measure`` on the InternLM2-1.8B stage-2 config (real sizes,
+    """``python -m blip2_internlm.tools.plan --measure`` on the InternLM2-1.8B stage-2 config (real sizes,
     random weights, LAVIS's training step with ``run.amp``) at the config's batch and at the planner's
     largest batch for the card's free memory (at most 24 GiB): measured peak within 10% of the
     prediction."""
@@ -1042,7 +1042,7 @@ def bench_command(scale: Scale, device: str, section: str, batch: int | str | No
     args += ["--repeats", str(scale.bench_repeats), "--out-dir", str(out_dir)]
     if batch is not None:
         args += ["--batch-size", str(batch)]
-    return Command("blip2_internlm.bench", tuple(args))
+    return Command("blip2_internlm.tools.bench", tuple(args))
 
 
 #: The bench's rows read here: its stage-2 step, beam-5 captioning and VQA.
@@ -1061,7 +1061,7 @@ def bench_rows(result: dict, ours: bool) -> dict:
 
 
 def check_bench_real(ctx: Context) -> str:
-    """``python -m blip2_internlm.bench --size real`` (ViT-g, bert-base Q-Former, InternLM2-1.8B-shaped
+    """``python -m blip2_internlm.tools.bench --size real`` (ViT-g, bert-base Q-Former, InternLM2-1.8B-shaped
     LLM against LAVIS's Blip2OPT with OPT of the same width and depth, random weights) at the
     planner's batch for a 24 GiB card: LAVIS as shipped, then our default (whose first generation
     compiles the decoding step, hence the larger share of the time), each in its own run so that one
@@ -1131,8 +1131,8 @@ def _uses_bf16(device: str) -> list:
     return [
         ModelOverrides((("autocast_dtype", "bf16"),)),
         ModelOverrides((("autocast_dtype", "off"),)),
-        Uses("blip2_internlm.plan_validation.lavis_adamw"),
-        Uses("blip2_internlm.measure.measure_steps"),
+        Uses("blip2_internlm.tools.plan_validation.lavis_adamw"),
+        Uses("blip2_internlm.tools.measure.measure_steps"),
     ]
 
 
@@ -1166,7 +1166,7 @@ def _uses_plan(device: str) -> list:
     return [
         plan_measure_command(scale, device),
         plan_measure_command(scale, device, "<planner's largest batch for min(24 GiB, free)>"),
-        Uses("blip2_internlm.plan.make_plan"),
+        Uses("blip2_internlm.tools.plan.make_plan"),
     ]
 
 
@@ -1176,8 +1176,8 @@ def _uses_bench(device: str) -> list:
     return [
         bench_command(scale, device, "lavis", batch, "<work>/bench-lavis"),
         bench_command(scale, device, "ours", batch, "<work>/bench-ours"),
-        Uses("blip2_internlm.bench.SECTIONS", ("ours", "lavis")),
-        Uses("blip2_internlm.plan.make_plan"),
+        Uses("blip2_internlm.tools.bench.SECTIONS", ("ours", "lavis")),
+        Uses("blip2_internlm.tools.plan.make_plan"),
     ]
 
 
@@ -1295,7 +1295,7 @@ def describe_machine(device: str) -> dict:
     """The card (or the CPU of a rehearsal), torch, CUDA and the rest of the stack; ``slug`` names the files."""
     import torch
 
-    from blip2_internlm.bench import machine_info
+    from blip2_internlm.tools.bench import machine_info
 
     info = machine_info(device)
     info.update(device=device, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
@@ -1341,7 +1341,7 @@ def run_checks(
     ctx.artifacts = out_dir / stem
     factor = 1.0 if ctx.cuda else REHEARSAL_BUDGET_FACTOR
     report = {
-        "tool": "python -m blip2_internlm.gpu_check",
+        "tool": "python -m blip2_internlm.tools.gpu_check",
         "started": started.isoformat(timespec="seconds"),
         "machine": machine,
         "rehearsal": not ctx.cuda,
@@ -1528,7 +1528,9 @@ class _Tee(io.TextIOBase):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_internlm.tools.gpu_check", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("output/gpu-check"), help="where the report goes")
     parser.add_argument("--only", help="comma-separated check names, run in the table's order (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="list the checks and verify what they use; run nothing")

@@ -1,6 +1,6 @@
 """Benchmark: ``blip2_internlm`` against LAVIS 1.0.2's own ``blip2_opt`` at matched sizes.
 
-    python -m blip2_internlm.bench --size {tiny,small,real} [--device cpu|cuda] [--repeats N]
+    python -m blip2_internlm.tools.bench --size {tiny,small,real} [--device cpu|cuda] [--repeats N]
                                    [--batch-size B] [--out-dir output/bench] [--skip-toggles]
                                    [--sections lavis,ours,reliability,caption_cli,sweep]
 
@@ -22,7 +22,7 @@ seeds), it times
 and reports medians over ``--repeats`` runs after a warm-up, ratios against the baseline,
 achieved FLOP/s (``torch.utils.flop_counter.FlopCounterMode`` counts / median time) against the
 peak matmul FLOP/s measured on the same machine, and peak memory (CPU: peak RSS growth; CUDA:
-``max_memory_allocated``), all by ``blip2_internlm.measure``.  The table is printed and written
+``max_memory_allocated``), all by ``blip2_internlm.tools.measure``.  The table is printed and written
 with the machine's description to ``<out-dir>/<size>-<device>-<timestamp>.json``.
 
 The models.  Sizes are YAML files in ``blip2_internlm/configs/bench``.  Both sides share the
@@ -71,14 +71,14 @@ from blip2_internlm.hardware import (
     describe_machine,
     emulated_bf16_slowdown,
 )
-from blip2_internlm.measure import (
+from blip2_internlm.paths import BENCH_CONFIG_DIR
+from blip2_internlm.tools.measure import (
     interleaved_medians,
     measure_steps,
     memory_bandwidth,
     peak_matmul_flops,
     roofline_seconds,
 )
-from blip2_internlm.paths import BENCH_CONFIG_DIR
 
 #: LAVIS's VQA defaults (``VQATask`` / ``predict_answers``) and caption default prompt.
 VQA_PROMPT = "Question: {} Short answer:"
@@ -970,7 +970,7 @@ class Bench:
         gc.collect()  # the model goes with this frame; the next section builds its own
 
     def caption_cli(self, batches: int = 8) -> None:
-        """What ``python -m blip2_internlm.caption`` adds to generation: its batched loop (JPEG files
+        """What ``python -m blip2_internlm.tools.caption`` adds to generation: its batched loop (JPEG files
         decoded and resized in DataLoader workers, ``generate``, JSONL rows written and flushed)
         against the model's own batched ``generate`` on the same images already in memory."""
         import tempfile
@@ -978,7 +978,7 @@ class Bench:
         from lavis.processors.blip_processors import BlipImageEvalProcessor
         from PIL import Image
 
-        from blip2_internlm import caption
+        from blip2_internlm.tools import caption
 
         side = self.ours()
         model = side.model.eval()
@@ -1274,7 +1274,7 @@ def format_table(result: dict) -> str:
 def scaling_chart(result: dict) -> str:
     """The sweep's curves, LAVIS's and ours on each chart: training and VQA images/s against the batch
     size, VQA images/s against the beams."""
-    from blip2_internlm.charts import line_chart, panels
+    from blip2_internlm.tools.charts import line_chart, panels
 
     scaling = result["scaling"]
 
@@ -1299,7 +1299,7 @@ def scaling_chart(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="small", choices=size_names())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median), after one warm-up")

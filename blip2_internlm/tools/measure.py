@@ -1,8 +1,8 @@
 """Measuring a step: wall time, peak memory, FLOPs, and the machine's limits to read them against (its
 matmul peak per dtype, its copy bandwidth, and the roofline floor they give a computation).
 
-Used by the benchmark (``python -m blip2_internlm.bench``) and by the memory planner's check
-against a real training step (``python -m blip2_internlm.plan --measure``).
+Used by the benchmark (``python -m blip2_internlm.tools.bench``) and by the memory planner's check
+against a real training step (``python -m blip2_internlm.tools.plan --measure``).
 
 Peak memory has two readings:
 

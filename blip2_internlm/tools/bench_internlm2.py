@@ -1,6 +1,6 @@
 """Throughput and memory benchmark of the native InternLM2 (CPU; a script, not a test).
 
-    python -m blip2_internlm.internlm2.bench [--skip-1_8b] [--out output/bench/internlm2.json]
+    python -m blip2_internlm.tools.bench_internlm2 [--skip-1_8b] [--out output/bench/internlm2.json]
 
 * generate() tokens/s with the KV cache off/on, eager vs sdpa, for the tiny model and a
   ~100M-parameter config (random weights, fp32, greedy, batch 1);
@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
+from blip2_internlm.internlm2.configuration import InternLM2Config
+from blip2_internlm.internlm2.modeling import InternLM2ForCausalLM
 from blip2_internlm.tiny.internlm2 import TINY_CONFIG
-
-from .configuration import InternLM2Config
-from .modeling import InternLM2ForCausalLM
 
 CONFIG_100M = dict(
     vocab_size=32000,
@@ -192,7 +191,7 @@ def bench_load_1_8b(workdir: str | None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m blip2_internlm.internlm2.bench", description=__doc__.split("\n")[0]
+        prog="python -m blip2_internlm.tools.bench_internlm2", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--skip-1_8b", action="store_true", help="skip writing/loading the 1.8B-shaped bf16 checkpoint")
     parser.add_argument("--workdir", default=None, help="where to write the temporary 1.8B checkpoint")

@@ -1,9 +1,10 @@
-"""``python -m blip2_internlm.caption``: captions (or VQA answers) for many images, to JSONL or CSV.
+"""``python -m blip2_internlm.tools.caption``: captions (or VQA answers) for many images, to JSONL or CSV.
 
-    python -m blip2_internlm.caption photos/ --model-type tiny --checkpoint stage2.pth --lang zh --out captions.jsonl
-    python -m blip2_internlm.caption 'photos/**/*.jpg' list.txt --cfg-path configs/tiny/caption_eval.yaml \\
+    python -m blip2_internlm.tools.caption photos/ --model-type tiny --checkpoint stage2.pth \\
+        --lang zh --out captions.jsonl
+    python -m blip2_internlm.tools.caption 'photos/**/*.jpg' list.txt --cfg-path configs/tiny/caption_eval.yaml \\
         --checkpoint stage2.pth --out captions.csv
-    python -m blip2_internlm.caption questions.jsonl --model-type tiny --checkpoint stage2.pth --out answers.jsonl
+    python -m blip2_internlm.tools.caption questions.jsonl --model-type tiny --checkpoint stage2.pth --out answers.jsonl
 
 Inputs, in the order given (duplicates kept once):
 
@@ -462,7 +463,7 @@ def parse_args(argv=None):
     from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS
 
     parser = argparse.ArgumentParser(
-        prog="python -m blip2_internlm.caption",
+        prog="python -m blip2_internlm.tools.caption",
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,

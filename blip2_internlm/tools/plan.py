@@ -1,6 +1,6 @@
 """GPU memory planner for this project's configs: does a run fit, and with what batch size?
 
-    python -m blip2_internlm.plan --cfg-path CFG [--gpus N] [--gpu-mem-gb G] [--options k=v ...]
+    python -m blip2_internlm.tools.plan --cfg-path CFG [--gpus N] [--gpu-mem-gb G] [--options k=v ...]
 
 prints, per GPU, the parameters by module and dtype, the training state (gradients, AdamW
 moments, DDP buckets) of the trainable part, the activation memory of one training step at the
@@ -9,13 +9,13 @@ context and fragmentation allowance, and a verdict with the margin and the large
 fits.  Evaluation configs (``run.evaluate: True``) get an inference estimate instead.  The model
 is built on the ``meta`` device (``blip2_internlm.factory``): no weights, no downloads, no GPU.
 
-    python -m blip2_internlm.plan --cfg-path CFG --measure [--device cpu|cuda] [--batch B] [--options ...]
+    python -m blip2_internlm.tools.plan --cfg-path CFG --measure [--device cpu|cuda] [--batch B] [--options ...]
 
 builds the same model with random weights on a real device, runs LAVIS's training step (AdamW,
 fp16 autocast + GradScaler when ``run.amp`` on CUDA), and prints the measured peak next to the
 prediction as JSON: torch's CUDA allocator peak on a GPU, the live tensor bytes counted at the
-dispatcher (``blip2_internlm.measure.LiveTensorBytes``) on the CPU.  ``--calibrate`` does so for a
-set of small architectures.  The measuring side is ``blip2_internlm.plan_validation``.
+dispatcher (``blip2_internlm.tools.measure.LiveTensorBytes``) on the CPU.  ``--calibrate`` does so for a
+set of small architectures.  The measuring side is ``blip2_internlm.tools.plan_validation``.
 
 The activation model is analytic: for every layer it lists the tensors autograd saves for the
 backward pass (and the few that are merely alive at the end of the forward pass), with their
@@ -799,10 +799,10 @@ def format_plan(plan: Plan) -> str:
 
 def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu", steps: int = 2) -> dict:
     """Run LAVIS's training step with random weights and return measured and predicted peaks
-    (the measuring itself: :func:`blip2_internlm.plan_validation.measure_training_step`)."""
+    (the measuring itself: :func:`blip2_internlm.tools.plan_validation.measure_training_step`)."""
     import torch
 
-    from blip2_internlm.plan_validation import measure_training_step, synthetic_samples
+    from blip2_internlm.tools.plan_validation import measure_training_step, synthetic_samples
 
     cfg = load_config(cfg_path, options)
     model_cfg, run = cfg.model, cfg.run
@@ -826,8 +826,8 @@ def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu",
 
 
 def calibrate(directory, device="cpu") -> list:
-    """:func:`measure` on each of :func:`blip2_internlm.plan_validation.calibration_cases`."""
-    from blip2_internlm.plan_validation import calibration_cases
+    """:func:`measure` on each of :func:`blip2_internlm.tools.plan_validation.calibration_cases`."""
+    from blip2_internlm.tools.plan_validation import calibration_cases
 
     rows = []
     for name, cfg_path, options, batch in calibration_cases(directory):
@@ -841,7 +841,7 @@ def calibrate(directory, device="cpu") -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.tools.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg-path")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs (DDP ranks); default run.world_size")
     parser.add_argument("--gpu-mem-gb", type=float, default=24.0, help="memory per GPU in GiB (default 24: RTX 4090)")
@@ -858,7 +858,7 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as directory:
             rows = calibrate(directory, args.device)
-        from blip2_internlm.plan_validation import format_calibration
+        from blip2_internlm.tools.plan_validation import format_calibration
 
         print(format_calibration(rows))
         return 0

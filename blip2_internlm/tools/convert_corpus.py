@@ -1,6 +1,6 @@
 """Convert a Chinese caption corpus, as distributed, into LAVIS caption JSON (``zh_caption_json``).
 
-    python -m blip2_internlm.data.convert --from {coco-cn,flickr8k-cn,flickr30k-cn,aic} \\
+    python -m blip2_internlm.tools.convert_corpus --from {coco-cn,flickr8k-cn,flickr30k-cn,aic} \\
         --root DATA_ROOT --split train --out train.json [--images DIR] [--files F ...]
         [--format per-caption|per-image] [--skip-invalid]
 
@@ -89,7 +89,9 @@ def convert(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_internlm.data.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_internlm.tools.convert_corpus", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--from", dest="corpus", required=True, choices=sorted(CORPORA))
     parser.add_argument("--root", required=True, help="data root laid out as the builder's defaults.yaml")
     parser.add_argument("--split", required=True, choices=["train", "val", "test"])

@@ -1,4 +1,4 @@
-"""Web demo: ``python -m blip2_internlm.app --model-type tiny --checkpoint stage2.pth`` (Streamlit).
+"""Web demo: ``python -m blip2_internlm.tools.app --model-type tiny --checkpoint stage2.pth`` (Streamlit).
 
 Upload an image or pick a sample, read its caption in Chinese or English, ask a question;
 beam size, nucleus sampling (top-p, seed) and maximum lengths are controls, and every result
@@ -234,7 +234,7 @@ def resolve_demo(args) -> None:
     """Turn ``--from-demo DIR`` into the model, LLM, samples and language ``make demo`` used there."""
     from blip2_internlm.datasets.builders import default_data_root, generator_args
     from blip2_internlm.datasets.shapes import generate_shapes
-    from blip2_internlm.demo import GENERATOR
+    from blip2_internlm.tools.demo import GENERATOR
 
     output = args.from_demo.absolute()
     checkpoint = demo_stage2_checkpoint(output)
@@ -257,7 +257,7 @@ def resolve_demo(args) -> None:
 
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m blip2_internlm.app",
+        prog="python -m blip2_internlm.tools.app",
         description="Web demo (Streamlit): captions and answers from a stage-2 or fine-tuned checkpoint.",
     )
     which = parser.add_mutually_exclusive_group(required=True)
@@ -344,7 +344,7 @@ def main(argv=None):
     try:
         check_source(model_source(args))  # before the server starts
     except (ValueError, OSError) as err:
-        raise SystemExit(f"blip2_internlm.app: {err}") from None
+        raise SystemExit(f"blip2_internlm.tools.app: {err}") from None
     from streamlit.web import cli
 
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port}", flush=True)
@@ -539,7 +539,7 @@ if __name__ == "__main__":
     if runtime.exists():
         # the page from the imported module, not from this re-executed script: its classes and cached
         # functions are then the same objects on every rerun, so Streamlit's caches keep their keys
-        from blip2_internlm.app import page as imported_page
+        from blip2_internlm.tools.app import page as imported_page
 
         imported_page(sys.argv[1:])
     else:

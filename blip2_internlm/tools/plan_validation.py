@@ -3,9 +3,9 @@
 :func:`measure_training_step` runs LAVIS's training step (AdamW with LAVIS's weight-decay groups,
 fp16 autocast + GradScaler when ``amp``) on a model with random weights and reports its peak
 memory: torch's CUDA allocator peak on a GPU, the live tensor bytes
-(:class:`blip2_internlm.measure.LiveTensorBytes`) on the CPU.  The calibration set is a handful of
+(:class:`blip2_internlm.tools.measure.LiveTensorBytes`) on the CPU.  The calibration set is a handful of
 small architectures at which activations dominate as they do at full size, cheap enough for the
-CPU.  ``blip2_internlm.plan`` builds the models and puts its predictions next to these
+CPU.  ``blip2_internlm.tools.plan`` builds the models and puts its predictions next to these
 measurements; the method and the numbers are in docs/plan.md.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from blip2_internlm.measure import LiveTensorBytes, peak_memory, reset_peak_memory, sync
 from blip2_internlm.paths import TINY_RUN_CONFIG_DIR
+from blip2_internlm.tools.measure import LiveTensorBytes, peak_memory, reset_peak_memory, sync
 
 # --- one measured training step ----------------------------------------------------------------
 
