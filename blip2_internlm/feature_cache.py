@@ -100,7 +100,7 @@ def tensors_digest(modules) -> str:
     return digest.hexdigest()
 
 
-def describe(obj, depth: int = 0) -> str:
+def stable_repr(obj, depth: int = 0) -> str:
     """A stable text of a processor's configuration: reprs without memory addresses, and
     objects with no repr of their own (LAVIS's ``RandomAugment``) by class and attributes."""
     if depth > 6:
@@ -108,14 +108,14 @@ def describe(obj, depth: int = 0) -> str:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return repr(obj)
     if isinstance(obj, (list, tuple)):
-        return "[" + ", ".join(describe(item, depth + 1) for item in obj) + "]"
+        return "[" + ", ".join(stable_repr(item, depth + 1) for item in obj) + "]"
     if isinstance(obj, dict):
-        return "{" + ", ".join(f"{key!r}: {describe(obj[key], depth + 1)}" for key in sorted(obj, key=str)) + "}"
+        return "{" + ", ".join(f"{key!r}: {stable_repr(obj[key], depth + 1)}" for key in sorted(obj, key=str)) + "}"
     transforms = getattr(obj, "transforms", None)
     if isinstance(transforms, (list, tuple)):  # torchvision Compose
-        return f"{type(obj).__qualname__}({describe(list(transforms), depth + 1)})"
+        return f"{type(obj).__qualname__}({stable_repr(list(transforms), depth + 1)})"
     if type(obj).__repr__ is object.__repr__ and hasattr(obj, "__dict__"):
-        return f"{type(obj).__module__}.{type(obj).__qualname__}({describe(vars(obj), depth + 1)})"
+        return f"{type(obj).__module__}.{type(obj).__qualname__}({stable_repr(vars(obj), depth + 1)})"
     return f"{type(obj).__module__}.{type(obj).__qualname__}:" + _ADDRESS.sub("", repr(obj))
 
 
@@ -281,7 +281,7 @@ class FeatureStore:
             "vit": tensors_digest([("visual_encoder", vit)]),
             "vit_img_size": _plain(getattr(getattr(vit, "patch_embed", None), "img_size", None)),
             "image_shape": list(probe.shape),
-            "processor": describe(getattr(dataset, "vis_processor", None)),
+            "processor": stable_repr(getattr(dataset, "vis_processor", None)),
             "device_type": device.type,
             # the model's autocast region (model.autocast_dtype) sets the ViT's arithmetic; "auto" resolves
             # per machine (bf16 on CPUs with native bf16 only), so the resolved dtype counts too

@@ -20,7 +20,7 @@ import pytest
 import torch
 from spec_helpers import REPO
 
-from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/lib/chromium/chromium")
 CHROMIUM_ARGS = [

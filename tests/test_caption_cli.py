@@ -213,7 +213,7 @@ def test_vqa_with_questions_per_image_from_jsonl_equals_predict_answers(checkpoi
     import torch
 
     from blip2_internlm.inference import load_model_and_preprocess
-    from blip2_internlm.internlm2.pretrain_text import VQA_PROMPTS
+    from blip2_internlm.tiny.pretrain_text import VQA_PROMPTS
     from blip2_internlm.tools.caption import main
 
     asked = records(shapes / "annotations/vqa_zh_test.json")[:6]

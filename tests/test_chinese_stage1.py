@@ -75,7 +75,7 @@ def test_tiny_zh_has_bert_base_chinese_layout_and_tokenizer_settings():
 
 
 def test_the_shapes_data_and_prompts_tokenize_without_unk_one_token_per_character(zh_model, shapes_root):
-    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+    from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
     tokenizer = zh_model.tokenizer
     zh, en = shapes_texts(shapes_root, "zh"), shapes_texts(shapes_root, "en")

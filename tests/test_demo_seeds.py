@@ -107,7 +107,7 @@ def test_aggregate_gives_mean_sample_std_min_and_max():
 
 
 def test_the_llm_comes_from_the_cache_named_by_its_recipe(monkeypatch, tmp_path):
-    from blip2_internlm.internlm2.pretrain_text import recipe_digest
+    from blip2_internlm.tiny.pretrain_text import recipe_digest
 
     monkeypatch.setenv("BLIP2_INTERNLM_CACHE", str(tmp_path / "cache"))
     builds = []

@@ -1,4 +1,4 @@
-"""The demo's text pretraining of the tiny LLM (blip2_internlm.internlm2.pretrain_text): what its corpus
+"""The demo's text pretraining of the tiny LLM (blip2_internlm.tiny.pretrain_text): what its corpus
 asks, how its tokenizer splits Chinese, and that its recipe digest names a changed recipe anew."""
 
 import collections
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from blip2_internlm.datasets import shapes
-from blip2_internlm.internlm2 import pretrain_text
-from blip2_internlm.internlm2.pretrain_text import (
+from blip2_internlm.tiny import pretrain_text
+from blip2_internlm.tiny.pretrain_text import (
     CAPTION_PROMPTS,
     VQA_PROMPTS,
     PretrainSettings,

@@ -26,19 +26,19 @@ def patch_lavis() -> None:
         datasets,
         distributed,
         model_weights,
-        runner,
+        runner_base,
         tasks,
     )
 
     config.run_config_validated_at_start()
     distributed.init_distributed_mode_cpu_aware()
     distributed.metric_sync_on_backend_device()
-    runner.ddp_device_ids_only_on_cuda()
-    runner.grad_scaler_only_on_cuda()
-    runner.fresh_job_dir_relative_to_cwd()
-    runner.epoch_reshuffle_behind_prefetch_loader()
-    runner.evaluation_on_the_models_device()
-    runner.reliable_runners()
+    runner_base.ddp_device_ids_only_on_cuda()
+    runner_base.grad_scaler_only_on_cuda()
+    runner_base.fresh_job_dir_relative_to_cwd()
+    runner_base.epoch_reshuffle_behind_prefetch_loader()
+    runner_base.evaluation_on_the_models_device()
+    runner_base.reliable_runners()
     model_weights.safe_model_checkpoint_loading()
     blip2.offline_blip2_assets()
     blip2.stage1_models_built_from_config()

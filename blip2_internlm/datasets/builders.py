@@ -22,7 +22,6 @@ from blip2_internlm.datasets.records import CheckedMixin, builder_name, checked_
 from blip2_internlm.datasets.shapes import generate_shapes
 from blip2_internlm.paths import SHAPES_DATASET_CONFIG_DIR
 
-CONFIG_DIR = str(SHAPES_DATASET_CONFIG_DIR)
 LANGS = ("en", "zh")
 
 
@@ -166,7 +165,7 @@ class ShapesBuilder(BaseDatasetBuilder):
 class ShapesCaptionBuilder(ShapesBuilder):
     train_dataset_cls = ShapesCaptionDataset
     eval_dataset_cls = ShapesCaptionEvalDataset
-    DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "defaults_caption.yaml")}
+    DATASET_CONFIG_DICT = {"default": os.path.join(SHAPES_DATASET_CONFIG_DIR, "defaults_caption.yaml")}
 
     @staticmethod
     def annotation_files(lang, split):
@@ -177,7 +176,7 @@ class ShapesCaptionBuilder(ShapesBuilder):
 class ShapesVQABuilder(ShapesBuilder):
     train_dataset_cls = ShapesVQADataset
     eval_dataset_cls = ShapesVQAEvalDataset
-    DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "defaults_vqa.yaml")}
+    DATASET_CONFIG_DICT = {"default": os.path.join(SHAPES_DATASET_CONFIG_DIR, "defaults_vqa.yaml")}
 
     @staticmethod
     def annotation_files(lang, split):

@@ -56,7 +56,6 @@ from blip2_internlm.paths import DATASET_CONFIG_DIR
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = str(DATASET_CONFIG_DIR)
 SPLITS = ("train", "val", "test")
 
 
@@ -469,7 +468,7 @@ class ZhCaptionBuilder(BaseDatasetBuilder):
 
 
 def _defaults(name):
-    return {"default": os.path.join(CONFIG_DIR, name, "defaults.yaml")}
+    return {"default": os.path.join(DATASET_CONFIG_DIR, name, "defaults.yaml")}
 
 
 @registry.register_builder("coco_cn_caption")

@@ -30,10 +30,10 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, disabled_train
 from torch import nn
 
-from blip2_internlm.compat.attention import resolve_attn_implementation, set_attn_implementation
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.dtypes import dtype_name
 from blip2_internlm.hardware import describe_machine, log_resolved_defaults, target_device
+from blip2_internlm.models.attention import resolve_attn_implementation, set_attn_implementation
 from blip2_internlm.models.builders import FILES, WeightSource, build_qformer, build_vision_encoder, load_frozen_llm
 from blip2_internlm.models.config import Blip2InternLMConfig
 from blip2_internlm.models.cpu_linear import cpu_fp32_linear_context, resolve_cpu_fp32_linear
@@ -46,8 +46,6 @@ from blip2_internlm.models.llm_inputs import (
 )
 from blip2_internlm.paths import MODEL_CONFIG_DIR
 
-CONFIG_DIR = str(MODEL_CONFIG_DIR)
-
 # Trailing punctuation (ASCII and full-width) that VQAEval would count against a bare answer.
 _TRAILING_PUNCT = re.compile(r"[\s.,!?;:。，！？；：、]+$")
 
@@ -55,7 +53,7 @@ _TRAILING_PUNCT = re.compile(r"[\s.,!?;:。，！？；：、]+$")
 @registry.register_model("blip2_internlm")
 class Blip2InternLM(Blip2Base):
     PRETRAINED_MODEL_CONFIG_DICT = {
-        name: os.path.join(CONFIG_DIR, f"blip2_internlm_{name}.yaml")
+        name: os.path.join(MODEL_CONFIG_DIR, f"blip2_internlm_{name}.yaml")
         for name in ("tiny", "pretrain_internlm2_1.8b", "caption_coco_internlm2_1.8b", "pretrain_internlm2_7b")
     }
     checkpoint_required_prefixes = ("Qformer.", "query_tokens")
@@ -149,9 +147,9 @@ class Blip2InternLM(Blip2Base):
 
     # --- shared front end ---------------------------------------------------------------
 
-    def maybe_autocast(self, dtype=None):
+    def compute_region(self):
         """The compute region of ViT, Q-Former and LLM: ``model.autocast_dtype``'s autocast, and outside
-        autocast on a CPU, ``model.cpu_fp32_linear``'s kernel for fp32 linears; ``dtype`` is ignored."""
+        autocast on a CPU, ``model.cpu_fp32_linear``'s kernel for fp32 linears."""
         device = self.query_tokens.device
         dtype = resolve_autocast_dtype(self.autocast_dtype, device)
         region = contextlib.ExitStack()
@@ -160,11 +158,16 @@ class Blip2InternLM(Blip2Base):
         region.enter_context(cpu_fp32_linear_context(self.model_config.cpu_fp32_linear, device, dtype))
         return region
 
+    def maybe_autocast(self, dtype=None):
+        """LAVIS's name for the compute region, which code written for LAVIS's BLIP-2 models calls; the
+        region is ``compute_region()``'s whatever ``dtype`` asks (the model config decides it)."""
+        return self.compute_region()
+
     def image_embeds(self, samples) -> torch.Tensor:
         """``ln_vision`` of the frozen ViT's output: (B, N_tokens, vit_width).  The ViT output comes
         from ``samples["vit_embeds"]`` when present (``blip2_internlm.feature_cache``), else from
         ``samples["image"]``; ``ln_vision`` trains, so it always runs here."""
-        with self.maybe_autocast():
+        with self.compute_region():
             vit_embeds = samples.get("vit_embeds")
             if vit_embeds is None:
                 vit_embeds = self.visual_encoder(samples["image"])
@@ -178,7 +181,7 @@ class Blip2InternLM(Blip2Base):
             image_embeds = self.image_embeds({"image": image})
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        with self.maybe_autocast():
+        with self.compute_region():
             query_output = self.Qformer.bert(
                 query_embeds=query_tokens,
                 encoder_hidden_states=image_embeds,
@@ -233,7 +236,7 @@ class Blip2InternLM(Blip2Base):
         labels = torch.cat([query_targets, text_targets], dim=1)
         loss_tokens = label_token_count(labels)
         num_items_in_batch = cross_rank_token_normaliser(loss_tokens)
-        with self.maybe_autocast():
+        with self.compute_region():
             if not self.lm_head_on_labels_only:
                 # transformers' own way to divide by a token count other than the local one
                 normaliser = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -282,7 +285,7 @@ class Blip2InternLM(Blip2Base):
         image_embeds = self.image_embeds(samples)
         prompts = self.prompts_for(samples, image_embeds.size(0), prompt)
         inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image_embeds=image_embeds), prompts)
-        with self.maybe_autocast():
+        with self.compute_region():
             outputs = generate_tokens(
                 self.llm_model,
                 inputs_embeds,

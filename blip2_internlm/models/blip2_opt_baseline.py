@@ -11,12 +11,13 @@ import os
 
 from lavis.common.registry import registry
 
-from blip2_internlm.models.blip2_internlm import CONFIG_DIR, Blip2InternLM
+from blip2_internlm.models.blip2_internlm import Blip2InternLM
+from blip2_internlm.paths import MODEL_CONFIG_DIR
 
 
 @registry.register_model("blip2_opt_baseline")
 class Blip2OPTBaseline(Blip2InternLM):
     PRETRAINED_MODEL_CONFIG_DICT = {
-        name: os.path.join(CONFIG_DIR, f"blip2_opt_baseline_{name}.yaml")
+        name: os.path.join(MODEL_CONFIG_DIR, f"blip2_opt_baseline_{name}.yaml")
         for name in ("tiny", "pretrain_opt2.7b", "caption_coco_opt2.7b")
     }

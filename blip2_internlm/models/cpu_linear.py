@@ -4,7 +4,7 @@
 matmul, shipped in the same wheel, is much faster than MKL on some CPUs and slower on others
 (``make bench`` prints both as ``peak_matmul_flops_by_kernel``; docs/portability.md has the figures per CPU
 class).  Every model of this package is mostly linear layers, so where oneDNN is faster, inside the
-model's compute region (``maybe_autocast``) an fp32 ``F.linear`` on the CPU goes to
+model's compute region (``compute_region``) an fp32 ``F.linear`` on the CPU goes to
 ``mkldnn._linear_pointwise``, with a backward of the same kernel (the input's gradient through the
 transposed weight, the weight's as a product of the transposed gradient and input), so training and
 generation both gain.

@@ -61,7 +61,6 @@ from blip2_internlm.models.config import DECODE_IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = DECODE_IMPLEMENTATIONS
 
 #: model kwargs ``generate`` hands a decoding method for an ``inputs_embeds`` call; any other means
 #: a feature the static loop does not implement.
@@ -90,8 +89,8 @@ def generate_tokens(
     bf16 weights on a CPU only, identical results; a second copy of those weights while the model
     generates); None: wherever that applies.  Both are ignored by ``"transformers"``.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"decode implementation {implementation!r}; expected one of {list(IMPLEMENTATIONS)}")
+    if implementation not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(f"decode implementation {implementation!r}; expected one of {list(DECODE_IMPLEMENTATIONS)}")
     if "custom_generate" in generate_kwargs:
         raise ValueError("generate_tokens chooses the decoding loop itself; pass implementation=, not custom_generate=")
     if implementation == "static":
@@ -691,7 +690,6 @@ def time_generation(
 
 
 __all__ = [
-    "IMPLEMENTATIONS",
     "EosBan",
     "PackedLinears",
     "PrefixSharedDecoder",

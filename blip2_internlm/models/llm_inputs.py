@@ -11,7 +11,7 @@ Precision (model config ``autocast_dtype``):
 
 * ``fp16`` (default, LAVIS's ``maybe_autocast``): fp16 autocast on CUDA, none on the CPU.  With
   ``llm_precision: fp16`` this is the fp16 recipe; it needs loss scaling, which LAVIS's runner
-  does with ``run.amp: True`` (``torch.amp.GradScaler`` on CUDA, see ``compat/runner.py``).
+  does with ``run.amp: True`` (``torch.amp.GradScaler`` on CUDA, see ``compat/runner_base.py``).
 * ``bf16``: bf16 autocast on CUDA and on the CPU; no loss scaling (bf16 has fp32's range), so
   run it with ``run.amp: False`` -- ``run.amp`` would add LAVIS's fp16 autocast around the
   parts of the step outside the model's own autocast regions.

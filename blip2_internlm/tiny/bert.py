@@ -66,7 +66,7 @@ def tiny_zh_vocab() -> list[str]:
     from transformers.models.bert.tokenization_bert import BasicTokenizer
 
     from blip2_internlm.datasets import shapes
-    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+    from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
     text = shapes.text_corpus(tuple(shapes.PALETTE), tuple(shapes.SHAPE_NAMES_ZH), tuple(shapes.POSITION_SLOTS))
     text += [*CAPTION_PROMPTS.values(), *VQA_PROMPTS.values(), _ZH_PUNCT]

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from blip2_internlm.assets import GeneratedAsset
-from blip2_internlm.internlm2.pretrain_text import keyword_corpus, pretrain_causal_lm
 from blip2_internlm.tiny.internlm2 import TINY_CONFIG, build_tiny_internlm2
 from blip2_internlm.tiny.opt import TINY_OPT_CONFIG, build_tiny_opt, train_bpe
+from blip2_internlm.tiny.pretrain_text import keyword_corpus, pretrain_causal_lm
 
 #: the tokenizers' size; SentencePiece gives exactly this many pieces, the BPE at most this many
 VOCAB_SIZE = 800

@@ -109,7 +109,7 @@ def load_served_model(source: ModelSource) -> ServedModel:
 
 
 @dataclass(frozen=True)
-class Generation:
+class TimedText:
     text: str
     seconds: float
 
@@ -123,7 +123,7 @@ def caption_image(
     max_length: int,
     top_p: float | None = None,
     seed: int = 0,
-) -> Generation:
+) -> TimedText:
     """The model's ``generate`` on one PIL image: beam search, or nucleus sampling when ``top_p`` is given
     (seeded, so the same settings give the same caption)."""
     import torch
@@ -142,12 +142,12 @@ def caption_image(
             use_nucleus_sampling=sampling,
             top_p=top_p if sampling else 0.9,
         )
-        return Generation(text, time.perf_counter() - started)
+        return TimedText(text, time.perf_counter() - started)
 
 
 def answer_question(
     served: ServedModel, image, question: str, *, prompt: str, num_beams: int, max_length: int
-) -> Generation:
+) -> TimedText:
     """The model's ``predict_answers`` (LAVIS's VQA contract) on one image and question, the question
     normalised by the evaluation's question processor."""
     import torch
@@ -161,7 +161,7 @@ def answer_question(
             num_beams=num_beams,
             max_len=max_length,
         )
-        return Generation(answer, time.perf_counter() - started)
+        return TimedText(answer, time.perf_counter() - started)
 
 
 # --- samples --------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def page(argv) -> None:
     import streamlit as st
     from PIL import Image, UnidentifiedImageError
 
-    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+    from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
     st.set_page_config(page_title="blip2-internlm", layout="wide")
     cached_model, cached_samples = _cached_resources()
@@ -409,7 +409,7 @@ def page(argv) -> None:
             horizontal=True,
             key="lang",
         )
-        st.header("Generation")
+        st.header("TimedText")
         num_beams = st.slider("Beam size", 1, 10, 5, key="num_beams")
         sampling = st.toggle(
             "Nucleus sampling (captions)",
@@ -509,7 +509,7 @@ def page(argv) -> None:
 VQA_EXAMPLES = {"zh": "图中的形状是什么颜色？", "en": "what color is the shape?"}
 
 
-def show_generation(key: str, generation: Generation, device: str, details: str) -> None:
+def show_generation(key: str, generation: TimedText, device: str, details: str) -> None:
     import streamlit as st
 
     # keyed containers (.st-key-caption, .st-key-answer) and st.text (no Markdown) keep the text as generated

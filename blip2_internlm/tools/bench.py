@@ -411,13 +411,13 @@ def build_baseline(size: dict, device: str, seed: int = 0, opt_dtype: str | None
 def lavis_eager_attention(model) -> str:
     """Keep the baseline on LAVIS's own attention code.
 
-    ``blip2_internlm.compat.attention`` (where present) routes LAVIS's EVA ViT and Q-Former
+    ``blip2_internlm.models.attention`` (where present) routes LAVIS's EVA ViT and Q-Former
     attention classes through SDPA by default, for every model in the process; the baseline's
     modules are switched back to LAVIS's original forwards.  Its vendored OPT has only its own
     hand-written attention.
     """
     try:
-        from blip2_internlm.compat.attention import set_attn_implementation
+        from blip2_internlm.models.attention import set_attn_implementation
     except ImportError:
         return "LAVIS's own (no SDPA switch in this checkout)"
     set_attn_implementation(model, "eager", llm=False)
@@ -822,8 +822,8 @@ class Bench:
         return Side(label, model, False, notes={"overrides": overrides, "resolved_defaults": resolved})
 
     def ours_and_toggles(self, skip_toggles: bool) -> None:
-        from blip2_internlm.compat.attention import set_attn_implementation
         from blip2_internlm.feature_cache import vit_features
+        from blip2_internlm.models.attention import set_attn_implementation
 
         default = self.ours()
         self.measure_side(default, "ours: default")
@@ -984,7 +984,7 @@ class Bench:
         model = side.model.eval()
         count, new_tokens = batches * self.batch_size, self.size["caption_tokens"]
         processor = BlipImageEvalProcessor(image_size=self.size["image_size"])
-        generation = caption.Generation(
+        generation = caption.GenerationSettings(
             mode="caption", prompt=model.prompt, num_beams=NUM_BEAMS, max_len=new_tokens, min_len=new_tokens
         )
         generator = torch.Generator().manual_seed(0)

@@ -220,7 +220,7 @@ def collate(samples):
 
 
 @dataclass
-class Generation:
+class GenerationSettings:
     """What runs on a batch, and the settings every output row records."""
 
     mode: str  # caption | vqa
@@ -365,7 +365,7 @@ class RowWriter:
         self.close()
 
 
-def output_row(item: Item, generation: Generation, text=None, error=None) -> dict:
+def output_row(item: Item, generation: GenerationSettings, text=None, error=None) -> dict:
     row = {"image": item.image, **dict(item.carried)}
     if item.question is not None:
         row["question"] = item.question
@@ -404,7 +404,7 @@ def run(
     vis_processor,
     items: list[Item],
     output,
-    generation: Generation,
+    generation: GenerationSettings,
     *,
     fmt: str | None = None,
     batch_size: int = BATCH_SIZE,
@@ -460,7 +460,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def parse_args(argv=None):
-    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS
+    from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS
 
     parser = argparse.ArgumentParser(
         prog="python -m blip2_internlm.tools.caption",
@@ -544,11 +544,11 @@ def mode_of(args, items: list[Item]) -> str:
     return "vqa" if asked else "caption"
 
 
-def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
+def generation_for(args, items: list[Item], model, run_cfg) -> GenerationSettings:
     from omegaconf import OmegaConf
 
     from blip2_internlm.factory import DEFAULT_ARCH
-    from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
+    from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
     mode = mode_of(args, items)
     if mode == "vqa":
@@ -579,7 +579,7 @@ def generation_for(args, items: list[Item], model, run_cfg) -> Generation:
         "checkpoint": args.checkpoint,
         "options": args.options or None,
     }
-    return Generation(
+    return GenerationSettings(
         mode=mode,
         prompt=prompt,
         sample=args.sample,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from blip2_internlm.datasets.builders import default_data_root, generator_args
 from blip2_internlm.datasets.shapes import QUESTION_TYPES
-from blip2_internlm.internlm2.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS, recipe_digest
+from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS, recipe_digest
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 LOSS_LINE = re.compile(r"Train: data epoch: \[(\d+)\].*?\[\s*(\d+)/(\d+)\].*?loss: ([0-9.]+)")
@@ -131,7 +131,7 @@ def pretrained_llm(hidden: int, layers: int, log: Path, use_cache: bool = True) 
     from blip2_internlm.assets import cache_dir, generated
 
     def build(out: Path) -> None:
-        command = [sys.executable, "-m", "blip2_internlm.internlm2.pretrain_text", "--out", str(out)]
+        command = [sys.executable, "-m", "blip2_internlm.tiny.pretrain_text", "--out", str(out)]
         run_logged(command + ["--hidden", str(hidden), "--layers", str(layers)], log)
 
     name = f"demo-llm-{hidden}x{layers}-{recipe_digest(hidden, layers)}"

@@ -73,7 +73,7 @@ class ViT:
     grad_checkpoint: bool
     weight_bytes: int  # element size of its Linear weights (fp16 after convert_weights_to_fp16)
     linear_numel: int
-    sdpa: bool = False  # fused attention (blip2_internlm.compat.attention): no saved probabilities
+    sdpa: bool = False  # fused attention (blip2_internlm.models.attention): no saved probabilities
 
 
 @dataclass
@@ -124,7 +124,7 @@ class Arch:
     buffer_bytes: int
 
 
-def describe(model, model_cfg) -> Arch:
+def architecture_of(model, model_cfg) -> Arch:
     """Sizes, dtypes and trainable flags of a built (usually meta) model."""
     from torch import nn
 
@@ -138,7 +138,7 @@ def describe(model, model_cfg) -> Arch:
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     img = vit.patch_embed.img_size
     img = img[0] if isinstance(img, (tuple, list)) else img
-    from blip2_internlm.compat.attention import uses_sdpa
+    from blip2_internlm.models.attention import uses_sdpa
 
     vit_arch = ViT(
         depth=len(vit.blocks),
@@ -634,7 +634,7 @@ def make_plan(
     cfg = load_config(cfg_path, options)
     model_cfg, run = cfg.model, cfg.run
     model = build_configured_model(cfg_path, options, weights="meta")
-    a = describe(model, model_cfg)
+    a = architecture_of(model, model_cfg)
     device = str(_run_value(run, "device", "cuda"))
     on_cuda = device.startswith("cuda")
     amp = bool(_run_value(run, "amp", False)) and on_cuda
@@ -808,7 +808,7 @@ def measure(cfg_path, options=(), batch: int | None = None, device: str = "cpu",
     model_cfg, run = cfg.model, cfg.run
     torch.manual_seed(0)
     model = build_configured_model(cfg_path, options, weights="random", device=device)
-    a = describe(model, model_cfg)
+    a = architecture_of(model, model_cfg)
     on_cuda = device.startswith("cuda")
     amp = bool(_run_value(run, "amp", False)) and on_cuda
     batch = int(batch if batch is not None else _run_value(run, "batch_size_train", 1))

@@ -205,7 +205,7 @@ def test_relative_key_position_embeddings_fall_back_to_eager(bert, sdpa_calls):
 
 
 def test_an_unknown_implementation_is_an_error_naming_it(bert, monkeypatch):
-    from blip2_internlm.compat.attention import set_attn_implementation
+    from blip2_internlm.models.attention import set_attn_implementation
 
     attn = self_attention(bert)
     with pytest.raises(ValueError, match="'flash'.*sdpa"):
@@ -236,7 +236,7 @@ def tiny_internlm_cfg(**overrides):
 def test_blip2_internlm_config_key_switches_vit_qformer_and_llm_and_losses_agree(lavis_ready, sdpa_calls):
     from lavis.common.registry import registry
 
-    from blip2_internlm.compat.attention import attention_modules, set_attn_implementation
+    from blip2_internlm.models.attention import attention_modules, set_attn_implementation
 
     torch.manual_seed(0)
     model = registry.get_model_class("blip2_internlm").from_config(tiny_internlm_cfg(attn_implementation="eager"))
@@ -270,7 +270,7 @@ def test_blip2_internlm_config_key_switches_vit_qformer_and_llm_and_losses_agree
 def test_blip2_internlm_defaults_to_sdpa_and_rejects_an_unknown_implementation(lavis_ready):
     from lavis.common.registry import registry
 
-    from blip2_internlm.compat.attention import attention_modules
+    from blip2_internlm.models.attention import attention_modules
 
     cls = registry.get_model_class("blip2_internlm")
     model = cls.from_config(tiny_internlm_cfg())

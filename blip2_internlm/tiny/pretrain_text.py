@@ -37,7 +37,7 @@ measurements behind each point):
   differs in the checked attribute, wrong for those that share it), so the corpus also asks
   about the colour alone and the shape alone.
 
-``python -m blip2_internlm.internlm2.pretrain_text --out DIR`` builds and pretrains one this
+``python -m blip2_internlm.tiny.pretrain_text --out DIR`` builds and pretrains one this
 way (the demo's stage 0: ``qa_corpus``, ``pretrain_for_vqa``).  The ``tiny`` LLM asset that
 the specs use keeps the earlier recipe (``keyword_corpus``, ``pretrain_causal_lm``).
 """
