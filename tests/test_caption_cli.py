@@ -320,10 +320,10 @@ def test_usage_errors_and_a_missing_model_exit_non_zero_naming_the_cause(tmp_pat
 def test_the_bench_times_the_command_loop_against_generate_on_the_same_images(lavis_ready, tmp_path):
     from blip2_internlm.tools import bench
 
-    run = bench.Bench("tiny", "cpu", repeats=1, out_dir=tmp_path)
-    run.caption_cli(batches=2)
+    recorder = bench.Bench("tiny", "cpu", repeats=1, out_dir=tmp_path)
+    bench.caption_cli(recorder, batches=2)
 
-    measured = [(row["task"], row["status"], row["images"]) for row in run.rows]
-    assert measured == [("caption_cli", "ok", 2 * run.batch_size)] * 2
-    assert "generate" in run.rows[0]["variant"] and "command loop" in run.rows[1]["variant"]
-    assert any("overhead" in note for note in run.notes)
+    measured = [(row["task"], row["status"], row["images"]) for row in recorder.rows]
+    assert measured == [("caption_cli", "ok", 2 * recorder.batch_size)] * 2
+    assert "generate" in recorder.rows[0]["variant"] and "command loop" in recorder.rows[1]["variant"]
+    assert any("overhead" in note for note in recorder.notes)
