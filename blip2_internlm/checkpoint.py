@@ -9,6 +9,7 @@ training run's checkpoints (save, load, find the newest, prune, the best); the r
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip2_internlm.settings import Boolean, CheckpointFile, Choice, Integer, Nullable, setting
+from blip2_internlm.settings import Boolean, CheckpointFile, Choice, Integer, Nullable, Number, setting
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,14 @@ def diagnose_checkpoint_file(path) -> str | None:
     return f"is not a PyTorch checkpoint (it starts with {head[:8]!r})"
 
 
-def load_checkpoint_file(path, map_location="cpu", allow_unsafe: bool | None = None) -> dict:
+def load_checkpoint_file(path, map_location="cpu", allow_unsafe: bool | None = None, mmap: bool = False) -> dict:
     """Read a ``.pth``/``.bin``/``.safetensors`` file without executing pickled code.
 
     A missing, empty, truncated or foreign file is a ``CheckpointError`` that names the file
     and says which.  ``allow_unsafe`` (or ``$BLIP2_INTERNLM_ALLOW_UNSAFE_CHECKPOINTS=1``) falls
     back to full unpickling for checkpoints from a source you trust; it is never suggested
-    for a file that is merely broken.
+    for a file that is merely broken.  ``mmap``: map the tensors instead of reading them (to look at
+    a checkpoint's progress without reading its weights).
     """
     path = Path(path)
     if not path.is_file():
@@ -88,7 +90,7 @@ def load_checkpoint_file(path, map_location="cpu", allow_unsafe: bool | None = N
     if problem:
         raise CheckpointError(f"checkpoint {path} {problem}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if not _legacy_pickles_complete(path):
             raise CheckpointError(f"checkpoint {path} is truncated (it ends inside its pickled header)") from None
@@ -162,12 +164,30 @@ def save_checkpoint_file(obj, path) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)
     return path
+
+
+#: errno values by which a filesystem says it cannot fsync a directory (some network and FUSE
+#: filesystems): the rename is done, only its durability across a power loss is the filesystem's.
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+_fsync_warned: set[str] = set()
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync ``directory`` so a rename in it survives a power loss; a filesystem that does not support
+    it is logged once per directory and tolerated."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    except OSError as err:
+        if err.errno not in _FSYNC_UNSUPPORTED:
+            raise
+        if str(directory) not in _fsync_warned:
+            _fsync_warned.add(str(directory))
+            logger.warning("%s: this filesystem cannot fsync a directory (%s); renames are not fsynced", directory, err)
+    finally:
+        os.close(handle)
 
 
 def _os_error_in(err: BaseException | None) -> OSError | None:
@@ -308,10 +328,23 @@ class CheckpointSettings:
         None, Nullable(CheckpointFile()), "runner checkpoint to resume training from (a local file or a URL)"
     )
     resume: str | bool | None = setting(
-        None, Nullable(Choice(False, "auto")), "auto: from the newest loadable checkpoint under output_dir"
+        None,
+        Nullable(Choice(False, "auto", "required")),
+        "auto: from the most advanced loadable checkpoint under output_dir, or from scratch when there is none; "
+        "required: the same, but none is an error",
+    )
+    resume_allow_config_change: bool = setting(
+        False,
+        Boolean(),
+        "resume even when the checkpoint's config differs in keys that change the model, optimizer or data",
     )
     save_every_iters: int = setting(
         0, Nullable(Integer(0)), "also write checkpoint_last.pth every N optimizer steps inside an epoch; 0: off"
+    )
+    save_every_minutes: float = setting(
+        0.0,
+        Nullable(Number(0)),
+        "also write checkpoint_last.pth inside an epoch when this many minutes passed since the last save; 0: off",
     )
     keep_last_n: int | None = setting(None, Nullable(Integer(1)), "per-epoch checkpoints kept (the newest); null: all")
     allow_unsafe_checkpoints: bool | None = setting(
@@ -390,6 +423,7 @@ class CheckpointManager:
     allow_unsafe: bool | None = None
     epoch_file: Callable[[int], str] = "checkpoint_{}.pth".format
     last: Path | None = None  # the newest checkpoint written or resumed from in this run
+    lineage: list = field(default_factory=list)  # the job directories of the runs this one resumed
     _saves: int = 0
 
     def save(
@@ -433,6 +467,7 @@ class CheckpointManager:
                 progress=progress,
                 rng=rng,
                 world_size=get_world_size(),
+                job_dirs=[str(d) for d in [*self.lineage, Path(self.directory)]],
                 **extra,
             )
             if per_epoch_file:
@@ -455,14 +490,33 @@ class CheckpointManager:
             os.kill(os.getpid(), signal.SIGKILL)
         save_checkpoint_file(obj, path)
 
+    def remove_stale_partials(self, directory: Path | None = None) -> list[Path]:
+        """Remove the temporary files that interrupted saves of this run's job directories left
+        (``.checkpoint_*.partial``, never read by any loader); rank 0, at the start and after a resume."""
+        removed = []
+        for path in Path(directory or self.directory).glob(".checkpoint_*.partial"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        if removed:
+            logger.info("Removed %d partial files of interrupted saves: %s", len(removed), [p.name for p in removed])
+        return removed
+
     def prune(self) -> None:
-        """Keep the newest ``keep_last_n`` per-epoch checkpoints (all when None)."""
+        """Keep the newest ``keep_last_n`` per-epoch checkpoints (all when None), counted over this job
+        directory and those of the runs it resumed."""
         if self.keep_last_n is None:
             return
-        directory = Path(self.directory)
-        numbers = sorted(int(m.group(1)) for p in directory.iterdir() if (m := EPOCH_CHECKPOINT.match(p.name)))
-        for number in numbers[: -self.keep_last_n]:
-            (directory / f"checkpoint_{number}.pth").unlink(missing_ok=True)
+        found = [
+            (int(m.group(1)), path)
+            for directory in [*self.lineage, Path(self.directory)]
+            if directory.is_dir()
+            for path in directory.iterdir()
+            if (m := EPOCH_CHECKPOINT.match(path.name))
+        ]
+        newest = sorted({number for number, _ in found})[-self.keep_last_n :]
+        for number, path in found:
+            if number not in newest:
+                path.unlink(missing_ok=True)
 
     def read(self, url_or_path, map_location) -> tuple[str, dict]:
         """(local path, checkpoint) of ``run.resume_ckpt_path``, read safely."""
@@ -481,27 +535,64 @@ class CheckpointManager:
         self.last = Path(path)
 
     def find_latest(self, map_location) -> tuple[Path, dict] | None:
-        """The newest checkpoint under this run's output root (any job directory beside this one)
-        that loads, loaded; None when there is none."""
-        root = Path(self.directory).parent
-        candidates = sorted(
-            (p for p in root.glob("*/checkpoint_*.pth") if p.name != BEST),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-        for path in candidates:
-            try:
-                checkpoint = load_checkpoint_file(path, map_location=map_location, allow_unsafe=self.allow_unsafe)
-            except CheckpointError as err:
-                logger.warning("run.resume = auto: skipping %s (%s)", path, err)
-                continue
-            return path, checkpoint
-        return None
+        """The most advanced checkpoint under this run's output root (any job directory beside this
+        one) that loads, loaded; None when there is none.
 
-    def adopt_best(self, resumed_from: Path) -> None:
-        """Link the best checkpoint of the job resumed from into this job's directory, where the test
-        phase reloads it.  Rank 0 only."""
-        earlier = Path(resumed_from).parent / BEST
+        Rank 0 chooses, by the saved progress (global step; a LAVIS checkpoint, which has none, by its
+        epoch; modification time only breaks ties), and every rank loads that one file: if any rank
+        cannot, all stop together.
+        """
+        from lavis.common.dist_utils import is_dist_avail_and_initialized, is_main_process
+
+        choice = [str(found) if is_main_process() and (found := self._most_advanced()) else None]
+        if is_dist_avail_and_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None
+        path = Path(choice[0])
+        try:
+            checkpoint, problem = load_checkpoint_file(path, map_location, self.allow_unsafe), None
+        except CheckpointError as err:
+            checkpoint, problem = None, str(err)
+        problems = [problem]
+        if is_dist_avail_and_initialized():
+            problems = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(problems, problem)
+        failed = [(rank, text) for rank, text in enumerate(problems) if text]
+        if failed:
+            listed = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
+            raise CheckpointError(f"run.resume: {path} was chosen on rank 0 but does not load everywhere ({listed})")
+        return path, checkpoint
+
+    def _most_advanced(self) -> Path | None:
+        """Of the loadable checkpoints under the output root, the one furthest into training."""
+        root = Path(self.directory).parent
+        ranked = []
+        for path in root.glob("*/checkpoint_*.pth"):
+            if path.name == BEST:
+                continue
+            try:
+                peek = load_checkpoint_file(path, "cpu", self.allow_unsafe, mmap=True)
+            except CheckpointError as err:
+                logger.warning("run.resume: skipping %s (%s)", path, err)
+                continue
+            progress = peek.get("progress") or {}
+            step = progress.get("global_step", -1)
+            epoch = progress.get("epoch", peek.get("epoch", -1) + 1)
+            ranked.append(((step, epoch, progress.get("iters_done", 0), path.stat().st_mtime), path))
+        return max(ranked, key=lambda item: item[0])[1] if ranked else None
+
+    def adopt(self, resumed_from: Path, checkpoint: dict) -> None:
+        """Make the run resumed from ``resumed_from`` this run's past (rank 0): its job directories
+        become this run's (``keep_last_n`` counts over them all), the partial files of its interrupted
+        saves go, and its best checkpoint is linked here, where the test phase reloads it."""
+        resumed_from = Path(resumed_from)
+        earlier_dirs = [Path(d) for d in checkpoint.get("job_dirs") or [resumed_from.parent]]
+        self.lineage = [d for d in dict.fromkeys(earlier_dirs) if d != Path(self.directory)]
+        for directory in self.lineage:
+            if directory.is_dir():
+                self.remove_stale_partials(directory)
+        earlier = resumed_from.parent / BEST
         if earlier.is_file() and earlier.parent != Path(self.directory):
             link_or_copy(earlier, Path(self.directory) / BEST)
 

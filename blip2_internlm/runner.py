@@ -23,6 +23,7 @@ import datetime
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,13 @@ from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.utils.data import ChainDataset, DataLoader, DistributedSampler
 
-from blip2_internlm.checkpoint import CheckpointManager, CheckpointSettings, TrainingState, set_rng_state
+from blip2_internlm.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointSettings,
+    TrainingState,
+    set_rng_state,
+)
 from blip2_internlm.compat.distributed import collective_device
 from blip2_internlm.datasets import guard
 from blip2_internlm.seeding import run_seed, seed_all
@@ -47,6 +54,7 @@ from blip2_internlm.settings import (
     Nullable,
     Number,
     Registered,
+    Signals,
     Splits,
     Text,
     Unsupported,
@@ -63,6 +71,8 @@ _CPU = torch.device("cpu")  # a default argument, built once
 #: (The kill during a save is ``checkpoint.INJECT_KILL_IN_SAVE_ENV``.)
 INJECT_NONFINITE_ENV = "BLIP2_INTERNLM_INJECT_NONFINITE_LOSS"
 INJECT_KILL_ENV = "BLIP2_INTERNLM_INJECT_KILL_AT_STEP"
+#: The process sends itself SIGTERM before training that step, as a cluster's preemption notice would.
+INJECT_SIGNAL_ENV = "BLIP2_INTERNLM_INJECT_SIGTERM_AT_STEP"
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,13 @@ class RunnerSettings:
         None, Nullable(Number(0, lowest_open=True)), "clip gradients to this total norm; null: off"
     )
     nonfinite_check: bool = setting(True, Boolean(), "watch for non-finite losses and gradients")
-    max_nonfinite_steps: int = setting(10, Integer(1), "consecutive non-finite steps that stop the run")
+    max_nonfinite_steps: int = setting(
+        10, Integer(1), "consecutive non-finite steps (GradScaler's overflow skips included) that stop the run"
+    )
+    # below fp16's smallest normal number, scaled gradients of ordinary size underflow: nothing is learnt
+    min_loss_scale: float = setting(
+        2.0**-14, Number(0, lowest_open=True), "a GradScaler loss scale below this stops the run (fp16 diverged)"
+    )
     log_freq: int = setting(50, Integer(1), "iterations between training log lines")
     batch_size_train: int | None = setting(None, Integer(1), "training batch size per rank", required=True)
     batch_size_eval: int | None = setting(None, Integer(1), "evaluation batch size per rank", required=True)
@@ -114,9 +130,18 @@ class RunnerSettings:
         "sampling weights of the training datasets: not supported (the reason is the error)",
     )
     use_dist_eval_sampler: bool = setting(True, Boolean(), "split evaluation data across ranks")
+    preemption_signals: tuple = setting(
+        ("SIGTERM", "SIGUSR1"),
+        Signals(),
+        "signals on which every rank finishes its step, saves checkpoint_last.pth and exits with status 75",
+    )
     epoch_transition_sleep: float = setting(
         2.0, Number(0), "seconds the loader pauses at an epoch boundary of streamed data (LAVIS: 2)"
     )
+
+
+#: The exit status of a run that saved and stopped on a preemption signal (EX_TEMPFAIL: try again).
+PREEMPTED_EXIT_CODE = 75
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -368,6 +393,9 @@ class ReliableRunner(RunnerBase):
         self._resume_rng: list | None = None  # every rank's RNG states, for a mid-epoch resume
         self.bad_samples = guard.BadSampleTally(max_fraction=data.max_bad_sample_fraction)
         self._checkpoints: CheckpointManager | None = None
+        self._preempted_by: str | None = None  # the signal's name, once one arrived
+        self._previous_handlers: dict = {}
+        self._last_save_time = time.monotonic()
 
     # --- settings ------------------------------------------------------------------------
 
@@ -432,6 +460,8 @@ class ReliableRunner(RunnerBase):
         self.log_config()
         if not self.evaluate_only:
             self._resume()
+            self._install_preemption_handlers()
+        self._last_save_time = time.monotonic()
         cur_epoch = self.start_epoch
         try:
             for cur_epoch in range(self.start_epoch, self.max_epoch):
@@ -449,32 +479,91 @@ class ReliableRunner(RunnerBase):
             if is_dist_avail_and_initialized() and _is_collective_failure(err):
                 raise PeerLostError(self._peer_lost_message(err)) from err
             raise
+        finally:
+            self._restore_signal_handlers()
 
         test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
+    # --- preemption and time-based saves --------------------------------------------------
+
+    def _install_preemption_handlers(self) -> None:
+        """``run.preemption_signals`` (a cluster's notice before a kill, torchrun's to the survivors)
+        only set a flag: the current step finishes, then every rank saves and exits together."""
+        def note(signum, frame):
+            self._preempted_by = signal.Signals(signum).name
+
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("Not in the main thread: %s cannot be handled", ", ".join(self.loop.preemption_signals))
+            return
+        for name in self.loop.preemption_signals:
+            self._previous_handlers[name] = signal.signal(getattr(signal, name), note)
+
+    def _restore_signal_handlers(self) -> None:
+        for name, handler in self._previous_handlers.items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous_handlers = {}
+
+    def _preempted_or_save_due(self) -> tuple[bool, bool]:
+        """After each optimizer step: has any rank been signalled, and has rank 0's clock reached
+        ``run.save_every_minutes``?  One small all-reduce decides both for every rank."""
+        minutes = self.checkpoint_settings.save_every_minutes
+        due = bool(minutes) and is_main_process() and time.monotonic() - self._last_save_time >= 60 * minutes
+        flags = [float(self._preempted_by is not None), float(due)]
+        preempted, due = all_reduce_max(flags, self.collective_device)
+        return bool(preempted), bool(due)
+
+    def _save_and_exit_on_preemption(self, epoch: int) -> None:
+        self.save_checkpoint(epoch, epoch_done=False)
+        # no rank leaves before rank 0 has written: a launcher stops the others when one exits
+        self._barrier()
+        logger.warning(
+            "Preempted (%s on %s): saved epoch %d, %d batches into it, to %s; exiting with status %d. "
+            "Relaunch with --options run.resume=auto to continue exactly from there.",
+            self._preempted_by or "a signal",
+            "this rank" if self._preempted_by else "another rank",
+            epoch,
+            self.progress.iters_done,
+            self.last_checkpoint,
+            PREEMPTED_EXIT_CODE,
+        )
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
     def _validate_and_save(self, cur_epoch: int) -> None:
+        """Save the epoch, then validate it: an evaluation that fails (a corrupt image, out of memory,
+        a timeout) loses no training.  A new best metric is saved with the checkpoint it names."""
+        if not self.evaluate_only:
+            self.save_checkpoint(cur_epoch, epoch_done=True)
         if not self.valid_splits:
-            if not self.evaluate_only:
-                self.save_checkpoint(cur_epoch, epoch_done=True)
             return
         is_best = False
-        for split_name in self.valid_splits:
-            logger.info("Evaluating on %s.", split_name)
-            val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
-            if val_log is not None and is_main_process():
-                if "agg_metrics" not in val_log:
-                    raise KeyError(f"the {split_name} evaluation reported no agg_metrics")
-                agg_metrics = float(val_log["agg_metrics"])
-                if agg_metrics > self.progress.best_agg_metric and split_name == "val":
-                    self.progress.best_epoch, self.progress.best_agg_metric = cur_epoch, agg_metrics
-                    is_best = True
-                val_log.update({"best_epoch": self.progress.best_epoch})
-                self.log_stats(val_log, split_name)
-        if not self.evaluate_only:
-            is_best = self._broadcast_from_main(is_best)
-            self.save_checkpoint(cur_epoch, epoch_done=True, is_best=is_best)
+        try:
+            for split_name in self.valid_splits:
+                logger.info("Evaluating on %s.", split_name)
+                val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+                if val_log is not None and is_main_process():
+                    if "agg_metrics" not in val_log:
+                        raise KeyError(f"the {split_name} evaluation reported no agg_metrics")
+                    agg_metrics = float(val_log["agg_metrics"])
+                    if agg_metrics > self.progress.best_agg_metric and split_name == "val":
+                        self.progress.best_epoch, self.progress.best_agg_metric = cur_epoch, agg_metrics
+                        is_best = True
+                    val_log.update({"best_epoch": self.progress.best_epoch})
+                    self.log_stats(val_log, split_name)
+        except Exception as err:
+            if not self.evaluate_only:
+                logger.error(
+                    "The evaluation of epoch %d failed (%s: %s); the epoch's training is saved in %s. "
+                    "Fix the cause and relaunch with --options run.resume=auto to go on from the next epoch.",
+                    cur_epoch,
+                    type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "",
+                    self.last_checkpoint,
+                )
+            raise
+        if not self.evaluate_only and self._broadcast_from_main(is_best):
+            self.save_checkpoint(cur_epoch, epoch_done=True, is_best=True)
 
     def train_epoch(self, epoch):
         """One epoch from ``self.progress.iters_done`` (non-zero after a mid-epoch resume)."""
@@ -512,6 +601,7 @@ class ReliableRunner(RunnerBase):
         model, optimizer, scaler = self.model, self.optimizer, self.scaler
         accum = self.accum_grad_iters
         inject_nan, inject_kill = injected_steps(INJECT_NONFINITE_ENV), injected_steps(INJECT_KILL_ENV)
+        inject_signal = injected_steps(INJECT_SIGNAL_ENV)
         metric_logger = MetricLogger(delimiter="  ")
         metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
         metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
@@ -524,6 +614,8 @@ class ReliableRunner(RunnerBase):
         for i in metric_logger.log_every(range(start, iters_per_epoch), self.log_freq, header):
             if self.progress.global_step in inject_kill:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.progress.global_step in inject_signal:
+                os.kill(os.getpid(), signal.SIGTERM)
             samples = next(iterator)
             self.bad_samples.add(batch_size, samples.pop("bad_samples", []) if isinstance(samples, dict) else [])
             samples = prepare_sample(samples, cuda_enabled=self.cuda_enabled)
@@ -547,7 +639,10 @@ class ReliableRunner(RunnerBase):
                 loss_finite, step_ids, step_losses = True, [], []
                 self.progress.iters_done = i + 1
                 every = self.checkpoint_settings.save_every_iters
-                if every and (i + 1) % every == 0 and i + 1 < iters_per_epoch:
+                preempted, time_due = self._preempted_or_save_due()
+                if preempted:
+                    self._save_and_exit_on_preemption(epoch)
+                if (every and (i + 1) % every == 0 or time_due) and i + 1 < iters_per_epoch:
                     self.save_checkpoint(epoch, epoch_done=False)
                 if (i + 1) % self.log_freq == 0:
                     self._check_bad_samples()
@@ -566,7 +661,7 @@ class ReliableRunner(RunnerBase):
         return stats
 
     def _optimizer_step(self, optimizer, scaler, loss_finite: bool, step_ids: list, epoch: int, i: int) -> bool:
-        """Step unless any rank saw a non-finite loss or gradient; True if the weights moved."""
+        """Step unless any rank saw a non-finite loss or gradient; True if the step's losses were finite."""
         outcome = guarded_optimizer_step(
             optimizer,
             scaler,
@@ -578,18 +673,37 @@ class ReliableRunner(RunnerBase):
         if outcome.nonfinite:
             self._count_nonfinite(epoch, i, step_ids, outcome.nonfinite)
             return False
-        self.progress.consecutive_nonfinite = 0
-        if outcome.scaler_skipped:
-            self.progress.scaler_skips += 1
-            logger.warning(
-                "GradScaler skipped the step at epoch %d iteration %d (fp16 overflow, scale lowered to %g); "
-                "%d such steps so far",
-                epoch,
-                i,
-                scaler.get_scale(),
-                self.progress.scaler_skips,
+        if not outcome.scaler_skipped:
+            self.progress.consecutive_nonfinite = 0
+            return True
+        # GradScaler found inf/NaN gradients (fp16 overflow) and skipped the step itself: a run whose
+        # every step overflows has diverged, so these skips count towards the same limit
+        self.progress.scaler_skips += 1
+        self.progress.consecutive_nonfinite += 1
+        scale = scaler.get_scale()
+        logger.warning(
+            "GradScaler skipped the step at epoch %d iteration %d (fp16 overflow, scale lowered to %g); "
+            "%d such steps so far, %d in a row",
+            epoch,
+            i,
+            scale,
+            self.progress.scaler_skips,
+            self.progress.consecutive_nonfinite,
+        )
+        limit, floor = self.loop.max_nonfinite_steps, self.loop.min_loss_scale
+        if self.progress.consecutive_nonfinite >= limit or scale < floor:
+            why = (
+                f"GradScaler skipped {self.progress.consecutive_nonfinite} steps in a row "
+                f"(run.max_nonfinite_steps = {limit})"
+                if self.progress.consecutive_nonfinite >= limit
+                else f"the loss scale fell to {scale:g}, below run.min_loss_scale = {floor:g}"
             )
-        return True
+            raise NonFiniteTrainingError(
+                f"{why}: the fp16 run has diverged; stopping at epoch {epoch} iteration {i}. "
+                f"Last good checkpoint: {self.last_checkpoint or 'none written in this run'}. Lower run.init_lr, "
+                "set run.grad_clip_norm, or train in bf16."
+            )
+        return True  # the loss was finite: it counts in the epoch's mean
 
     def _count_nonfinite(self, epoch: int, i: int, step_ids: list, what: str) -> None:
         self.progress.nonfinite_steps += 1
@@ -625,6 +739,7 @@ class ReliableRunner(RunnerBase):
 
     def save_checkpoint(self, epoch: int, epoch_done: bool, is_best: bool = False) -> None:
         """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes."""
+        self._last_save_time = time.monotonic()
         self.checkpoints.save(
             self.training_state(),
             epoch=epoch,
@@ -647,14 +762,15 @@ class ReliableRunner(RunnerBase):
         mode = self.checkpoint_settings.resume
         if explicit is not None:
             self._load_checkpoint(explicit)
-        elif mode == "auto":
+        elif mode in ("auto", "required"):
             found = self.checkpoints.find_latest(map_location=self.device)
+            root = Path(self.output_dir).parent
+            if found is None and mode == "required":
+                raise CheckpointError(f"run.resume = required: no loadable checkpoint under {root}")
             if found is None:
-                logger.info(
-                    "run.resume = auto: no checkpoint under %s, starting from scratch", Path(self.output_dir).parent
-                )
+                logger.warning("run.resume = auto: no loadable checkpoint under %s, starting from scratch", root)
             else:
-                logger.info("run.resume = auto: resuming from %s", found[0])
+                logger.info("run.resume = %s: resuming from %s", mode, found[0])
                 self._load_checkpoint(str(found[0]), checkpoint=found[1])
 
     def _load_checkpoint(self, url_or_filename, checkpoint: dict | None = None):
@@ -663,6 +779,15 @@ class ReliableRunner(RunnerBase):
             path, checkpoint = self.checkpoints.read(url_or_filename, map_location=self.device)
         else:
             path = str(url_or_filename)
+        changed = config_changes(checkpoint.get("config"), self.config.to_dict())
+        if changed and not self.checkpoint_settings.resume_allow_config_change:
+            raise CheckpointError(
+                f"{path} was written by a run configured differently in what changes the model, the optimizer or "
+                f"the data: {'; '.join(changed)}. Resume it with its own config, or set "
+                "run.resume_allow_config_change: true to go on with this one."
+            )
+        if changed:
+            logger.warning("Resuming %s under a changed config (allowed): %s", path, "; ".join(changed))
         self.checkpoints.restore(self.training_state(), path, checkpoint)
         progress = checkpoint.get("progress")
         if progress is None:  # a LAVIS checkpoint: epoch boundaries only, no counters
@@ -682,7 +807,7 @@ class ReliableRunner(RunnerBase):
                 )
         self.start_epoch = self.progress.epoch
         if is_main_process():
-            self.checkpoints.adopt_best(Path(path))
+            self.checkpoints.adopt(Path(path), checkpoint)
         logger.info(
             "Resumed from %s: epoch %d, %d batches into it, best %s at epoch %d",
             path,
@@ -774,6 +899,66 @@ class ReliableRunnerIter(ReliableRunner):
 
     def checkpoint_name(self, epoch: int) -> str:
         return f"checkpoint_{(epoch + 1) * self.iters_per_inner_epoch}.pth"  # by iterations, as LAVIS names them
+
+
+#: Keys whose change does not change what a resumed run trains: where files are, how long to train,
+#: how often to log or save, and how to resume.
+_RESUME_INDIFFERENT = {
+    "model": {"llm_model", "vit_weights", "qformer_text_model", "pretrained", "finetuned", "load_pretrained"},
+    "run": {
+        "max_epoch",
+        "max_iters",
+        "output_dir",
+        "log_freq",
+        "num_workers",
+        "batch_size_eval",
+        "valid_splits",
+        "test_splits",
+        "evaluate",
+        "device",
+        "distributed",
+        "dist_url",
+        "dist_backend",
+        "dist_timeout_minutes",
+        "world_size",
+        "rank",
+        "gpu",
+        "epoch_transition_sleep",
+        "resume",
+        "resume_ckpt_path",
+        "resume_allow_config_change",
+        "save_every_iters",
+        "save_every_minutes",
+        "keep_last_n",
+        "allow_unsafe_checkpoints",
+        "feature_cache",
+    },
+}
+
+
+def config_changes(saved: dict | None, current: dict) -> list[str]:
+    """``model.key: saved -> now`` for every key of the model, the datasets and the run that differs
+    between a checkpoint's config and this run's and changes what training does; a checkpoint without
+    a config (LAVIS's, or a bare state dict) has nothing to compare."""
+    if not saved:
+        return []
+
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): tree}
+
+    changes = []
+    for section in ("model", "datasets", "run"):
+        before, after = flat(saved.get(section) or {}), flat(current.get(section) or {})
+        ignored = _RESUME_INDIFFERENT.get(section, set())
+        for key in sorted(set(before) | set(after)):
+            top = key.split(".")[0]
+            if top in ignored or (section == "datasets" and ".build_info." in f".{key}."):
+                continue
+            if before.get(key) != after.get(key):
+                changes.append(f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changes
 
 
 def _resolved_defaults(model) -> dict | None:

@@ -162,6 +162,22 @@ class Splits(Kind):
         return tuple(value)
 
 
+class Signals(Kind):
+    """A list of signal names this platform has, e.g. [SIGTERM, SIGUSR1]; empty: none handled."""
+
+    expected = "a list of signal names, e.g. [SIGTERM, SIGUSR1]"
+
+    def accepts(self, value) -> bool:
+        import signal
+
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, str) and v.startswith("SIG") and hasattr(signal, v) for v in value
+        )
+
+    def cast(self, value):
+        return tuple(value)
+
+
 class Device(Kind):
     expected = "'cpu', 'cuda' or 'cuda:N'"
 

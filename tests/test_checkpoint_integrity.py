@@ -139,3 +139,27 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_the_previous_file_surviv
     assert f"could not write checkpoint {path}" in result.stdout and "intact" in result.stdout
     assert load_checkpoint_file(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pth"]
+
+
+def test_a_filesystem_that_cannot_fsync_a_directory_still_saves_and_says_so_once(tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+    import os
+
+    from blip2_internlm import checkpoint
+
+    real_fsync, directories = os.fsync, set()
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            directories.add(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    path = tmp_path / "checkpoint_last.pth"
+    with caplog.at_level(logging.WARNING):
+        save_checkpoint_file({"step": 1}, path)
+        save_checkpoint_file({"step": 2}, path)
+    assert directories and load_checkpoint_file(path) == {"step": 2}
+    assert caplog.text.count("cannot fsync a directory") == 1

@@ -113,6 +113,23 @@ def test_a_rank_killed_mid_epoch_resumes_automatically_to_bitwise_equal_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_preemption_notice_to_one_rank_saves_on_every_rank_and_resumes_bitwise(straight, stage1_checkpoint, tmp_path):
+    from blip2_internlm.runner import PREEMPTED_EXIT_CODE
+
+    # rank 1 gets SIGTERM before global step 10 (epoch 1, iteration 2); both ranks finish that step
+    preempted = stage2(tmp_path, stage1_checkpoint, env={"BLIP2_INTERNLM_INJECT_SIGTERM_AT_STEP": "10@1"})
+    output = preempted.stdout + preempted.stderr
+    assert preempted.returncode != 0 and f"exiting with status {PREEMPTED_EXIT_CODE}" in output
+    (first_job,) = job_dirs(tmp_path)
+    progress = load_checkpoint_file(first_job / "checkpoint_last.pth")["progress"]
+    assert (progress["epoch"], progress["iters_done"], progress["global_step"]) == (1, 3, 11)
+
+    ok(stage2(tmp_path, stage1_checkpoint, "run.resume=auto"))
+    straight_dir, _ = straight
+    a, b = weights(straight_dir / "checkpoint_1.pth"), weights(job_dirs(tmp_path)[-1] / "checkpoint_1.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_continues(
     straight, stage1_checkpoint, tmp_path
 ):
