@@ -345,3 +345,18 @@ def test_the_command_line_builds_a_config_paths_model_with_a_whole_runs_options(
     assert main(["--to-hf", str(tmp_path / "not_written"), *source, "--options", "model.max_txt_lenn=16"]) == 1
     assert "did you mean 'max_txt_len'" in capsys.readouterr().err
     assert not (tmp_path / "not_written").exists()
+
+
+def test_a_stage1_checkpoint_is_refused_naming_the_weights_it_lacks(lavis_ready, tmp_path, capsys):
+    """A stage-1 checkpoint has no llm_proj: exported, the model would project with random weights."""
+    from blip2_internlm.checkpoint import save_checkpoint_file
+    from blip2_internlm.factory import build_model
+    from blip2_internlm.tools.export import main
+
+    stage1 = build_model("blip2", "tiny")
+    trainable = {k: v for k, v in stage1.state_dict().items() if k.startswith(("Qformer.", "query_tokens"))}
+    checkpoint = save_checkpoint_file({"model": trainable}, tmp_path / "stage1.pth")
+    out = tmp_path / "hf"
+    assert main(["--to-hf", str(out), "--model-type", "tiny", "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err
+    assert "does not initialise" in err and "llm_proj" in err and not out.exists()

@@ -509,6 +509,32 @@ IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
+class SkipWithinLimit:
+    """The webdataset handler of ``skip_invalid``: log a failure and go on, until ``limit`` failures
+    in a row with no readable sample between them.  Resampled shards never run out, so a stream
+    whose every shard is gone or broken would otherwise retry for ever; it stops instead, listing
+    the distinct failures."""
+
+    def __init__(self, limit: int = 1000):
+        self.limit, self.failures = limit, []
+
+    def __call__(self, error: Exception) -> bool:
+        self.failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300])
+        if len(self.failures) >= self.limit:
+            distinct = list(dict.fromkeys(self.failures))
+            raise BadRecordError(
+                f"{len(self.failures)} failures in a row reading the shards, with no readable sample between them "
+                f"(skip_invalid: true skips bad samples, not a stream with none); {len(distinct)} distinct: "
+                + "; ".join(distinct[:10])
+            )
+        logger.warning("Skipped (skip_invalid: true): %s", self.failures[-1])
+        return True
+
+    def readable(self) -> None:
+        """A sample was read: the streak of failures ends."""
+        self.failures.clear()
+
+
 class ZhCaptionWdsDataset(LaionDataset):
     """LAVIS's ``LaionDataset`` pipeline for Chinese pairs: shards of ``<key>.jpg`` (or png/webp)
     with ``<key>.txt`` or ``<key>.json`` (``caption_key``, default ``caption``), as img2dataset
@@ -532,7 +558,8 @@ class ZhCaptionWdsDataset(LaionDataset):
     ):
         BaseDataset.__init__(self, vis_processor=vis_processor, text_processor=text_processor)
         self.caption_key, self.skip_invalid = caption_key, skip_invalid
-        handler = wds.warn_and_continue if skip_invalid else wds.reraise_exception
+        self.skips = SkipWithinLimit() if skip_invalid else None
+        handler = self.skips or wds.reraise_exception
         shards = wds.ResampledShards(location) if resampled else wds.SimpleShardList(location)
         stages = [shards, wds.tarfile_to_samples(handler=handler)]
         if shuffle:
@@ -572,11 +599,14 @@ class ZhCaptionWdsDataset(LaionDataset):
 
     def to_dict(self, sample):
         where = f"{sample.get('__url__')}, sample {sample.get('__key__')}"
-        return {
+        item = {
             "image": self.vis_processor(self.image(sample, where)),
             "text_input": self.text_processor(self.caption(sample, where)),
             "image_id": sample["__key__"],
         }
+        if self.skips is not None:
+            self.skips.readable()
+        return item
 
 
 def shard_urls(location: str, key: str, allow_pipe_urls: bool) -> list[str]:

@@ -316,3 +316,23 @@ def test_lavis_laion_shards_never_decode_members_other_than_image_and_caption(la
     sample = first(dataset.inner_dataset, 1)[0]
     assert not ran.exists()
     assert sample["text_input"] == "a cat" and sample["image"].shape == (3, SIZE, SIZE)
+
+
+def test_with_skip_invalid_a_stream_with_no_readable_sample_stops_listing_the_failures(outside_a_run, tmp_path):
+    from blip2_internlm.datasets.records import BadRecordError
+
+    tar = shard(tmp_path / "000.tar", [("a0.jpg", image_bytes()), ("a0.txt", "红色 的 方块".encode())])
+    pipeline = wds_builder(tar, skip_invalid=True).build_datasets()["train"]
+    assert first(pipeline, 1)[0]["image_id"] == "a0"
+    tar.write_bytes(b"not a tar any more")  # the shard went bad under a running job: resampling retries it
+    with pytest.raises(BadRecordError, match=r"1000 failures in a row reading the shards.*1 distinct: ReadError"):
+        first(pipeline, 2)
+
+
+def test_with_skip_invalid_a_bad_sample_between_good_ones_is_skipped(outside_a_run, tmp_path):
+    tar = shard(
+        tmp_path / "000.tar",
+        [("a0.jpg", image_bytes()), ("a0.txt", "红色 的 方块".encode()), ("b0.jpg", b"broken"), ("b0.txt", b"x")],
+    )
+    samples = first(wds_builder(tar, skip_invalid=True).build_datasets()["train"], 3)
+    assert [s["image_id"] for s in samples] == ["a0", "a0", "a0"]  # b0 skipped each time round
