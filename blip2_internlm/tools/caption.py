@@ -28,19 +28,24 @@ and ``prompt`` for VQA) and its dataset's eval text processor is applied to ques
 
 The output has one row per image (per question in VQA) in input order: image, question,
 prompt, text, error, and the settings that made it.  A rerun with the same output appends only
-the images not yet in it (a partial last line, from a kill, is dropped first); an unreadable
-image is a row with ``error`` and is counted in the summary line, never the end of the run.
-The exit status is non-zero only for a usage error or a model that cannot be built.
+the images not yet in it (a partial last line, from a kill, is dropped first); an output file
+that does not hold this command's rows is refused, untouched, before the model loads.  An image
+that cannot be read (missing, truncated, not an image, not a regular file, or over
+``--max-pixels``, PIL's decompression-bomb limit by default) is a row with ``error`` and is
+counted in the summary line, never the end of the run.  The exit status is non-zero only for a
+usage error or a model that cannot be built.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import glob
 import io
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +58,13 @@ LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 #: Record keys carried from an input record to its output row, for joining results back.
 CARRIED_KEYS = ("image_id", "question_id")
 CSV_COLUMNS = ("image", "image_id", "question_id", "question", "prompt", "text", "error", "settings")
+#: The keys of an output row: those a JSONL row always has, and all it may have.
+REQUIRED_ROW_KEYS, ROW_KEYS = frozenset({"image", "prompt", "text", "settings"}), frozenset(CSV_COLUMNS)
+#: How every JSONL row begins: a last line cut short by a kill still begins so (or is a prefix of it).
+JSONL_ROW_START = b'{"image": '
+#: Images whose header claims more pixels are error rows, never decoded: PIL's default
+#: ``Image.MAX_IMAGE_PIXELS`` (about 9459 x 9459; 256 MiB as RGB), its decompression-bomb limit.
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 #: Images per batch and DataLoader workers unless told otherwise.
 BATCH_SIZE, WORKERS = 8, 2
 #: LAVIS's defaults: ``Blip2*.generate`` for captions, ``predict_answers`` / ``VQATask`` for answers.
@@ -116,11 +128,29 @@ def _expand(source: str, image_root):
             return _annotation_json(path, image_root)
         return [Item(source, source)]  # named explicitly: an image, whatever its extension
     if glob.has_magic(source):
-        found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p) and is_image_file(p))
+        found = sorted(p for p in glob_paths(source) if os.path.isfile(p) and is_image_file(p))
         if not found:
             raise UsageError(f"{source}: the pattern matches no image files")
         return [Item(p, p) for p in found]
     raise UsageError(f"{source}: no such file or folder")
+
+
+def glob_paths(pattern: str) -> list[str]:
+    """What ``glob.glob(pattern, recursive=True)`` finds, except that ``**`` does not enter symlinked
+    folders (as a folder input does not): glob.glob follows them, and two links back to a parent
+    folder make its walk exponential, a run that never starts.  Hidden names match only a pattern
+    part that starts with a dot, as in glob.glob."""
+    pieces = pattern.split(os.sep)
+    literal = next(index for index, piece in enumerate(pieces) if glob.has_magic(piece))
+    prefix = os.sep.join(pieces[:literal]) or (os.sep if literal else "")
+    magic = pieces[literal:] + (["*"] if pieces[-1] == "**" else [])  # glob's trailing ** also lists files
+    dotted = [piece for piece in magic if piece.startswith(".")]
+    found = []
+    for path in Path(prefix or ".").glob(os.sep.join(magic)):
+        names = path.relative_to(prefix or ".").parts
+        if all(not name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in dotted) for name in names):
+            found.append(os.path.join(prefix, *names) if prefix else os.path.join(*names))
+    return found
 
 
 def _under(root, list_file: Path, image: str) -> str:
@@ -179,27 +209,72 @@ def _annotation_json(path: Path, image_root):
 # --- decoding, in DataLoader workers -----------------------------------------------------------
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than the limit: a decompression bomb, or just too big."""
+
+
+#: What a path that is not a regular file is, for its error row (opening a named pipe would wait forever).
+NOT_A_FILE = {
+    stat.S_ISDIR: "a folder",
+    stat.S_ISFIFO: "a named pipe",
+    stat.S_ISCHR: "a device",
+    stat.S_ISBLK: "a device",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The RGB picture in ``path``.
+
+    Raises ``OSError`` for what is not a regular file or not an image, ``ImageTooLarge`` when the
+    header claims more than ``max_pixels`` pixels (before any pixel is decoded), and whatever a
+    decoder raises for a damaged file.  PIL's own bomb check is off while the header is read,
+    because it raises only above twice its limit, merely warns below, and never names the size;
+    the limit here is checked instead (the switch is process-wide for that moment: this runs in
+    DataLoader workers, or in the command's one thread with ``--workers 0``)."""
+    from PIL import Image
+
+    mode = os.stat(path).st_mode
+    kind = next((name for test, name in NOT_A_FILE.items() if test(mode)), None)
+    if kind is not None:
+        raise OSError(f"not an image file but {kind}")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        image = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"image too large: {width} x {height} = {width * height} pixels, limit {max_pixels} (--max-pixels)"
+            )
+        # PIL decodes lazily: convert() reads the whole file, so a truncated one fails here
+        # (blip2_internlm.compat turns off LAVIS's LOAD_TRUNCATED_IMAGES, which would pad it grey)
+        return image.convert("RGB")
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """``(index, image tensor or None, error or None)``: a file that cannot be read or processed
     is an error string, so one bad image never stops the loader."""
 
-    def __init__(self, items: list[Item], vis_processor):
-        self.items, self.vis_processor = items, vis_processor
+    def __init__(self, items: list[Item], vis_processor, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.items, self.vis_processor, self.max_pixels = items, vis_processor, max_pixels
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
-        from PIL import Image
-
         item = self.items[index]
         try:
-            # PIL decodes lazily: convert() reads the whole file, so a truncated one fails here
-            # (blip2_internlm.compat turns off LAVIS's LOAD_TRUNCATED_IMAGES, which would pad it grey)
-            with Image.open(item.path) as image:
-                picture = image.convert("RGB")
+            picture = read_rgb(item.path, self.max_pixels)
+        except ImageTooLarge as err:
+            return index, None, str(err)
         except (OSError, ValueError) as err:
             return index, None, " ".join(f"cannot decode image: {err}".split())
+        except Exception as err:  # noqa: BLE001  (any decoder failure is this image's error, not the run's)
+            return index, None, " ".join(f"cannot decode image: {type(err).__name__}: {err}".split())
         try:
             return index, self.vis_processor(picture), None
         except Exception as err:  # noqa: BLE001  (a processor failure is this image's error, not the run's)
@@ -274,41 +349,119 @@ def output_format(path, requested: str | None) -> str:
     return "csv" if str(path).lower().endswith(".csv") else "jsonl"
 
 
-def read_done(path: Path, fmt: str, settings: dict, prompt: str) -> set[tuple]:
-    """Keys of the rows already in ``path``, after cutting off a partial last line.
+class ForeignOutput(UsageError):
+    """``--out`` exists but does not hold this command's rows: it is left as it is."""
 
-    Rows made with another prompt or other settings are refused: one file holds one run's results."""
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):  # a kill mid-write leaves a line without its newline
-        with open(path, "r+b") as handle:
-            handle.truncate(len(complete))
-    text = complete.decode("utf-8")
-    if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if text and tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-            raise UsageError(
-                f"{path}: not an output of this tool (columns {reader.fieldnames}, expected {list(CSV_COLUMNS)})"
-            )
-        rows = [
-            (number, {**row, "settings": _json_cell(row["settings"], path, number)})
-            for number, row in enumerate(reader, 2)
-        ]
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise UsageError(
-                    f"{path}, line {number}: not JSON ({err.msg}); is it an output of this tool?"
-                ) from None
+    def __init__(self, path, why: str):
+        super().__init__(
+            f"{path}: not an output of this command ({why}); left as it is: "
+            "give another --out, or delete the file to start over"
+        )
+
+
+def read_output(path: Path, fmt: str) -> tuple[list[tuple[int, dict]], int]:
+    """``([(line number, row)], bytes of whole lines)`` of an existing output, changing nothing.
+
+    Raises ``ForeignOutput`` unless every whole line is a row of this command (JSONL: an object
+    with its keys; CSV: its header, then rows of its cells) and a last line without a newline
+    is the start of one, as a kill during a write leaves it."""
+    if not path.exists():
+        return [], 0
+    if path.is_dir():
+        raise UsageError(f"{path}: --out is a folder; give a file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read --out ({err.strerror or err})") from None
+    whole = data.rfind(b"\n") + 1
+    try:
+        text = data[:whole].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ForeignOutput(path, "it is not UTF-8 text") from None
+    rows = _csv_rows(path, text) if fmt == "csv" else _jsonl_rows(path, text)
+    cut = data[whole:]
+    if cut and not _is_cut_row(cut, fmt, has_header=bool(text)):
+        last = text.count("\n") + 1
+        raise ForeignOutput(path, f"its last line, line {last}, has no newline and is not the start of a row")
+    return rows, whole
+
+
+def _is_cut_row(cut: bytes, fmt: str, has_header: bool) -> bool:
+    """Whether ``cut``, a last line without its newline, is what a kill leaves of a row this command wrote."""
+    if fmt == "csv":  # a data row has nothing to recognise it by but the header above it
+        header = RowWriter.csv_line(dict(zip(CSV_COLUMNS, CSV_COLUMNS))).encode()
+        return has_header or header.startswith(cut)
+    try:
+        return _row_problem(json.loads(cut)) is None  # whole but for its newline: one of ours, or not
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return cut.startswith(JSONL_ROW_START) or JSONL_ROW_START.startswith(cut)
+
+
+def _row_problem(row) -> str | None:
+    """Why ``row`` is not one this command writes, or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not a row"
+    missing, foreign = sorted(REQUIRED_ROW_KEYS - row.keys()), sorted(row.keys() - ROW_KEYS)
+    if missing:
+        return "no " + ", ".join(map(repr, missing))
+    if foreign:
+        return "keys it never writes: " + ", ".join(map(repr, foreign))
+    if not isinstance(row["image"], str) or not isinstance(row["settings"], dict):
+        return "'image' is not text or 'settings' not an object"
+    return None
+
+
+def _jsonl_rows(path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ForeignOutput(path, f"line {number} is not JSON: {err.msg}") from None
+        problem = _row_problem(row)
+        if problem:
+            raise ForeignOutput(path, f"line {number} is not a row: {problem}")
+        rows.append((number, row))
+    return rows
+
+
+def _csv_rows(path, text: str) -> list[tuple[int, dict]]:
+    if not text:
+        return []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+        raise ForeignOutput(path, f"its header is {reader.fieldnames}, not {list(CSV_COLUMNS)}")
+    rows = []
+    for row in _csv_records(path, reader):
+        number = reader.line_num
+        if None in row or None in row.values():
+            raise ForeignOutput(path, f"line {number} does not have the {len(CSV_COLUMNS)} cells of a row")
+        try:
+            settings = json.loads(row["settings"])
+        except json.JSONDecodeError:
+            settings = None
+        if not isinstance(settings, dict):
+            raise ForeignOutput(path, f"line {number}: its settings cell is not a JSON object")
+        rows.append((number, {**row, "settings": settings}))
+    return rows
+
+
+def _csv_records(path, reader):
+    try:
+        yield from reader
+    except csv.Error as err:
+        raise ForeignOutput(path, f"line {reader.line_num} is not CSV: {err}") from None
+
+
+def read_done(path: Path, fmt: str, settings: dict, prompt: str) -> set[tuple]:
+    """Keys of the rows already in ``path``; a partial last line, which a kill leaves, is cut off.
+
+    The file is checked before anything is cut: one that is not this command's output
+    (``ForeignOutput``) or holds rows made with another prompt or other settings is refused and
+    left as it was: one file holds one run's results."""
+    rows, whole = read_output(path, fmt)
     done = set()
     for number, row in rows:
-        if not isinstance(row, dict) or "image" not in row:
-            raise UsageError(f"{path}, line {number}: no 'image'; is it an output of this tool?")
         if row.get("settings") != settings or row.get("prompt") != prompt:
             raise UsageError(
                 f"{path}, line {number} was made with other settings (prompt {row.get('prompt')!r}, "
@@ -316,14 +469,10 @@ def read_done(path: Path, fmt: str, settings: dict, prompt: str) -> set[tuple]:
                 "write to another file, or delete it to start over"
             )
         done.add((row["image"], row.get("question") or None))
+    if path.is_file() and path.stat().st_size > whole:
+        with open(path, "r+b") as handle:
+            handle.truncate(whole)
     return done
-
-
-def _json_cell(cell: str, path, number):
-    try:
-        return json.loads(cell)
-    except json.JSONDecodeError:
-        raise UsageError(f"{path}, line {number}: the settings cell is not JSON") from None
 
 
 class RowWriter:
@@ -336,10 +485,10 @@ class RowWriter:
         self.fmt = fmt
         self.file = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115  (closed by close() / the with block)
         if fmt == "csv" and new:
-            self.file.write(self._csv_line(dict(zip(CSV_COLUMNS, CSV_COLUMNS))))
+            self.file.write(self.csv_line(dict(zip(CSV_COLUMNS, CSV_COLUMNS))))
 
     @staticmethod
-    def _csv_line(row: dict) -> str:
+    def csv_line(row: dict) -> str:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerow(["" if row.get(k) is None else row[k] for k in CSV_COLUMNS])
         return buffer.getvalue()
@@ -347,7 +496,7 @@ class RowWriter:
     def write(self, rows: list[dict]) -> None:
         if self.fmt == "csv":
             lines = [
-                self._csv_line({**row, "settings": json.dumps(row["settings"], ensure_ascii=False, sort_keys=True)})
+                self.csv_line({**row, "settings": json.dumps(row["settings"], ensure_ascii=False, sort_keys=True)})
                 for row in rows
             ]
         else:
@@ -411,8 +560,10 @@ def run(
     workers: int = WORKERS,
     question_processor=None,
     progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Summary:
-    """Run ``generation`` over ``items`` not yet in ``output`` and append their rows, in input order."""
+    """Run ``generation`` over ``items`` not yet in ``output`` and append their rows, in input order;
+    an image over ``max_pixels`` pixels is an error row."""
     output = Path(output)
     fmt = output_format(output, fmt)
     done = read_done(output, fmt, generation.settings(), generation.prompt)
@@ -422,14 +573,18 @@ def run(
         return summary
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(
-        ImageFiles(todo, vis_processor),
+        ImageFiles(todo, vis_processor, max_pixels),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
+    try:
+        writer = RowWriter(output, fmt)
+    except OSError as err:
+        raise UsageError(f"{output}: cannot write --out ({err.strerror or err})") from None
     start = time.perf_counter()
-    with RowWriter(output, fmt) as writer, _progress_bar(len(todo), progress) as bar:
+    with writer, _progress_bar(len(todo), progress) as bar:
         for indices, images, errors in loader:
             readable = [index for index, error in zip(indices, errors) if error is None]
             texts = {}
@@ -519,10 +674,17 @@ def parse_args(argv=None):
     run_group.add_argument(
         "--workers", type=int, default=WORKERS, help="DataLoader workers decoding images (0: in this process)"
     )
+    run_group.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="an image whose header claims more pixels is an error row, never decoded "
+        f"(default {DEFAULT_MAX_PIXELS}, PIL's decompression-bomb limit)",
+    )
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        parser.error("--batch-size must be >= 1 and --workers >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.max_pixels < 1:
+        parser.error("--batch-size and --max-pixels must be >= 1 and --workers >= 0")
     if not args.sample and (args.top_p is not None or args.temperature is not None):
         parser.error("--top-p and --temperature apply with --sample")
     if args.sample and args.num_beams not in (None, 1):
@@ -603,6 +765,7 @@ def main(argv=None) -> int:
     try:
         items = collect_items(args.inputs, args.image_root, args.question)
         mode_of(args, items)  # before the model loads, which can take minutes
+        read_output(args.out, output_format(args.out, args.format))  # so is a foreign --out (its settings: later)
         options = parse_model_options(args.options)
     except (UsageError, ModelOptionError, OSError) as err:
         parser.error(str(err))
@@ -637,6 +800,7 @@ def main(argv=None) -> int:
             workers=args.workers,
             question_processor=txt_processors["eval"] if args.cfg_path and generation.mode == "vqa" else None,
             progress=not args.no_progress,
+            max_pixels=args.max_pixels,
         )
     except UsageError as err:
         parser.error(str(err))
