@@ -49,7 +49,8 @@ gpu-check: $(STAMP)
 	$(PY) -m blip2_internlm.tools.gpu_check $(GPU_CHECK_ARGS)
 
 # the web demo on the model `make demo` trained (its newest stage-2 checkpoint), http://127.0.0.1:8501;
-# more options with APP_ARGS, e.g. make app APP_ARGS="--host 0.0.0.0 --port 8600"
+# more options with APP_ARGS, e.g. make app APP_ARGS="--port 8600 --max-waiting 8" (serving beyond
+# loopback: docs/app.md, the page has no authentication)
 app: $(STAMP)
 	$(PY) -m blip2_internlm.tools.app --from-demo output/demo $(APP_ARGS)
 

@@ -491,6 +491,7 @@ class ReliableRunner(RunnerBase):
     def _install_preemption_handlers(self) -> None:
         """``run.preemption_signals`` (a cluster's notice before a kill, torchrun's to the survivors)
         only set a flag: the current step finishes, then every rank saves and exits together."""
+
         def note(signum, frame):
             self._preempted_by = signal.Signals(signum).name
 

@@ -263,6 +263,29 @@ def test_sampling_and_beam_controls_reach_generate(page, reference, upload_image
     assert greedy == model_caption(reference, upload_image, "zh", num_beams=1)
 
 
+def test_a_decompression_bomb_upload_shows_a_message_not_a_traceback(browser, app_url, tmp_path):
+    """A 48 KB PNG that claims 20,000 x 20,000 pixels, uploaded through the browser: the page says why it
+    refuses it and shows no exception (docs/app.md, "Limits"; tests/test_app_page.py has the other files)."""
+    from playwright.sync_api import expect
+    from test_app_inputs import png_bomb
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(20_000, 20_000))
+    page = browser.new_page()
+    try:
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(app_url)
+        page.locator("[data-testid='stFileUploader'] input[type=file]").set_input_files(bomb)
+        expect(page.get_by_test_id("stAlertContentError")).to_have_text(
+            "bomb.png has more pixels than Pillow will decode; the limit is 25,000,000 pixels (width x height).",
+            timeout=TIMEOUT_MS,
+        )
+        expect(page.get_by_test_id("stException")).to_have_count(0)
+        expect(page.locator(".st-key-caption")).to_have_count(0)
+    finally:
+        page.close()
+
+
 def test_make_app_without_a_demo_run_says_to_run_make_demo(lavis_ready, tmp_path):
     from blip2_internlm.tools.app import main
 

@@ -9,11 +9,18 @@ The command validates its arguments, then runs ``streamlit run`` on this same fi
 executes the file again as a script (:func:`page`) on every interaction, so the model is built
 once per server process (``st.cache_resource``) and every generation runs under
 ``torch.inference_mode()``.  Streamlit rather than Gradio: docs/app.md.
+
+The page is meant to survive being public: uploads are capped in bytes and pixels and decoded only
+from an allow-list of formats, prompts and questions are capped in length and never interpreted
+as format strings, and generations wait in a bounded queue with a timeout; each refusal is a
+message in the page (docs/app.md, "Limits").
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import functools
 import hashlib
 import io
@@ -28,6 +35,146 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 LANGUAGES = {"zh": "中文", "en": "English"}
 #: Held-out images shown as samples (the generated shapes data, or --samples).
 MAX_SAMPLES = 48
+#: The Pillow decoders an image may be read with, whatever its name says (GIF and WebP: the first frame).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+MEBIBYTE = 1024 * 1024  # Streamlit's "MB" in server.maxUploadSize
+
+
+# --- what the page accepts --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageLimits:
+    """What one request may bring: the defaults are the command's flags' (docs/app.md, "Limits")."""
+
+    max_upload_mb: int = 20
+    max_image_pixels: int = 25_000_000
+    max_prompt_chars: int = 500
+    max_question_chars: int = 500
+
+
+class Refused(ValueError):
+    """An input the page will not process; the message is written for the person who sent it."""
+
+
+def read_image(data: bytes, name: str, limits: PageLimits):
+    """The RGB image in ``data``, or :class:`Refused` saying why not.
+
+    The size is checked before anything is parsed, the format is chosen by content among
+    :data:`IMAGE_FORMATS` only (a name's suffix decides nothing), and the width and height the
+    header claims are checked before a pixel is decoded: a 48 KB PNG that claims 20,000 x 20,000
+    pixels is refused without allocating them.  Any failure of the decoder on a file that passed
+    those checks (truncated, corrupt) is a refusal too, never a traceback in the page.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise Refused(f"{name} is empty.")
+    if len(data) > limits.max_upload_mb * MEBIBYTE:
+        raise Refused(f"{name} is {len(data) / MEBIBYTE:.1f} MB; the limit is {limits.max_upload_mb} MB.")
+    accepted = "JPEG, PNG, WebP, BMP or GIF"
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise Refused(too_many_pixels(name, f"{width} x {height} pixels", limits))
+            return image.convert("RGB")  # reads the first frame of an animation only
+    except Image.DecompressionBombError:  # Pillow's own ceiling, met before the header could be checked here
+        raise Refused(too_many_pixels(name, "more pixels than Pillow will decode", limits)) from None
+    except UnidentifiedImageError:
+        raise Refused(f"{name} is not a {accepted} image.") from None
+    except Refused:
+        raise
+    except Exception as err:  # noqa: BLE001  (whatever the decoder raises, it is this file's fault)
+        raise Refused(f"{name} could not be decoded as an image ({type(err).__name__}: {err}).") from None
+
+
+def too_many_pixels(name: str, what: str, limits: PageLimits) -> str:
+    return f"{name} has {what}; the limit is {limits.max_image_pixels:,} pixels (width x height)."
+
+
+def fill_prompt(template: str, question: str) -> str:
+    """``template`` with every ``{}`` replaced by ``question``; without ``{}``, the question appended.
+
+    Only the two characters ``{}`` are special: nothing is passed to ``str.format``, so a prompt
+    such as ``{:>1000000000}`` is text, not a gigabyte of padding, and other braces stay as typed.
+    Appending matches what ``predict_answers`` does with a template that has no ``{}``.
+    """
+    return template.replace("{}", question) if "{}" in template else template + question
+
+
+def check_length(what: str, text: str, limit: int) -> None:
+    """:class:`Refused` when ``text`` is longer than ``limit`` characters (a client can bypass the page's own cap)."""
+    if len(text) > limit:
+        raise Refused(f"The {what} has {len(text)} characters; the limit is {limit}.")
+
+
+# --- one generation at a time -------------------------------------------------------------
+
+
+class Busy(RuntimeError):
+    """The model is taken and the request could not wait (queue full) or waited too long; try again later."""
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """How many requests may wait for the model behind the one it runs, and for how long each."""
+
+    max_waiting: int = 4
+    wait_seconds: float = 30.0
+
+
+class GenerationQueue:
+    """One generation at a time, first come first served, with at most ``max_waiting`` requests
+    waiting and none waiting longer than ``wait_seconds``: beyond either, :class:`Busy`.
+
+    One at a time because every page shares the model and torch's global RNG (the sampling seed);
+    bounded because each waiting request is a page that looks frozen, and an unbounded line of them
+    only grows when requests arrive faster than the model answers.
+    """
+
+    def __init__(self, limits: QueueLimits = QueueLimits()):
+        self.limits = limits
+        self._condition = threading.Condition()
+        self._running = False
+        self._waiting: collections.deque[object] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        with self._condition:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def turn(self):
+        """Hold the model for the ``with`` block, after the requests that came before this one."""
+        with self._condition:
+            if self._running or self._waiting:
+                self._wait_in_line()
+            self._running = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._running = False
+                self._condition.notify_all()
+
+    def _wait_in_line(self) -> None:
+        """Called holding the condition: return when this request is first in line and the model is free."""
+        limits = self.limits
+        if len(self._waiting) >= limits.max_waiting:
+            raise Busy(f"The model is busy ({len(self._waiting)} requests are already waiting); try again in a moment.")
+        ticket = object()
+        self._waiting.append(ticket)
+        deadline = time.monotonic() + limits.wait_seconds
+        try:
+            while self._running or self._waiting[0] is not ticket:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Busy(f"The model stayed busy for {limits.wait_seconds:g} s; try again in a moment.")
+                self._condition.wait(left)
+        finally:
+            self._waiting.remove(ticket)
+            self._condition.notify_all()  # the next in line may now be first
 
 
 # --- what to serve ----------------------------------------------------------------------
@@ -58,7 +205,7 @@ class ServedModel:
     load_report: str
     load_seconds: float
     #: one generation at a time: sessions share the model and torch's global RNG (the sampling seed)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    queue: GenerationQueue = field(default_factory=GenerationQueue)
 
 
 def check_source(source: ModelSource) -> None:
@@ -80,9 +227,10 @@ def question_processor_for(txt_processors):
     return registry.get_processor_class("chinese_question")()
 
 
-def load_served_model(source: ModelSource) -> ServedModel:
+def load_served_model(source: ModelSource, queue_limits: QueueLimits = QueueLimits()) -> ServedModel:
     """The model with ``source.checkpoint`` loaded (tensors only, every trainable weight required) and its
-    eval processors: ``blip2_internlm.load_model_and_preprocess``."""
+    eval processors: ``blip2_internlm.load_model_and_preprocess``; generations on it wait in a queue
+    bounded by ``queue_limits``."""
     from lavis.processors.base_processor import BaseProcessor
 
     from blip2_internlm.inference import load_model_and_preprocess
@@ -102,7 +250,15 @@ def load_served_model(source: ModelSource) -> ServedModel:
     report = model.checkpoint_report.summary()
     seconds = time.perf_counter() - started
     print(f"built {source.describe()} on {source.device} in {seconds:.1f} s; {report}", file=sys.stderr, flush=True)
-    return ServedModel(model, vis_processors["eval"], question_processor_for(txt_processors), source, report, seconds)
+    return ServedModel(
+        model,
+        vis_processors["eval"],
+        question_processor_for(txt_processors),
+        source,
+        report,
+        seconds,
+        GenerationQueue(queue_limits),
+    )
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -125,10 +281,11 @@ def caption_image(
     seed: int = 0,
 ) -> TimedText:
     """The model's ``generate`` on one PIL image: beam search, or nucleus sampling when ``top_p`` is given
-    (seeded, so the same settings give the same caption)."""
+    (seeded, so the same settings give the same caption).  :class:`Busy` when the queue is full or the
+    wait times out; the time shown is the model's, not the wait."""
     import torch
 
-    with served.lock, torch.inference_mode():
+    with served.queue.turn(), torch.inference_mode():
         started = time.perf_counter()
         pixels = served.vis_processor(image).unsqueeze(0).to(served.source.device)
         sampling = top_p is not None
@@ -149,15 +306,20 @@ def answer_question(
     served: ServedModel, image, question: str, *, prompt: str, num_beams: int, max_length: int
 ) -> TimedText:
     """The model's ``predict_answers`` (LAVIS's VQA contract) on one image and question, the question
-    normalised by the evaluation's question processor."""
+    normalised by the evaluation's question processor.
+
+    The prompt template is filled here by :func:`fill_prompt` and handed over as the whole question
+    with the template ``{}``, so ``predict_answers``' ``str.format`` never reads text a user typed as
+    a format string; for a template with one ``{}`` and no other braces the model sees the same text.
+    """
     import torch
 
-    with served.lock, torch.inference_mode():
+    with served.queue.turn(), torch.inference_mode():
         started = time.perf_counter()
         pixels = served.vis_processor(image).unsqueeze(0).to(served.source.device)
         (answer,) = served.model.predict_answers(
-            {"image": pixels, "text_input": [served.question_processor(question)]},
-            prompt=prompt,
+            {"image": pixels, "text_input": [fill_prompt(prompt, served.question_processor(question))]},
+            prompt="{}",
             num_beams=num_beams,
             max_len=max_length,
         )
@@ -280,9 +442,82 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=Path, help="sample images: a shapes data set or a folder of images")
     parser.add_argument("--lang", choices=sorted(LANGUAGES), help="language selected at start (default zh)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s); the page has no authentication: see docs/app.md",
+    )
     parser.add_argument("--port", type=int, default=8501)
+    page_limits, queue_limits = PageLimits(), QueueLimits()
+    limits = parser.add_argument_group("limits (docs/app.md)")
+    limits.add_argument(
+        "--max-upload-mb",
+        type=positive_int,
+        default=page_limits.max_upload_mb,
+        help="largest image file accepted, in MB of 2**20 bytes (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=page_limits.max_image_pixels,
+        help="largest width x height accepted, checked before decoding (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-prompt-chars",
+        type=positive_int,
+        default=page_limits.max_prompt_chars,
+        help="longest caption or question prompt (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-question-chars",
+        type=positive_int,
+        default=page_limits.max_question_chars,
+        help="longest question (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-waiting",
+        type=non_negative_int,
+        default=queue_limits.max_waiting,
+        help="requests that may wait for the model behind the running one; more are told it is busy "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--wait-timeout",
+        type=positive_float,
+        default=queue_limits.wait_seconds,
+        metavar="SECONDS",
+        help="how long a request waits for the model before it is told it is busy (default: %(default)s)",
+    )
     return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def page_limits(args) -> PageLimits:
+    return PageLimits(args.max_upload_mb, args.max_image_pixels, args.max_prompt_chars, args.max_question_chars)
+
+
+def queue_limits(args) -> QueueLimits:
+    return QueueLimits(args.max_waiting, args.wait_timeout)
 
 
 def resolve_args(argv) -> argparse.Namespace:
@@ -336,6 +571,9 @@ def script_argv(args) -> list[str]:
         argv += ["--samples", str(Path(args.samples).absolute())]
     if args.options:
         argv += ["--options", *args.options]
+    argv += ["--max-upload-mb", str(args.max_upload_mb), "--max-image-pixels", str(args.max_image_pixels)]
+    argv += ["--max-prompt-chars", str(args.max_prompt_chars), "--max-question-chars", str(args.max_question_chars)]
+    argv += ["--max-waiting", str(args.max_waiting), "--wait-timeout", repr(args.wait_timeout)]
     return argv
 
 
@@ -356,6 +594,10 @@ def main(argv=None):
         args.host,
         "--server.port",
         str(args.port),
+        "--server.maxUploadSize",  # Streamlit's own check, before the page's (read_image)
+        str(args.max_upload_mb),
+        "--client.showErrorDetails",  # an unforeseen exception: a generic message in the page, the traceback in the log
+        "none",
         "--server.headless",
         "true",
         "--server.fileWatcherType",
@@ -377,17 +619,17 @@ def main(argv=None):
 
 def page(argv) -> None:
     import streamlit as st
-    from PIL import Image, UnidentifiedImageError
 
     from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
     st.set_page_config(page_title="blip2-internlm", layout="wide")
     cached_model, cached_samples = _cached_resources()
     args = resolve_args(argv)
+    limits = page_limits(args)
     st.title("BLIP-2 with InternLM2")
 
     try:
-        served = cached_model(model_source(args))
+        served = cached_model(model_source(args), queue_limits(args))
     except (RuntimeError, ValueError, OSError) as err:  # missing asset, unfit checkpoint: the message, not a traceback
         st.error(f"Could not load the model: {type(err).__name__}: {err}")
         st.stop()
@@ -409,7 +651,7 @@ def page(argv) -> None:
             horizontal=True,
             key="lang",
         )
-        st.header("TimedText")
+        st.header("Generation")
         num_beams = st.slider("Beam size", 1, 10, 5, key="num_beams")
         sampling = st.toggle(
             "Nucleus sampling (captions)",
@@ -421,14 +663,33 @@ def page(argv) -> None:
         max_caption = st.slider("Max caption length (tokens)", 1, 100, 30, key="max_caption")
         max_answer = st.slider("Max answer length (tokens)", 1, 50, 10, key="max_answer")
         with st.expander("Prompts"):
-            caption_prompt = st.text_input("Caption prompt", CAPTION_PROMPTS[lang], key=f"caption_prompt_{lang}")
+            caption_prompt = st.text_input(
+                "Caption prompt", CAPTION_PROMPTS[lang], max_chars=limits.max_prompt_chars, key=f"caption_prompt_{lang}"
+            )
             vqa_prompt = st.text_input(
-                "Question prompt ({} is the question)", VQA_PROMPTS[lang], key=f"vqa_prompt_{lang}"
+                "Question prompt ({} is the question)",
+                VQA_PROMPTS[lang],
+                max_chars=limits.max_prompt_chars,
+                key=f"vqa_prompt_{lang}",
+            )
+            st.caption(
+                f"At most {limits.max_prompt_chars} characters each.  Every `{{}}` in the question prompt is "
+                "replaced by the question (other braces are plain text); a prompt without `{}` gets the "
+                "question appended."
             )
 
     image_column, text_column = st.columns([1, 2])
     with image_column:
-        upload = st.file_uploader("Upload an image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES], key="upload")
+        upload = st.file_uploader(
+            "Upload an image",
+            type=[s.lstrip(".") for s in IMAGE_SUFFIXES],
+            max_upload_size=limits.max_upload_mb,
+            key="upload",
+        )
+        st.caption(
+            f"JPEG, PNG, WebP, BMP or GIF (its first frame), at most {limits.max_upload_mb} MB and "
+            f"{limits.max_image_pixels:,} pixels (width x height)."
+        )
         sample = (
             st.selectbox(
                 "…or pick a sample", samples, format_func=lambda s: s.name, key="sample", disabled=upload is not None
@@ -444,11 +705,13 @@ def page(argv) -> None:
             st.info("Upload an image.")
             st.stop()
         try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            st.error(f"{name} is not an image this app can read: {err}")
+            image = read_image(data, name, limits)
+        except Refused as refusal:
+            st.error(str(refusal))
             st.stop()
-        st.image(image, caption=name, width=256)
+        preview = image.copy()
+        preview.thumbnail((256, 256))  # at least 1 pixel each way: Streamlit's own resize fails on a 16000 x 16 image
+        st.image(preview, caption=name, width=256)
         if upload is None and sample.references.get(lang):
             st.caption("Reference: " + " / ".join(sample.references[lang]))
     digest = hashlib.sha256(data).hexdigest()
@@ -456,54 +719,91 @@ def page(argv) -> None:
     with text_column:
         st.subheader("Caption")
         caption_settings = (digest, caption_prompt, num_beams, max_caption) + ((top_p, seed) if sampling else ())
-        if st.session_state.get("caption_settings") != caption_settings:
-            st.session_state.caption = caption_image(
+        caption = generation(
+            "caption",
+            caption_settings,
+            lambda: caption_image(
                 served,
                 image,
-                prompt=caption_prompt,
+                prompt=checked("caption prompt", caption_prompt, limits.max_prompt_chars),
                 num_beams=num_beams,
                 max_length=max_caption,
                 top_p=top_p if sampling else None,
                 seed=seed,
-            )
-            st.session_state.caption_settings = caption_settings
-        how = f"sampling top-p {top_p:g} seed {seed}" if sampling else f"beam {num_beams}"
-        show_generation(
-            "caption",
-            st.session_state.caption,
-            served.source.device,
-            f"{name} · {LANGUAGES[lang]} · {how} · max {max_caption} tokens",
+            ),
         )
+        if caption is not None:
+            how = f"sampling top-p {top_p:g} seed {seed}" if sampling else f"beam {num_beams}"
+            show_generation(
+                "caption",
+                caption,
+                served.source.device,
+                f"{name} · {LANGUAGES[lang]} · {how} · max {max_caption} tokens",
+            )
 
         st.subheader("Question")
         with st.form("ask", border=False):
             suggestions = sample.questions.get(lang, []) if upload is None and sample is not None else []
             question = st.text_input(
-                "Question", key="question", placeholder=suggestions[0][0] if suggestions else VQA_EXAMPLES[lang]
+                "Question",
+                key="question",
+                max_chars=limits.max_question_chars,
+                placeholder=suggestions[0][0] if suggestions else VQA_EXAMPLES[lang],
+                help=f"At most {limits.max_question_chars} characters.",
             )
             if st.form_submit_button("Ask") and question.strip():
                 st.session_state.asked = question.strip()
         asked = st.session_state.get("asked")
         if asked:
-            answer_settings = (digest, asked, vqa_prompt, num_beams, max_answer)
-            if st.session_state.get("answer_settings") != answer_settings:
-                st.session_state.answer = answer_question(
+            answer = generation(
+                "answer",
+                (digest, asked, vqa_prompt, num_beams, max_answer),
+                lambda: answer_question(
                     served,
                     image,
-                    asked,
-                    prompt=vqa_prompt,
+                    checked("question", asked, limits.max_question_chars),
+                    prompt=checked("question prompt", vqa_prompt, limits.max_prompt_chars),
                     num_beams=num_beams,
                     max_length=max_answer,
-                )
-                st.session_state.answer_settings = answer_settings
-            show_generation(
-                "answer",
-                st.session_state.answer,
-                served.source.device,
-                f"{asked} · {name} · {LANGUAGES[lang]} · beam {num_beams} · max {max_answer} tokens",
+                ),
             )
+            if answer is not None:
+                show_generation(
+                    "answer",
+                    answer,
+                    served.source.device,
+                    f"{asked} · {name} · {LANGUAGES[lang]} · beam {num_beams} · max {max_answer} tokens",
+                )
         if suggestions:
             st.caption("Questions with reference answers: " + "; ".join(f"{q} → {a}" for q, a in suggestions))
+
+
+def checked(what: str, text: str, limit: int) -> str:
+    """``text``, once :func:`check_length` passes it.  Streamlit already cuts a text box's value to its
+    ``max_chars``, whatever a client sends; this refuses anything that reaches the model another way."""
+    check_length(what, text, limit)
+    return text
+
+
+def generation(key: str, settings: tuple, generate) -> TimedText | None:
+    """The page's caption or answer for ``settings``: kept from an earlier run when they are the same
+    (typing a question does not regenerate the caption), else ``generate()``'s.  A refused input or a
+    busy model is a message in the page and None; nothing is kept, so the next run tries again."""
+    import streamlit as st
+
+    if st.session_state.get(f"{key}_settings") == settings:
+        return st.session_state[key]
+    st.session_state.pop(f"{key}_settings", None)
+    try:
+        result = generate()
+    except Refused as refusal:
+        st.error(str(refusal))
+        return None
+    except Busy as busy:
+        st.warning(str(busy))
+        return None
+    st.session_state[key], st.session_state[f"{key}_settings"] = result, settings
+    return result
 
 
 VQA_EXAMPLES = {"zh": "图中的形状是什么颜色？", "en": "what color is the shape?"}
@@ -523,8 +823,8 @@ def _cached_resources():
     import streamlit as st
 
     @st.cache_resource(show_spinner="Loading the model…")
-    def cached_model(source: ModelSource) -> ServedModel:
-        return load_served_model(source)
+    def cached_model(source: ModelSource, queue_limits: QueueLimits) -> ServedModel:
+        return load_served_model(source, queue_limits)
 
     @st.cache_data(show_spinner=False)
     def cached_samples(root: str | None) -> list[Sample]:
