@@ -572,7 +572,10 @@ class CheckpointManager:
             if path.name == BEST:
                 continue
             try:
-                peek = load_checkpoint_file(path, "cpu", self.allow_unsafe, mmap=True)
+                try:
+                    peek = load_checkpoint_file(path, "cpu", self.allow_unsafe, mmap=True)
+                except CheckpointError:  # a pre-1.6 file cannot be mapped: read it whole, for its own verdict
+                    peek = load_checkpoint_file(path, "cpu", self.allow_unsafe)
             except CheckpointError as err:
                 logger.warning("run.resume: skipping %s (%s)", path, err)
                 continue
