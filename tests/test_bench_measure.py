@@ -50,8 +50,13 @@ def test_cpu_peak_memory_growth_sees_a_buffer_that_was_freed_before_the_reading(
     base = measure.reset_peak_memory("cpu")
     if base is None:
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
-    buffer = torch.ones(64 * MiB // 4)  # written, so resident
-    del buffer
+    # fresh pages from the kernel, written, so resident (a torch buffer may reuse pages the
+    # allocator already holds from earlier specs, and then the peak does not move)
+    import mmap
+
+    buffer = mmap.mmap(-1, 64 * MiB)
+    buffer.write(b"\x01" * (64 * MiB))
+    buffer.close()
     assert measure.peak_memory_growth("cpu", base) >= 60 * MiB
 
 
