@@ -303,8 +303,11 @@ def resolve_checkpoint(key: str, url_or_path) -> str:
     return str(resolve_file(key, url_or_path, "Set it to an existing checkpoint file."))
 
 
-def required_prefixes(model) -> tuple:
-    """Keys a pretrained/finetuned BLIP-2 checkpoint must provide: the Q-Former and its queries."""
+def required_prefixes(model, finetuned: bool = False) -> tuple:
+    """Keys a pretrained (or ``finetuned``) BLIP-2 checkpoint must provide: the Q-Former and its queries, or
+    what the model names (``checkpoint_required_prefixes``, ``finetuned_required_prefixes``)."""
+    if finetuned and hasattr(model, "finetuned_required_prefixes"):
+        return tuple(model.finetuned_required_prefixes)
     return tuple(
         getattr(
             model, "checkpoint_required_prefixes", ("Qformer.", "query_tokens") if hasattr(model, "Qformer") else ()

@@ -19,7 +19,7 @@ def safe_model_checkpoint_loading():
 
     def load_checkpoint(self, url_or_filename):
         path = resolve_checkpoint("model.finetuned", url_or_filename)
-        return load_weights(self, path, required_prefixes=required_prefixes(self))
+        return load_weights(self, path, required_prefixes=required_prefixes(self, finetuned=True))
 
     def load_from_pretrained(self, url_or_filename, **kwargs):
         path = resolve_checkpoint("model.pretrained", url_or_filename)

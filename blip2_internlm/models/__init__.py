@@ -10,4 +10,5 @@ from blip2_internlm.paths import MODEL_CONFIG_DIR
 Blip2Qformer.PRETRAINED_MODEL_CONFIG_DICT.setdefault("tiny", os.path.join(MODEL_CONFIG_DIR, "blip2_qformer_tiny.yaml"))
 
 from blip2_internlm.models.blip2_internlm import Blip2InternLM  # noqa: E402,F401  (registers blip2_internlm)
+from blip2_internlm.models.blip2_internlm_instruct import Blip2InternLMInstruct  # noqa: E402,F401  (registers blip2_internlm_instruct)
 from blip2_internlm.models.blip2_opt_baseline import Blip2OPTBaseline  # noqa: E402,F401  (registers blip2_opt_baseline)

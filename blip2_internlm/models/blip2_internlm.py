@@ -90,13 +90,7 @@ class Blip2InternLM(Blip2Base):
             config.cross_attention_freq,
             weights,
         )
-        # stage 2 uses the Q-Former's query path only
-        self.Qformer.cls = None
-        self.Qformer.bert.embeddings.word_embeddings = None
-        self.Qformer.bert.embeddings.position_embeddings = None
-        for layer in self.Qformer.bert.encoder.layer:
-            layer.output = None
-            layer.intermediate = None
+        self._trim_qformer(weights)
 
         self.llm_tokenizer, self.llm_model = load_frozen_llm(config.llm_model, config.llm_precision, weights=weights)
         # ViT and Q-Former attention, and the LLM's (config key, else $BLIP2_INTERNLM_ATTN, else sdpa)
@@ -117,6 +111,15 @@ class Blip2InternLM(Blip2Base):
         self.lm_head_on_labels_only = config.lm_head_on_labels_only
         if weights.kind != "meta":
             log_resolved_defaults(self.resolved_defaults(weights.target_device if weights.device else target_device()))
+
+    def _trim_qformer(self, weights: WeightSource) -> None:
+        """Stage 2 uses the Q-Former's query path only: its text embeddings, text feed-forward and LM head go."""
+        self.Qformer.cls = None
+        self.Qformer.bert.embeddings.word_embeddings = None
+        self.Qformer.bert.embeddings.position_embeddings = None
+        for layer in self.Qformer.bert.encoder.layer:
+            layer.output = None
+            layer.intermediate = None
 
     def resolved_defaults(self, device=None) -> dict:
         """What each ``auto`` (or null) key of the model config is on ``device`` (default: where the
@@ -229,6 +232,10 @@ class Blip2InternLM(Blip2Base):
             t.to(queries.device) for t in self.text_tokens(self.prompts_for(samples, len(texts)), texts)
         )
 
+        return self.language_model_loss(queries, input_ids, text_atts, text_targets)
+
+    def language_model_loss(self, queries, input_ids, text_atts, text_targets) -> dict:
+        """``forward``'s result for the soft prompt ``queries`` followed by right-padded text tokens and labels."""
         query_atts = torch.ones(queries.shape[:-1], dtype=torch.long, device=queries.device)
         query_targets = torch.full(query_atts.shape, -100, dtype=torch.long, device=queries.device)
         inputs_embeds = torch.cat([queries, self.llm_model.get_input_embeddings()(input_ids)], dim=1)
@@ -285,8 +292,41 @@ class Blip2InternLM(Blip2Base):
         image_embeds = self.image_embeds(samples)
         prompts = self.prompts_for(samples, image_embeds.size(0), prompt)
         inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image_embeds=image_embeds), prompts)
+        outputs = self.decode(
+            inputs_embeds,
+            attention_mask,
+            use_nucleus_sampling=use_nucleus_sampling,
+            num_beams=num_beams,
+            max_length=max_length,
+            min_length=min_length,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            num_captions=num_captions,
+            temperature=temperature,
+        )
+        texts = self.llm_tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        return [first_line(text) for text in texts]
+
+    def decode(
+        self,
+        inputs_embeds,
+        attention_mask,
+        *,
+        use_nucleus_sampling,
+        num_beams,
+        max_length,
+        min_length,
+        top_p,
+        repetition_penalty,
+        length_penalty,
+        num_captions,
+        temperature,
+    ) -> torch.LongTensor:
+        """The new token ids the frozen LLM writes after the left-padded ``inputs_embeds``, stopping on
+        ``self.stop_token_ids``; LAVIS's generation arguments."""
         with self.compute_region():
-            outputs = generate_tokens(
+            return generate_tokens(
                 self.llm_model,
                 inputs_embeds,
                 attention_mask,
@@ -306,8 +346,6 @@ class Blip2InternLM(Blip2Base):
                 num_return_sequences=num_captions,
                 use_cache=True,
             )
-        texts = self.llm_tokenizer.batch_decode(outputs, skip_special_tokens=True)
-        return [first_line(text) for text in texts]
 
     def predict_answers(
         self,

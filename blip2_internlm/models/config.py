@@ -97,6 +97,8 @@ def _check_type(name: str, value, hint) -> None:
             return
         if kind is str and isinstance(value, str):
             return
+        if kind is dict and hasattr(value, "items"):
+            return
     names = " or ".join(k.__name__ for k in allowed if k is not type(None))
     raise ValueError(f"model.{name} = {value!r} ({type(value).__name__}); expected {names}")
 
@@ -185,3 +187,35 @@ class Blip2InternLMConfig(VisionQformerConfig):
                 "model.autocast_dtype: off with vit_precision: fp16 cannot run: LAVIS's fp16 ViT keeps its "
                 "LayerNorms in fp32 and works only under autocast; set vit_precision: fp32"
             )
+
+
+@dataclass(frozen=True)
+class Blip2InternLMInstructConfig(Blip2InternLMConfig):
+    """``blip2_internlm_instruct``: instruction-aware Q-Former, a chat template, optional LoRA on the LLM."""
+
+    arch: str = "blip2_internlm_instruct"
+    #: how a conversation becomes the LLM's text (models/chat_template.py): plain (base models) or
+    #: internlm2_chat (InternLM2-chat's <|im_start|> turns)
+    chat_template: str = dataclasses.field(default="plain", metadata=_choice("plain", "internlm2_chat"))
+    #: put in front of every conversation as its system message ("": none)
+    system_prompt: str = ""
+    #: the instruction's tokens join the queries in the Q-Former's self-attention (InstructBLIP)
+    qformer_text_input: bool = True
+    #: the Q-Former reads at most this many instruction tokens (the latest ones: truncated on the left)
+    max_instruction_len: int = dataclasses.field(default=128, metadata={"min": 1})
+    #: LoRA adapters on the frozen LLM: null, or {r, alpha, dropout, target_modules, load_in_4bit} (models/lora.py)
+    llm_lora: dict | None = None
+    max_txt_len: int = dataclasses.field(default=256, metadata={"min": 1})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from blip2_internlm.models.lora import LoraSettings
+
+        lora = LoraSettings.from_config(self.llm_lora)
+        object.__setattr__(self, "llm_lora", lora.to_dict() if lora else None)
+
+    @property
+    def lora(self):
+        from blip2_internlm.models.lora import LoraSettings
+
+        return LoraSettings.from_config(self.llm_lora)

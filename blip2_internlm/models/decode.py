@@ -570,6 +570,8 @@ class PackedLinears:
         """Why packing does not apply to this model on this device, or None."""
         if torch.device(device).type != "cpu":
             return f"packed oneDNN weights are for the CPU, not {device}"
+        if any(hasattr(module, "base_layer") for module in llm.modules()):
+            return "adapters (LoRA) wrap the linear layers; merge them (models/lora.py) to pack the weights"
         dtypes = {module.weight.dtype for module in llm.modules() if isinstance(module, nn.Linear)}
         if dtypes != {torch.bfloat16}:
             return (

@@ -174,15 +174,64 @@ def generation_embeds(tokenizer, embed: torch.nn.Embedding, queries: torch.Tenso
     One embedding lookup of the right-padded ``<s> prompt [pad]`` ids; each row is then rotated
     right by its padding, which brings its pad embeddings in front of the queries.
     """
+    heads = [[tokenizer.bos_token_id] + ids for ids in token_ids(tokenizer, list(prompts))]
+    return left_padded_embeds(embed, queries, heads, tokenizer.pad_token_id)
+
+
+def left_padded_embeds(embed: torch.nn.Embedding, queries: torch.Tensor, heads: Sequence[Sequence[int]], pad_id: int):
+    """Left-padded ``[pad] [queries] head`` embeddings (queries' dtype) and attention mask, for token-id ``heads``
+    (one per row, ``<s>`` included)."""
     device = queries.device
     batch, n_query = queries.shape[:2]
-    heads, head_len = ragged([[tokenizer.bos_token_id] + ids for ids in token_ids(tokenizer, list(prompts))])
+    heads, head_len = ragged(heads)
     width = heads.shape[1]
     n_pad = width - head_len
-    heads = torch.where(torch.arange(width) < head_len[:, None], heads, torch.full_like(heads, tokenizer.pad_token_id))
+    heads = torch.where(torch.arange(width) < head_len[:, None], heads, torch.full_like(heads, pad_id))
     source = torch.cat([queries, embed(heads.to(device)).to(queries.dtype)], dim=1)
     total = n_query + width
     j = torch.arange(total)[None, :]
     column = (j - n_pad[:, None]) % total
     rows = torch.gather(source, 1, column.to(device)[:, :, None].expand(-1, -1, source.shape[-1]))
     return rows, (j >= n_pad[:, None]).long().to(device)
+
+
+# --- conversations --------------------------------------------------------------------------------
+
+
+def segment_ids(tokenizer, rows) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids of rows of :class:`~blip2_internlm.models.chat_template.Segment` s, and per token whether it
+    is trained; one tokenizer call for every segment text of the batch."""
+    texts = [segment.text for row in rows for segment in row]
+    encoded = iter(token_ids(tokenizer, texts))
+    ids, trained = [], []
+    for row in rows:
+        row_ids, row_trained = [], []
+        for segment in row:
+            piece = next(encoded) + list(segment.ids)
+            row_ids += piece
+            row_trained += [segment.train] * len(piece)
+        ids.append(row_ids)
+        trained.append(row_trained)
+    return ids, trained
+
+
+def conversation_tokens(tokenizer, rows, max_len: int):
+    """Right-padded ids, attention mask and labels of rows of segments (``ChatTemplate.training_segments``).
+
+    Labels are the trained segments' tokens, -100 elsewhere (context turns, padding).  A row longer than
+    ``max_len`` is cut there; a row whose cut leaves no trained token is a ValueError naming it."""
+    ids, trained = segment_ids(tokenizer, rows)
+    for i, row in enumerate(trained):
+        if not any(row[:max_len]):
+            raise ValueError(
+                f"conversation {i}: nothing to learn within max_txt_len={max_len} tokens "
+                f"({len(row)} tokens, the first answer starts at {row.index(True) if True in row else 'none'}); "
+                "raise model.max_txt_len or shorten the conversation"
+            )
+    ids = [row[:max_len] for row in ids]
+    mat, lengths = ragged(ids)
+    train_mat, _ = ragged([[int(t) for t in row[:max_len]] for row in trained])
+    valid = torch.arange(mat.shape[1])[None, :] < lengths[:, None]
+    input_ids = torch.where(valid, mat, torch.full_like(mat, tokenizer.pad_token_id))
+    labels = torch.where(valid & train_mat.bool(), mat, torch.full_like(mat, -100))
+    return input_ids, valid.long(), labels
