@@ -210,3 +210,39 @@ def test_the_command_gives_streamlit_the_upload_limit_and_hides_tracebacks(check
     assert page_argv[page_argv.index("--max-waiting") + 1] == "2"
     assert page_argv[page_argv.index("--wait-timeout") + 1] == "7.5"
     assert PageLimits().max_upload_mb == 20  # the default, when no flag is given
+
+
+@pytest.fixture(scope="module")
+def instruct_checkpoint(lavis_ready, tmp_path_factory):
+    """The tiny instruction model's trainable weights, as instruction tuning saves them."""
+    import torch
+
+    from blip2_internlm.checkpoint import save_checkpoint_file
+    from blip2_internlm.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model("blip2_internlm_instruct", "tiny")
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    state = {key: value for key, value in model.state_dict().items() if key in trainable}
+    return save_checkpoint_file({"model": state}, tmp_path_factory.mktemp("app-chat") / "checkpoint.pth")
+
+
+def test_an_instruction_model_chats_about_the_image_turn_after_turn_and_clears(instruct_checkpoint):
+    from streamlit.testing.v1 import AppTest
+
+    argv = ["--arch", "blip2_internlm_instruct", *command_line(instruct_checkpoint)]
+    argv[argv.index("--lang") + 1] = "zh"
+    page = AppTest.from_function(app_page, args=(argv,), default_timeout=RUN_TIMEOUT).run()
+    page.file_uploader(key="upload").upload("shape.png", encoded(solid(), "PNG"), "image/png").run()
+    assert not page.exception and "对话" in messages(page.subheader)
+    page.chat_input(key="chat_input").set_value("图里有圆形吗？").run()
+    page.chat_input(key="chat_input").set_value("它是什么颜色？").run()
+    assert not page.exception and not page.error
+    assert [message.name for message in page.chat_message] == ["user", "assistant", "user", "assistant"]
+    assert page.session_state.chat[2] == {"role": "user", "content": "它是什么颜色？"}
+    # the reply shown is the model's answer to that history, as chat() gives it
+    assert page.session_state.chat[3]["content"] == page.chat_message[3].text[0].value
+    page.chat_input(key="chat_input").set_value("x" * 10_000).run()  # a client past the box's own cap
+    assert len(page.session_state.chat) == 6 and len(page.session_state.chat[4]["content"]) <= 500
+    page.button(key="chat_clear").click().run()
+    assert not page.chat_message and page.session_state.chat == []

@@ -28,6 +28,7 @@ BERT = dict(hidden=768, layers=12, intermediate=3072, vocab=30522, positions=512
 BERT_CHINESE_VOCAB = 21128  # bert-base-chinese's vocab.txt; otherwise the same architecture
 LLMS = {  # llm_model -> (layers, hidden)
     "internlm/internlm2-1_8b": (24, 2048),
+    "internlm/internlm2-chat-1_8b": (24, 2048),
     "internlm/internlm2-7b": (32, 4096),
     "facebook/opt-2.7b": (32, 2560),
 }
@@ -43,6 +44,8 @@ PATH_ENV = (
     "BERT_BASE_CHINESE",
     "INTERNLM2_1_8B",
     "INTERNLM2_7B",
+    "INTERNLM2_CHAT_1_8B",
+    "LLAVA_ROOT",
     "OPT_2_7B",
     "STAGE1_CHECKPOINT",
     "STAGE2_CHECKPOINT",
@@ -83,6 +86,17 @@ def qformer_layer(h, inter, vision, cross, text_path):
     return n + ffn * (2 if text_path else 1)  # query FFN (+ text FFN)
 
 
+# InternLM2-1.8B's published shapes (config.json): 16 heads of 128, 8 key/value heads, MLP 8192
+INTERNLM2_1_8B = dict(heads=16, kv_heads=8, head_dim=128, intermediate=8192)
+
+
+def lora_numel(r, layers, hidden, heads, kv_heads, head_dim, intermediate):
+    """Adapters on wqkv, wo, w1, w2, w3: r x (in + out) each, per layer."""
+    shapes = [(hidden, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, hidden)]
+    shapes += [(hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
+    return layers * sum(r * (n_in + n_out) for n_in, n_out in shapes)
+
+
 def expected_trainable(stage, llm_hidden=None, queries=32, text_vocab=BERT["vocab"]):
     h, inter, vocab = BERT["hidden"], BERT["intermediate"], text_vocab + 1  # + [DEC]
     cross = [i % 2 == 0 for i in range(BERT["layers"])]
@@ -93,6 +107,8 @@ def expected_trainable(stage, llm_hidden=None, queries=32, text_vocab=BERT["voca
         return qformer + query_tokens + linear(h, llm_hidden) + ln_vision
     embeddings = vocab * h + BERT["positions"] * h + layernorm(h)
     layers = sum(qformer_layer(h, inter, VIT_G["width"], c, True) for c in cross)
+    if stage == "instruct":  # the instruction path too (embeddings, text FFN), no LM head
+        return embeddings + layers + query_tokens + linear(h, llm_hidden) + ln_vision
     lm_head = linear(h, h) + layernorm(h) + vocab  # transform + bias; decoder weight tied to word embeddings
     heads = 2 * linear(h, 256) + linear(h, 2) + 1  # vision_proj, text_proj, itm_head, temp
     return embeddings + layers + lm_head + heads + query_tokens + ln_vision
@@ -122,6 +138,10 @@ def test_the_config_set_is_complete():
             assert f"{directory}/{task}_zeroshot_{llm}_eval" in names
         assert f"{directory}/pretrain_stage2_{llm}" in names
     assert {"blip2_internlm/pretrain_stage1", "blip2_internlm/pretrain_stage2_internlm2_7b"} <= names
+    assert {
+        "blip2_internlm/instruct_llava_internlm2_1.8b",
+        "blip2_internlm/instruct_llava_internlm2_chat_1.8b",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
@@ -148,7 +168,13 @@ def test_real_size_model_on_meta(built, path):
     layers, hidden = LLMS[cfg.model.llm_model]
     llm = model.llm_model.config
     assert (llm.num_hidden_layers, llm.hidden_size) == (layers, hidden)
-    assert not any(p.requires_grad for p in model.llm_model.parameters())
+    llm_trainable = {name for name, p in model.llm_model.named_parameters() if p.requires_grad}
+    if cfg.model.arch == "blip2_internlm_instruct":
+        assert llm_trainable and all(".lora_A." in name or ".lora_B." in name for name in llm_trainable)
+        adapters = lora_numel(cfg.model.llm_lora.r, layers, hidden, **INTERNLM2_1_8B)
+        assert trainable == expected_trainable("instruct", hidden) + adapters
+        return
+    assert not llm_trainable
     assert trainable == expected_trainable("stage2", hidden)
 
 
@@ -170,7 +196,7 @@ def test_datasets_tasks_and_run_settings(lavis_ready, path):
     else:
         assert run.lr_sched == "linear_warmup_cosine_lr" and run.train_splits == ["train"]
         expected_batch = {
-            "image_text_pretrain": 60 if cfg.model.arch == "blip2" else 32,
+            "image_text_pretrain": {"blip2": 60, "blip2_internlm_instruct": 8}.get(cfg.model.arch, 32),
             "captioning": 16,
             "captioning_offline": 16,
         }[run.task]

@@ -544,3 +544,24 @@ def text_corpus(colors=DEFAULT_COLORS, shapes=DEFAULT_SHAPES, positions=DEFAULT_
                     lines += _captions([obj], lang)
                     lines += [f"{q} {a}" for q, a in _questions(scene, lang)]
     return lines
+
+
+def scene_texts(
+    args: dict, split: str, lang: str
+) -> tuple[list[dict], list[str], list[list[tuple[str, str]]], list[str]]:
+    """The scenes of a generated split (as drawn, recomputed without drawing), with each one's canonical
+    caption, its (question, answer) pairs in ``QUESTION_TYPES`` order and its image path under the root;
+    ``args`` as ``generate_shapes`` takes them (``_normalise_args`` order)."""
+    args = _normalise_args(
+        **{key: args.get(key) for key in ("splits", "image_size", "seed", "max_objects")},
+        colors=args.get("colors"),
+        shapes=args.get("shapes"),
+        positions=args.get("positions"),
+    )
+    scenes = [
+        _sample_scene(np.random.default_rng([args["seed"], SPLIT_CODES[split], i]), i, args)
+        for i in range(args["splits"][split])
+    ]
+    captions = [_captions(scene["objects"], lang)[0] for scene in scenes]
+    questions = [_questions(scene, lang) for scene in scenes]
+    return scenes, captions, questions, [_image_path(split, i) for i in range(len(scenes))]

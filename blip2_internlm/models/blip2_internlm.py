@@ -92,7 +92,9 @@ class Blip2InternLM(Blip2Base):
         )
         self._trim_qformer(weights)
 
-        self.llm_tokenizer, self.llm_model = load_frozen_llm(config.llm_model, config.llm_precision, weights=weights)
+        self.llm_tokenizer, self.llm_model = load_frozen_llm(
+            config.llm_model, config.llm_precision, weights=weights, load_in_4bit=self._llm_in_4bit(config)
+        )
         # ViT and Q-Former attention, and the LLM's (config key, else $BLIP2_INTERNLM_ATTN, else sdpa)
         set_attn_implementation(self, resolve_attn_implementation(config.attn_implementation))
         self.llm_proj = nn.Linear(self.Qformer.config.hidden_size, self.llm_model.get_input_embeddings().embedding_dim)
@@ -111,6 +113,10 @@ class Blip2InternLM(Blip2Base):
         self.lm_head_on_labels_only = config.lm_head_on_labels_only
         if weights.kind != "meta":
             log_resolved_defaults(self.resolved_defaults(weights.target_device if weights.device else target_device()))
+
+    def _llm_in_4bit(self, config) -> bool:
+        """Whether the frozen LLM's weights are loaded in 4 bits (QLoRA: the instruction model's ``llm_lora``)."""
+        return False
 
     def _trim_qformer(self, weights: WeightSource) -> None:
         """Stage 2 uses the Q-Former's query path only: its text embeddings, text feed-forward and LM head go."""

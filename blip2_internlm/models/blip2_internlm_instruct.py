@@ -44,7 +44,7 @@ CHAT_DEFAULTS = {"num_beams": 1, "max_length": 128, "min_length": 1}
 class Blip2InternLMInstruct(Blip2InternLM):
     PRETRAINED_MODEL_CONFIG_DICT = {
         name: os.path.join(MODEL_CONFIG_DIR, f"blip2_internlm_instruct_{name}.yaml")
-        for name in ("tiny", "instruct_internlm2_1.8b", "instruct_internlm2_chat_1.8b")
+        for name in ("tiny", "internlm2_1.8b", "internlm2_chat_1.8b")
     }
     config_class = Blip2InternLMInstructConfig
 
@@ -53,6 +53,9 @@ class Blip2InternLMInstruct(Blip2InternLM):
         self.template = ChatTemplate.for_tokenizer(config.chat_template, self.llm_tokenizer)
         self.stop_token_ids = self.template.stop_token_ids
         self.lora_parameters = add_lora(self.llm_model, config.lora) if config.lora else 0
+
+    def _llm_in_4bit(self, config: Blip2InternLMInstructConfig) -> bool:
+        return bool(config.lora and config.lora.load_in_4bit)
 
     def _trim_qformer(self, weights: WeightSource) -> None:
         if not self.model_config.qformer_text_input:

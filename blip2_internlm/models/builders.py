@@ -188,18 +188,27 @@ def build_qformer_tokenizer(text_model, truncation_side="right", weights: Weight
     return tokenizer
 
 
-def load_frozen_llm(llm_model, llm_precision: str, attn_implementation: str = "sdpa", weights: WeightSource = FILES):
+def load_frozen_llm(
+    llm_model,
+    llm_precision: str,
+    attn_implementation: str = "sdpa",
+    weights: WeightSource = FILES,
+    load_in_4bit: bool = False,
+):
     """Tokenizer and frozen causal LM for ``model.llm_model`` (a local checkpoint directory, or ``tiny``);
-    ``llm_precision: auto`` resolves for the device the model will run on (``blip2_internlm.hardware``)."""
+    ``llm_precision: auto`` resolves for the device the model will run on (``blip2_internlm.hardware``).
+    ``load_in_4bit``: the weights read from files are quantised to 4-bit NF4 by bitsandbytes on the CUDA
+    device (QLoRA's base model); a random or meta build keeps ``llm_precision`` (the planner's upper bound)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = target_device() if weights.loads_files else weights.target_device
     dtype = to_dtype(resolve_llm_precision(llm_precision, device), "model.llm_precision")
     if weights.loads_files:
+        quantized = four_bit_loading(device, dtype) if load_in_4bit else {}
         path = resolve_llm(llm_model)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
-            path, torch_dtype=dtype, low_cpu_mem_usage=True, attn_implementation=attn_implementation
+            path, torch_dtype=dtype, low_cpu_mem_usage=True, attn_implementation=attn_implementation, **quantized
         )
     else:
         config = llm_config(llm_model)
@@ -208,6 +217,29 @@ def load_frozen_llm(llm_model, llm_precision: str, attn_implementation: str = "s
         path = None if weights.kind == "meta" else _local_or_none(resolve_llm, llm_model)
         tokenizer = AutoTokenizer.from_pretrained(path) if path is not None else _llm_tokenizer_stub(config)
     return tokenizer, freeze(model)
+
+
+def four_bit_loading(device: torch.device, compute_dtype: torch.dtype) -> dict:
+    """``from_pretrained`` arguments for QLoRA's 4-bit base weights (NF4, double quantisation), placed on ``device``;
+    a clear error where they cannot run (not CUDA, no bitsandbytes)."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"model.llm_lora.load_in_4bit: bitsandbytes' 4-bit weights run on CUDA, and this model is built for "
+            f"{device}; set load_in_4bit: false"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("model.llm_lora.load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
 def freeze(model: nn.Module) -> nn.Module:

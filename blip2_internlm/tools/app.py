@@ -326,6 +326,25 @@ def answer_question(
         return TimedText(answer, time.perf_counter() - started)
 
 
+#: A chat keeps at most this many user turns (older ones are dropped from what the model reads).
+MAX_CHAT_TURNS = 8
+
+
+def chat_reply(served: ServedModel, image, history: list[dict], *, max_length: int) -> TimedText:
+    """An instruction model's next assistant turn for ``history`` (ending with the user's message) about one PIL
+    image, greedy; its last :data:`MAX_CHAT_TURNS` user turns are what the model reads.  :class:`Busy` as for
+    captions."""
+    import torch
+
+    users = [i for i, message in enumerate(history) if message["role"] == "user"]
+    recent = history[users[-MAX_CHAT_TURNS] :] if len(users) > MAX_CHAT_TURNS else history
+    with served.queue.turn(), torch.inference_mode():
+        started = time.perf_counter()
+        pixels = served.vis_processor(image).to(served.source.device)
+        text = served.model.chat(pixels, recent, num_beams=1, max_length=max_length)
+        return TimedText(text, time.perf_counter() - started)
+
+
 # --- samples --------------------------------------------------------------------------------
 
 
@@ -776,6 +795,51 @@ def page(argv) -> None:
                 )
         if suggestions:
             st.caption("Questions with reference answers: " + "; ".join(f"{q} → {a}" for q, a in suggestions))
+        if hasattr(served.model, "chat"):
+            chat_section(served, image, digest, lang, limits, max_caption)
+
+
+CHAT_LABELS = {
+    "zh": ("对话", "问点什么…", "清空对话"),
+    "en": ("Chat", "Ask something…", "Clear the chat"),
+}
+
+
+def chat_section(served: ServedModel, image, digest: str, lang: str, limits: PageLimits, max_length: int) -> None:
+    """Multi-turn chat about the image (instruction models): the history lives in the session, a new image or
+    the clear button starts a new one; each message is held to the question's length limit."""
+    import streamlit as st
+
+    title, placeholder, clear = CHAT_LABELS[lang]
+    st.subheader(title)
+    if st.session_state.get("chat_image") != digest or st.button(clear, key="chat_clear"):
+        st.session_state.chat, st.session_state.chat_image = [], digest
+    history = st.session_state.chat
+    for message in history:
+        with st.chat_message(message["role"]):
+            st.text(message["content"])
+    message = st.chat_input(placeholder, max_chars=limits.max_question_chars, key="chat_input")
+    if not message or not message.strip():
+        return
+    try:
+        text = checked("message", message.strip(), limits.max_question_chars)
+    except Refused as refusal:
+        st.error(str(refusal))
+        return
+    with st.chat_message("user"):
+        st.text(text)
+    try:
+        reply = chat_reply(served, image, history + [{"role": "user", "content": text}], max_length=max_length)
+    except Busy as busy:
+        st.warning(str(busy))
+        return
+    if not reply.text:  # nothing to keep: an empty turn would break the history's alternation
+        st.info("(no answer)")
+        return
+    history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+    with st.chat_message("assistant"), st.container(key="chat_reply"):
+        st.text(reply.text)
+        st.caption(f"{reply.seconds * 1000:.0f} ms on {served.source.device} · turn {len(history) // 2}")
 
 
 def checked(what: str, text: str, limit: int) -> str:

@@ -24,7 +24,8 @@ when ``--question`` is given or the inputs carry questions, answered by ``predic
 ``--lang``'s VQA prompt or ``--prompt`` (a template with ``{}``).  With ``--cfg-path`` the
 config's ``run`` section gives the generation defaults (``num_beams``, ``max_len``, ``min_len``,
 and ``prompt`` for VQA) and its dataset's eval text processor is applied to questions, as
-``blip2_internlm.evaluate`` does.
+``blip2_internlm.evaluate`` does.  An instruction model (``--arch blip2_internlm_instruct``) takes
+``--instruction``: the user turn it answers for every image (in VQA a template with ``{}``).
 
 The output has one row per image (per question in VQA) in input order: image, question,
 prompt, text, error, and the settings that made it.  A rerun with the same output appends only
@@ -657,6 +658,11 @@ def parse_args(argv=None):
     )
     mode.add_argument("--prompt", help="caption prompt, or in VQA a template with {} for the question")
     mode.add_argument("--question", help="VQA: ask this of every image without a question of its own")
+    mode.add_argument(
+        "--instruction",
+        help="an instruction model (blip2_internlm_instruct): what to ask of every image, e.g. "
+        "'Describe this image in detail.'; with questions, a template with {} for the question",
+    )
     gen = parser.add_argument_group("generation")
     gen.add_argument("--num-beams", type=int, help="default 5, or the --cfg-path config's run.num_beams")
     gen.add_argument("--max-len", type=int, help="new tokens at most (default 30 for captions, 10 for answers)")
@@ -713,6 +719,17 @@ def generation_for(args, items: list[Item], model, run_cfg) -> GenerationSetting
     from blip2_internlm.tiny.pretrain_text import CAPTION_PROMPTS, VQA_PROMPTS
 
     mode = mode_of(args, items)
+    if args.instruction is not None:
+        if not hasattr(model, "chat"):
+            raise UsageError(
+                f"--instruction needs an instruction model (--arch blip2_internlm_instruct); {type(model).__name__} "
+                "takes --prompt"
+            )
+        if args.prompt is not None:
+            raise UsageError("give --instruction or --prompt, not both")
+        if not args.instruction.strip():
+            raise UsageError("--instruction is empty")
+        args.prompt = args.instruction
     if mode == "vqa":
         prompt = args.prompt or (VQA_PROMPTS[args.lang] if args.lang else run_cfg.get("prompt") or VQA_PROMPTS["en"])
     else:

@@ -88,6 +88,7 @@ class QFormer:
     queries: int
     max_txt_len: int
     trainable_linear_numel: int  # fp32 Linear weights autocast copies to fp16 (Q-Former + projections)
+    instruction_tokens: int = 0  # blip2_internlm_instruct: instruction tokens beside the queries (max_instruction_len)
 
 
 @dataclass
@@ -103,6 +104,10 @@ class LLM:
     linear_numel: int
     logits_on_labels_only: bool = False  # Blip2InternLM.lm_head_on_labels_only
     autocast_bf16: bool = False  # model.autocast_dtype bf16 / auto: the model's own regions run in bf16 on GPUs
+    # LoRA adapters (model.llm_lora), per token over all layers: the adapted linears' input widths, and their ranks
+    lora_inputs: int = 0
+    lora_ranks: int = 0
+    lora_dropout: bool = False
 
     @property
     def kv_dim(self) -> int:
@@ -183,6 +188,7 @@ def architecture_of(model, model_cfg) -> Arch:
         queries=model.query_tokens.shape[1],
         max_txt_len=int(getattr(model, "max_txt_len", 32)),
         trainable_linear_numel=linear_numel,
+        instruction_tokens=_instruction_tokens(model),
     )
     llm = None
     if stage == "stage2":
@@ -202,6 +208,7 @@ def architecture_of(model, model_cfg) -> Arch:
             logits_on_labels_only=bool(getattr(model, "lm_head_on_labels_only", False)),
             # auto is bf16 on every GPU with bf16 (RTX 30xx/40xx, A100, H100), the ones planned for
             autocast_bf16=getattr(model, "autocast_dtype", "fp16") in ("bf16", "auto"),
+            **_lora_sizes(model.llm_model),
         )
     rows = {}
     trainable = trainable_bytes = largest = 0
@@ -325,6 +332,26 @@ def _qformer_layer(
         b += 2 * tf * i * lp  # GELU input, output dense input
         b += tf * h * p.mask + tf * (h * 4 + 8)  # dropout mask, LayerNorm input
     return b
+
+
+def _instruction_tokens(model) -> int:
+    config = getattr(model, "model_config", None)
+    return int(config.max_instruction_len) if getattr(config, "qformer_text_input", False) else 0
+
+
+def _lora_sizes(llm) -> dict:
+    """What the LoRA adapters of ``llm`` save per token: each adapted linear's input (for lora_A's gradient) and
+    its rank-wide intermediate (for lora_B's)."""
+    from torch.nn import Dropout
+
+    inputs = ranks = 0
+    dropout = False
+    for module in llm.modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            inputs += module.lora_A["default"].in_features
+            ranks += module.lora_A["default"].out_features
+            dropout = dropout or isinstance(module.lora_dropout["default"], Dropout)
+    return {"lora_inputs": inputs, "lora_ranks": ranks, "lora_dropout": dropout}
 
 
 def _qformer_pass(
@@ -456,9 +483,20 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
                 "logits, fp32 copy, log-softmax, its gradient",
             )
         )
+    elif q.instruction_tokens:
+        ti = q.instruction_tokens
+        qf = _qformer_pass(q, p, B, tq + ti, tq, image_tokens=n_img, text_ffn_tokens=ti)
+        terms.append(
+            Term(
+                "Q-Former (queries and instruction)",
+                qf + enc,
+                f"{len(q.cross)} layers, {tq} queries + {ti} instruction tokens (max_instruction_len)",
+            )
+        )
     else:
         qf = _qformer_pass(q, p, B, tq, tq, image_tokens=n_img)
         terms.append(Term("Q-Former (queries only)", qf + enc, f"{len(q.cross)} layers, {tq} queries"))
+    if a.llm is not None:
         terms.append(Term("llm_proj input", B * tq * q.hidden * (2 if p.amp else 4)))
         llm = a.llm
         L = tq + tt
@@ -472,6 +510,16 @@ def activation_terms(a: Arch, p: Precision, batch: int, world: int = 1, vit_chec
             )
         )
         terms.append(Term("LLM final norm input", n * llm.hidden * 4))
+        if llm.lora_inputs:
+            # each adapter saves its input (its own dropout output and mask with dropout) and its rank-r output
+            per_token = llm.lora_inputs * (p.lp + (p.lp + 1 if llm.lora_dropout else 0)) + llm.lora_ranks * p.lp
+            terms.append(
+                Term(
+                    "LoRA adapters' saved inputs",
+                    n * per_token,
+                    f"{llm.lora_inputs} input and {llm.lora_ranks} rank elements per token over the layers",
+                )
+            )
         if llm.logits_on_labels_only:  # at most every text token after <s> has a label
             rows = B * (tt - 1)
             terms.append(
