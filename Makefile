@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # make demo LANG=en for English; LANG is usually a locale, so only en/zh count
 DEMO_LANG := $(if $(filter en zh,$(LANG)),$(LANG),zh)
 
-.PHONY: test test-emulated demo venv clean-venv bench app gpu-check
+.PHONY: test test-emulated demo demo-instruct venv clean-venv bench app gpu-check
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ test-emulated: $(STAMP)
 # make demo SEEDS=42,1,2: one run per seed, with their mean and spread
 demo: $(STAMP)
 	$(PY) -m blip2_internlm.tools.demo --lang $(DEMO_LANG) $(if $(SEEDS),--seeds $(SEEDS))
+
+# instruction tuning on the shapes data, with the LLM frozen and with LoRA: make demo-instruct SEEDS=42,1,2 LANG=en
+demo-instruct: $(STAMP)
+	$(PY) -m blip2_internlm.tools.demo_instruct --lang $(DEMO_LANG) $(if $(SEEDS),--seeds $(SEEDS))
 
 bench: $(STAMP)
 	$(PY) -m blip2_internlm.tools.bench --size small

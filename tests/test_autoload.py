@@ -161,6 +161,23 @@ def test_an_unmodified_lavis_train_script_trains_the_plugin_model(stage1_job, tm
     assert job[1:] == ("blip2_internlm", "tiny", ["shapes_caption"])
 
 
+def test_an_unmodified_lavis_train_script_trains_the_instruction_model_with_lora(stage1_job, tmp_path):
+    checkpoint = stage1_job[0] / "checkpoint_0.pth"
+    job_dir, *described = lavis_train(
+        tmp_path,
+        "instruct",
+        "instruct_templates.yaml",
+        f"model.pretrained={checkpoint}",
+        "model.llm_lora={r: 4, alpha: 8}",
+        *(f"datasets.shapes_vqa.generator.{split}={n}" for split, n in (("train", 16), ("val", 8), ("test", 8))),
+    )
+    assert described == ["blip2_internlm_instruct", "tiny", ["shapes_caption", "shapes_vqa"]]
+    import torch
+
+    saved = torch.load(job_dir / "checkpoint_0.pth", map_location="cpu", weights_only=True)["model"]
+    assert any(".lora_A." in key for key in saved) and not any(".base_layer." in key for key in saved)
+
+
 def test_load_model_and_preprocess_finds_the_plugin_models(tmp_path):
     code = textwrap.dedent("""
         import sys

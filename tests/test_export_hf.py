@@ -4,6 +4,9 @@ fresh interpreter that imports neither this package nor LAVIS, and gives our log
 Both LLMs: the tiny blip2_internlm (InternLM2 -> LlamaForCausalLM, exported with the command line from a
 checkpoint) and the tiny OPT baseline (exported in memory).  The LLMs are the pretrained tiny assets; a
 seeded random Q-Former gives the same caption for every image, so the bridge is fitted first (below).
+
+The instruction model loads as InstructBlipForConditionalGeneration + InstructBlipProcessor and answers a
+conversation as ours does, its LoRA adapters merged into the exported LLM (the last section).
 """
 
 import json
@@ -40,16 +43,18 @@ def scene_image(color, shape, position, size=80):
     return image
 
 
-def fit_bridge(model, pixels):
+def fit_bridge(model, pixels, queries=None):
     """Set ``llm_proj`` by ridge regression so each image's soft prompt approximates the keyword context the
     tiny LLM was pretrained to read ("zh red circle left", repeated over the queries): a one-step stand-in for
-    stage 2, so the captions depend on the image and the comparison below can tell images apart."""
+    stage 2, so the captions depend on the image and the comparison below can tell images apart.
+    ``queries``: the Q-Former's output for ``pixels`` (default: its query path's, as BLIP-2 runs it)."""
     with torch.no_grad():
-        queries = model.Qformer.bert(
-            query_embeds=model.query_tokens.expand(len(pixels), -1, -1),
-            encoder_hidden_states=model.image_embeds({"image": pixels}),
-            return_dict=True,
-        ).last_hidden_state  # (B, n_query, qformer_width)
+        if queries is None:
+            queries = model.Qformer.bert(
+                query_embeds=model.query_tokens.expand(len(pixels), -1, -1),
+                encoder_hidden_states=model.image_embeds({"image": pixels}),
+                return_dict=True,
+            ).last_hidden_state  # (B, n_query, qformer_width)
         n_query = queries.shape[1]
         embed = model.llm_model.get_input_embeddings()
         targets = []
@@ -360,3 +365,261 @@ def test_a_stage1_checkpoint_is_refused_naming_the_weights_it_lacks(lavis_ready,
     assert main(["--to-hf", str(out), "--model-type", "tiny", "--checkpoint", str(checkpoint)]) == 1
     err = capsys.readouterr().err
     assert "does not initialise" in err and "llm_proj" in err and not out.exists()
+
+
+# --- blip2_internlm_instruct -> InstructBlipForConditionalGeneration -------------------------------------
+
+HISTORY = [
+    {"role": "user", "content": "图里有圆形吗？"},
+    {"role": "assistant", "content": "是"},
+    {"role": "user", "content": "它是什么颜色？"},
+]
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+#: the plain export's default system message: quotes, a backslash, a newline, jinja syntax, a non-BMP character
+SYSTEM_PROMPT = 'Say "hi"\\ {{ x }} {% raw %}你好 😀\n'
+#: longer than the tiny model's max_instruction_len (64 Q-Former tokens): the Q-Former keeps the latest ones
+LONG_INSTRUCTION = "\n".join(f"question {i}: is the circle red or blue?" for i in range(12))
+CHAT_MAX_NEW = 12
+#: the two exports: LoRA on InternLM2-chat's turns (through the command line, from a checkpoint), and the
+#: plain template with a system prompt (no adapters, in memory)
+INSTRUCT_OPTIONS = {"lora": {"llm_lora": LORA}, "plain": {"chat_template": "plain", "system_prompt": SYSTEM_PROMPT}}
+
+# Runs in a fresh interpreter: transformers only, no trust_remote_code.
+INSTRUCT_HF_SIDE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, InstructBlipForConditionalGeneration
+
+    images_dir, history, long_instruction, max_new, out_json, *exports = sys.argv[1:]
+    history, max_new = json.loads(history), int(max_new)
+    images = [Image.open(f"{images_dir}/{i}.png").convert("RGB") for i in range(3)]
+    results = {}
+    for export in exports:
+        model, info = InstructBlipForConditionalGeneration.from_pretrained(export, output_loading_info=True)
+        model.eval()
+        processor = AutoProcessor.from_pretrained(export)
+        tokenizer = processor.tokenizer
+        # the LLM reads the rendered history; the Q-Former the user turns (docs/export.md)
+        rendered = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        instruction = "\\n".join(m["content"] for m in history if m["role"] == "user")
+        inputs = processor(images=images, text=[rendered] * 3, add_special_tokens=False, return_tensors="pt")
+        qformer = processor.qformer_tokenizer([instruction] * 3, truncation=True, padding=True, return_tensors="pt")
+        inputs["qformer_input_ids"], inputs["qformer_attention_mask"] = qformer.input_ids, qformer.attention_mask
+        with torch.no_grad():
+            new = model.generate(**inputs, max_new_tokens=max_new)[:, inputs["input_ids"].shape[1]:]
+        with_system = [{"role": "system", "content": "看图回答。"}, *history]
+        results[export] = {
+            "loading_info": {key: sorted(value) for key, value in info.items() if key != "mismatched_keys"},
+            "processor": [type(processor).__name__, type(tokenizer).__name__,
+                          type(processor.qformer_tokenizer).__name__, type(processor.image_processor).__name__],
+            "input_ids": inputs["input_ids"].tolist(),
+            "qformer_ids": qformer.input_ids.tolist(),
+            "long_instruction_ids": processor.qformer_tokenizer(long_instruction, truncation=True).input_ids,
+            "image_token_id": model.config.image_token_id,
+            "eos_token_id": [model.generation_config.eos_token_id, model.language_model.generation_config.eos_token_id],
+            "answers": [answer.strip() for answer in processor.batch_decode(new, skip_special_tokens=True)],
+            "chat": [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+                     for chat in (history, with_system)],
+        }
+    results["modules"] = sorted({name.split(".")[0] for name in sys.modules} & {"blip2_internlm", "lavis"})
+    with open(out_json, "w") as f:
+        json.dump(results, f, ensure_ascii=False)
+    """
+)
+
+
+def instruction_queries(model, pixels, instruction):
+    """The instruction-aware Q-Former's output for ``pixels`` (what ``llm_proj`` reads), (B, n_query, width)."""
+    seen = []
+    hook = model.llm_proj.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.query_embeds(pixels, instructions=[instruction] * len(pixels))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def build_instruct(**options):
+    """The tiny instruction model with every trainable weight (LoRA's A and B, B zero when built) moved by seeded
+    noise, and the bridge fitted to the history's instruction."""
+    from blip2_internlm.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model("blip2_internlm_instruct", "tiny", options=options, is_eval=True)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def conversation(model, messages):
+    """``messages`` as ``model.chat`` renders them: with the model's system prompt where they have none."""
+    return model.conversations({"messages": [messages]}, 1, with_answers=False)[0]
+
+
+@pytest.fixture(scope="module")
+def instruct_exported(lavis_ready, tmp_path_factory):
+    """Both instruction exports, ours computed here, theirs in one fresh interpreter: {name: (ours, theirs)}."""
+    from lavis.processors import load_processor
+
+    from blip2_internlm.checkpoint import save_checkpoint_file
+    from blip2_internlm.models.chat_template import user_turns
+    from blip2_internlm.models.llm_inputs import segment_ids
+    from blip2_internlm.models.lora import lora_layers
+    from blip2_internlm.tools.export import export_to_hf, main
+
+    tmp = tmp_path_factory.mktemp("instruct_export")
+    for i, scene in enumerate(SCENES):
+        scene_image(*scene).save(tmp / f"{i}.png")
+    vis_processor = load_processor("blip_image_eval", {"image_size": 64})
+    pixels = torch.stack([vis_processor(Image.open(tmp / f"{i}.png").convert("RGB")) for i in range(len(SCENES))])
+    instruction = user_turns(HISTORY)
+    ours, exports = {}, {}
+    for name, options in INSTRUCT_OPTIONS.items():
+        model = build_instruct(**options)
+        fit_bridge(model, pixels, instruction_queries(model, pixels, instruction))
+        state_before = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+        adapters_before = len(lora_layers(model.llm_model))
+        exports[name] = tmp / name
+        if name == "lora":  # the command line, from a checkpoint of every trainable weight (the adapters too)
+            trained = {key: model.state_dict()[key] for key, param in model.named_parameters() if param.requires_grad}
+            checkpoint = save_checkpoint_file({"model": trained}, tmp / "instruct.pth")
+            lora = "{" + ", ".join(f"{key}: {value}" for key, value in LORA.items()) + "}"
+            argv = ["--to-hf", str(exports[name]), "--arch", "blip2_internlm_instruct", "--model-type", "tiny"]
+            assert main([*argv, "--checkpoint", str(checkpoint), "--options", f"model.llm_lora={lora}"]) == 0
+        else:
+            export_to_hf(model, exports[name])
+        tokenizer = model.llm_tokenizer
+        ours[name] = {
+            "model": model,
+            "state_before": state_before,
+            "adapters_before": adapters_before,
+            "answers": [model.chat(image, HISTORY, max_length=CHAT_MAX_NEW) for image in pixels],
+            "ids": segment_ids(tokenizer, [model.template.generation_segments(conversation(model, HISTORY))])[0][0],
+            "qformer_ids": model.tokenizer(instruction).input_ids,
+            "long_instruction_ids": model.tokenizer(
+                LONG_INSTRUCTION, truncation=True, max_length=model.model_config.max_instruction_len
+            ).input_ids,
+            "n_query": model.query_tokens.shape[1],
+            "stop_token_ids": model.stop_token_ids,
+            "chat": [
+                model.template.render(conversation(model, chat), True, tokenizer)
+                for chat in (HISTORY, [{"role": "system", "content": "看图回答。"}, *HISTORY])
+            ],
+        }
+    out_json = tmp / "hf_side.json"
+    result = run_python(
+        "-c",
+        INSTRUCT_HF_SIDE,
+        str(tmp),
+        json.dumps(HISTORY, ensure_ascii=False),
+        LONG_INSTRUCTION,
+        str(CHAT_MAX_NEW),
+        str(out_json),
+        *(str(path) for path in exports.values()),
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    theirs = json.loads(out_json.read_text(encoding="utf-8"))
+    assert theirs.pop("modules") == []
+    return {name: (ours[name] | {"export": path}, theirs[str(path)]) for name, path in exports.items()}
+
+
+INSTRUCT_EXPORTS = list(INSTRUCT_OPTIONS)
+
+
+@pytest.mark.parametrize("name", INSTRUCT_EXPORTS)
+def test_instruct_export_loads_as_instructblip_with_every_weight_from_the_file(instruct_exported, name):
+    _, theirs = instruct_exported[name]
+    assert theirs["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "error_msgs": []}
+    assert theirs["processor"] == [
+        "InstructBlipProcessor",
+        "LlamaTokenizerFast",
+        "BertTokenizerFast",
+        "BlipImageProcessor",
+    ]
+
+
+@pytest.mark.parametrize("name", INSTRUCT_EXPORTS)
+def test_instruct_chat_template_renders_our_conversation(instruct_exported, name):
+    ours, theirs = instruct_exported[name]
+    # with the model's system prompt where the history has none (plain: jinja-hostile text survives), and without
+    assert theirs["chat"] == ours["chat"]
+
+
+@pytest.mark.parametrize("name", INSTRUCT_EXPORTS)
+def test_instruct_processor_gives_our_llm_input_and_our_qformer_instruction(instruct_exported, name):
+    ours, theirs = instruct_exported[name]
+    # [queries] <s> rendered history: one <image> per query, then the ids our template's segments give
+    for row in theirs["input_ids"]:
+        assert row == [theirs["image_token_id"]] * ours["n_query"] + ours["ids"]
+    assert theirs["qformer_ids"] == [ours["qformer_ids"]] * 3
+    # truncated as ours: max_instruction_len tokens, the latest kept
+    assert theirs["long_instruction_ids"] == ours["long_instruction_ids"]
+    assert len(ours["long_instruction_ids"]) == 64
+
+
+@pytest.mark.parametrize("name", INSTRUCT_EXPORTS)
+def test_instruct_export_answers_a_history_as_our_chat_does(instruct_exported, name):
+    ours, theirs = instruct_exported[name]
+    assert theirs["eos_token_id"] == [ours["stop_token_ids"]] * 2  # <|im_end|> and </s>, or </s>
+    assert theirs["answers"] == ours["answers"]
+    assert len(set(ours["answers"])) > 1  # the image reaches the answer
+
+
+def test_instruct_export_has_the_merged_adapters_and_leaves_ours_unmerged(instruct_exported):
+    import copy
+
+    from safetensors.torch import load_file
+
+    from blip2_internlm.internlm2.convert import internlm2_to_llama
+    from blip2_internlm.models.lora import lora_layers, merge_lora
+
+    ours, _ = instruct_exported["lora"]
+    model = ours["model"]
+    exported = load_file(ours["export"] / "model.safetensors")
+    with torch.no_grad():
+        merged, base = copy.deepcopy(model.llm_model), copy.deepcopy(model.llm_model)
+        merge_lora(merged)
+        for name, param in base.named_parameters():
+            if ".lora_B." in name:
+                param.zero_()  # merged, a zero B leaves the base weight
+        merge_lora(base)
+    merged, base = internlm2_to_llama(merged).state_dict(), internlm2_to_llama(base).state_dict()
+    for key, tensor in merged.items():
+        theirs = exported["language_model." + key]
+        assert torch.equal(theirs[: tensor.shape[0]], tensor), key  # beyond: the <image> row
+    changed = {key for key in merged if not torch.equal(merged[key], base[key])}
+    adapted = {key for key in merged if key.endswith(("_proj.weight",))}  # wqkv (q, k, v), wo, w1, w2, w3
+    assert changed == adapted and len(adapted) == 7 * model.llm_model.config.num_hidden_layers
+    # ours keeps its adapters, unmerged, and every weight as before the export
+    assert len(lora_layers(model.llm_model)) == ours["adapters_before"] > 0
+    assert not any(layer.merged for layer in lora_layers(model.llm_model))
+    after = model.state_dict()
+    assert after.keys() == ours["state_before"].keys()
+    assert all(torch.equal(after[key], tensor) for key, tensor in ours["state_before"].items())
+
+
+def test_instruct_export_refuses_what_instructblip_cannot_hold(instruct_exported, tmp_path, monkeypatch):
+    import dataclasses
+
+    from blip2_internlm.tools.export import ExportError, export_to_hf
+
+    ours, _ = instruct_exported["lora"]
+    model = ours["model"]
+    no_instruction = dataclasses.replace(model.model_config, qformer_text_input=False)
+    monkeypatch.setattr(model, "model_config", no_instruction)
+    with pytest.raises(ExportError, match="qformer_text_input is false: this Q-Former reads no instruction"):
+        export_to_hf(model, tmp_path / "no_instruction")
+    monkeypatch.undo()
+    # QLoRA's base: bitsandbytes 4-bit weights (a CUDA build; here its config's mark is enough)
+    monkeypatch.setattr(model.llm_model.config, "quantization_config", {"quant_method": "bitsandbytes"}, raising=False)
+    with pytest.raises(ExportError, match=r"quantised \(bitsandbytes.*build the model with load_in_4bit: false"):
+        export_to_hf(model, tmp_path / "four_bit")
+    assert not (tmp_path / "no_instruction").exists() and not (tmp_path / "four_bit").exists()

@@ -19,6 +19,8 @@ import os
 import random
 from types import MappingProxyType
 
+from torch.utils.data import default_collate
+
 from blip2_internlm.datasets.shapes import PALETTE, POSITION_SLOTS, SHAPE_NAMES_ZH, YES_NO
 from blip2_internlm.seeding import derived_seed
 
@@ -138,8 +140,9 @@ class InstructionDataset:
         return sample
 
     def collater(self, samples):
+        """``default_collate`` of the samples (their VQA answer lists are gone), with ``messages`` kept per sample."""
         messages = [sample.pop("messages") for sample in samples]
-        batch = self.inner.collater(samples)
+        batch = default_collate(samples)
         batch["messages"] = messages
         return batch
 
@@ -185,27 +188,47 @@ def _llava(record_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
     return {"id": record_id, "image": image, "conversations": conversations}
 
 
+CONVERSATION_KINDS = ("caption", "vqa", "exist", "follow_up")
+
+
 def shapes_conversations(
-    scenes: list[dict], captions: list[str], questions: list[list[tuple[str, str]]], images: list[str], lang: str
+    scenes: list[dict],
+    captions: list[str],
+    questions: list[list[tuple[str, str]]],
+    images: list[str],
+    lang: str,
+    kinds: tuple[str, ...] = CONVERSATION_KINDS,
+    vqa_per_image: int | None = None,
 ) -> list[dict]:
-    """LLaVA records for the training images of the shapes data, every one phrased with a ``train`` template:
-    per image, its caption, each of its questions, "is there a {shape}?" for every shape (yes or no), and, for
-    each shape it holds once, that question followed by "what color is it?" or "where is it?" (alternating).
-    ``scenes[i]["objects"]`` are the drawn objects of ``images[i]``."""
+    """LLaVA records for the training images of the shapes data, every one phrased with a ``train`` template.
+
+    Per image, of ``kinds``: ``caption``, its caption; ``vqa``, its questions (``vqa_per_image`` of them, taken
+    in turn from image to image, or all); ``exist``, "is there a {shape}?" (yes or no) for one shape, in turn;
+    ``follow_up``, for each shape it holds once, that question followed by "what color is it?" or "where is
+    it?" (in turn).  ``scenes[i]["objects"]`` are the drawn objects of ``images[i]``."""
+    unknown = set(kinds) - set(CONVERSATION_KINDS)
+    if unknown:
+        raise ValueError(f"conversation kinds {sorted(unknown)}; expected some of {list(CONVERSATION_KINDS)}")
+    shape_names = list(SHAPE_NAMES_ZH)
     records = []
     for i, (scene, caption, qa, image) in enumerate(zip(scenes, captions, questions, images, strict=True)):
         rng = random.Random(derived_seed(0, i, len(lang)))
-        records.append(_llava(f"{i}-caption", image, [(instruction("caption", lang, rng.randrange(99)), caption)]))
-        for k, (question, answer) in enumerate(qa):
-            records.append(
-                _llava(f"{i}-vqa{k}", image, [(instruction("vqa", lang, rng.randrange(99), question), answer)])
-            )
+        if "caption" in kinds:
+            records.append(_llava(f"{i}-caption", image, [(instruction("caption", lang, rng.randrange(99)), caption)]))
+        if "vqa" in kinds:
+            picked = range(len(qa)) if vqa_per_image is None else [(i + j) % len(qa) for j in range(vqa_per_image)]
+            for k in picked:
+                question, answer = qa[k]
+                turn = (instruction("vqa", lang, rng.randrange(99), question), answer)
+                records.append(_llava(f"{i}-vqa{k}", image, [turn]))
         shapes = [o["shape"] for o in scene["objects"]]
-        for k, shape in enumerate(SHAPE_NAMES_ZH):
-            # the first turn alone too, for every shape: a question followed by a second one must not mean "yes"
+        if "exist" in kinds:
+            # the first turn alone too: a question followed by a second one must not mean "yes"
+            shape = shape_names[i % len(shape_names)]
             question = SHAPE_FOLLOW_UPS["exist"][lang].format(_shape_word(shape, lang))
-            records.append(_llava(f"{i}-exist{k}", image, [(question, YES_NO[lang][shape not in shapes])]))
-            if shapes.count(shape) == 1:
+            records.append(_llava(f"{i}-exist", image, [(question, YES_NO[lang][shape not in shapes])]))
+        if "follow_up" in kinds:
+            for k, shape in enumerate(s for s in shape_names if shapes.count(s) == 1):
                 kind = ("color", "position")[(i + k) % 2]
                 (first, (second, _)), answer = follow_up(scene["objects"], shape, kind, lang)
                 records.append(_llava(f"{i}-follow{k}", image, [first, (second, answer)]))

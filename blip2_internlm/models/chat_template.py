@@ -6,6 +6,8 @@ template renders it as a list of :class:`Segment` s: text (or token ids) with a 
 whether the model is trained to write it.  Training tokenizes segment by segment, so the
 loss mask follows the segments exactly; generation renders the history plus the opening of
 the assistant's next turn.  The image's query embeddings always go in front of ``<s>``.
+:meth:`ChatTemplate.jinja` writes the same rendering as a jinja chat template (transformers'
+``apply_chat_template``), which the export to transformers carries.
 
 Two templates:
 
@@ -119,6 +121,43 @@ class ChatTemplate:
         decode = (lambda ids: "".join(tokenizer.convert_ids_to_tokens(list(ids)))) if tokenizer else (lambda ids: "")
         return "".join(segment.text + decode(segment.ids) for segment in segments)
 
+    def jinja(self, default_system: str = "") -> str:
+        """A jinja chat template (transformers' ``apply_chat_template``, vLLM's chat endpoint) that renders as
+        :meth:`render` does, with ``default_system`` as the system message of a conversation that has none (what
+        the model's ``system_prompt`` does).  A message's content may also be a list of OpenAI-style parts: its
+        text parts are joined; image parts render as nothing (the image goes in front of ``<s>``)."""
+        head = (
+            "{%- macro text(content) -%}{%- if content is string -%}{{- content -}}{%- else -%}"
+            "{%- for part in content if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}"
+            "{%- endif -%}{%- endmacro -%}"
+            f"{{%- set default_system = {_jinja_string(default_system)} -%}}"
+            "{{- bos_token -}}"
+        )
+        if self.name == "internlm2_chat":
+            return head + (
+                "{%- if default_system and messages[0]['role'] != 'system' -%}"
+                f"{{{{- {_jinja_string(IM_START + 'system' + chr(10))} + default_system + "
+                f"{_jinja_string(IM_END + chr(10))} -}}}}"
+                "{%- endif -%}"
+                "{%- for message in messages -%}"
+                f"{{{{- {_jinja_string(IM_START)} + message['role'] + {_jinja_string(chr(10))} -}}}}"
+                f"{{{{- text(message['content']) + {_jinja_string(IM_END + chr(10))} -}}}}"
+                "{%- endfor -%}"
+                f"{{%- if add_generation_prompt -%}}{{{{- {_jinja_string(IM_START + 'assistant' + chr(10))} -}}}}"
+                "{%- endif -%}"
+            )
+        # plain: the system text joins the first user turn; each answer ends with </s>
+        return head + (
+            "{%- set state = namespace(system=default_system) -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'system' -%}{%- set state.system = text(message['content']) -%}"
+            "{%- elif message['role'] == 'user' -%}{{- state.system + text(message['content']) -}}"
+            "{%- set state.system = '' -%}"
+            "{%- else -%}{{- text(message['content']) + eos_token -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+
     def _turns(self, messages: list[dict]) -> list[Segment]:
         if self.name == "internlm2_chat":
             segments = []
@@ -144,3 +183,8 @@ class ChatTemplate:
 def user_turns(messages: Sequence[dict]) -> str:
     """The user messages joined by newlines: the instruction the Q-Former reads for a conversation."""
     return "\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a jinja string literal (jinja reads its escapes as Python's ``unicode_escape``)."""
+    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'

@@ -1,37 +1,63 @@
-"""Export ``blip2_internlm`` / ``blip2_opt_baseline`` to plain transformers' ``Blip2ForConditionalGeneration``.
+"""Export to plain transformers: ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration``.
+
+``blip2_internlm`` and ``blip2_opt_baseline`` become the first, ``blip2_internlm_instruct`` the second.
 
     python -m blip2_internlm.tools.export --to-hf OUT (--model-type T [--arch A] | --cfg-path CFG)
         [--checkpoint PTH] [--options k=v ...] [--dtype auto|fp32|fp16|bf16]
 
 ``OUT`` is a directory that transformers loads without this package, LAVIS or
 ``trust_remote_code``: ``Blip2ForConditionalGeneration.from_pretrained(OUT)`` and
-``Blip2Processor.from_pretrained(OUT)`` (or ``AutoProcessor``), weights in safetensors.
+``Blip2Processor.from_pretrained(OUT)`` (or ``AutoProcessor``), weights in safetensors; for the
+instruction model ``InstructBlipForConditionalGeneration`` and ``InstructBlipProcessor`` (the
+Q-Former's BERT tokenizer in ``OUT/qformer_tokenizer``).  The model class decides which.
 
 What maps to what (the key renames of transformers' ``convert_blip_2_original_to_pytorch.py``):
 
-* LAVIS's EVA ViT -> ``Blip2VisionModel``, ``ln_vision`` as its ``post_layernorm``; ``q_bias`` /
-  ``v_bias`` become the one ``qkv.bias`` (zeros for k) that transformers' ``Blip2Attention`` holds.
-  Layer scale, relative position biases, a custom ``qk_scale``, non-GELU MLPs and similar EVA
-  options have no counterpart there and are refused, naming the block and the option.
+* LAVIS's EVA ViT -> ``Blip2VisionModel`` (``InstructBlipVisionModel``, the same), ``ln_vision`` as
+  its ``post_layernorm``; ``q_bias`` / ``v_bias`` become the one ``qkv.bias`` (zeros for k) that
+  transformers' ``Blip2Attention`` holds.  Layer scale, relative position biases, a custom
+  ``qk_scale``, non-GELU MLPs and similar EVA options have no counterpart there and are refused,
+  naming the block and the option.
 * The Q-Former's query path -> ``Blip2QFormerModel`` (``attention.self`` -> ``attention.attention``,
   ``embeddings.LayerNorm`` -> ``layernorm``).  Its text side (word/position embeddings,
-  ``intermediate`` / ``output``) is not used by BLIP-2 generation and is not exported.
+  ``intermediate`` / ``output``) is not used by BLIP-2 generation and is not exported.  The
+  instruction model's Q-Former reads the instruction: all of it -> ``InstructBlipQFormerModel``, the
+  text side included (``embeddings.word_embeddings`` / ``position_embeddings`` / ``layernorm``; each
+  layer's ``intermediate`` / ``output`` beside ``intermediate_query`` / ``output_query``).  Both put
+  the queries before the instruction's tokens and keep the first ``num_query_tokens`` outputs.
 * ``query_tokens``; ``llm_proj`` -> ``language_projection``.
 * InternLM2 -> ``LlamaForCausalLM`` (``blip2_internlm.internlm2.convert``); the OPT baseline's
-  ``OPTForCausalLM`` is already plain transformers.
+  ``OPTForCausalLM`` is already plain transformers.  LoRA adapters (``model.llm_lora``) are merged
+  into a copy of the LLM first (``models.lora.merge_lora``); the model exported keeps its own.  An
+  LLM in 4 bits (QLoRA) is refused: its full-precision weights are what the export needs.
 
-The LLM's input is ours: transformers 4.57's ``Blip2Processor`` puts ``num_query_tokens``
-``<image>`` tokens in front of ``<s> prompt`` and the model replaces their embeddings with the
-soft prompt, so a prompt reaches the LLM as ``[queries] <s> prompt``, as in
-``Blip2InternLM.generate``.  In a batch the processor pads the text before prepending the image
+The LLM's input is ours: transformers 4.57's ``Blip2Processor`` (and ``InstructBlipProcessor``)
+puts ``num_query_tokens`` ``<image>`` tokens in front of ``<s> prompt`` and the model replaces
+their embeddings with the soft prompt, so a prompt reaches the LLM as ``[queries] <s> prompt``, as
+in ``Blip2InternLM.generate``.  In a batch the processor pads the text before prepending the image
 tokens (``[queries] [pad] <s> prompt``); with left padding, positions come from the attention
 mask, so every row sees the same positions as ours (``[pad] [queries] <s> prompt``).
 
+The instruction model's prompt is a conversation: the exported tokenizer's chat template renders it
+as ``model.template`` does (``ChatTemplate.jinja``, the model's ``system_prompt`` where the history
+has none), ``<s>`` included.  ``InstructBlipProcessor`` gives its one ``text`` to both tokenizers,
+and our Q-Former reads the user turns joined by newlines, not the rendered history, so::
+
+    rendered = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=image, text=rendered, add_special_tokens=False, return_tensors="pt")
+    instruction = "\\n".join(m["content"] for m in messages if m["role"] == "user")
+    qformer = processor.qformer_tokenizer(instruction, truncation=True, return_tensors="pt")
+    inputs["qformer_input_ids"], inputs["qformer_attention_mask"] = qformer.input_ids, qformer.attention_mask
+
+(``add_special_tokens=False``: the rendered text has its ``<s>``; the Q-Former tokenizer truncates
+on the left at ``max_instruction_len``, as ours.)  ``model.qformer_text_input: false`` is refused.
+
 ``<image>`` is a new token.  Where the LLM's embedding table has no free row for it (InternLM2's
 is full), one zero row is appended to the input embeddings and the LM head; the exported
-``generation_config.json`` suppresses it, and stops where ``Blip2InternLM.generate`` stops (end
-of text and the real newline token), with its defaults (5 beams, 1 to 30 new tokens) or, with
-``--cfg-path``, the run config's ``num_beams`` / ``max_len`` / ``min_len``.
+``generation_config.json`` suppresses it, and stops where ours stops (``model.stop_token_ids``:
+end of text and the real newline token; the instruction model's end of turn and ``</s>``), with
+``Blip2InternLM.generate``'s defaults (5 beams, 1 to 30 new tokens) or ``Blip2InternLMInstruct.chat``'s
+(greedy, up to 128), or, with ``--cfg-path``, the run config's ``num_beams`` / ``max_len`` / ``min_len``.
 
 One numerical difference is left: LAVIS's ``ln_vision`` uses LayerNorm's eps 1e-5 while the
 EVA blocks use 1e-6, and ``Blip2VisionConfig`` has one ``layer_norm_eps`` for both; the export
@@ -41,6 +67,7 @@ keeps the blocks' value (see docs/export.md for the effect).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import re
@@ -81,8 +108,11 @@ class ExportError(ValueError):
 # --- vision -----------------------------------------------------------------------------------
 
 
-def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm):
-    """``Blip2VisionConfig`` and ``vision_model.*`` weights of LAVIS's EVA ViT plus ``ln_vision``."""
+def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm, config_class=None):
+    """Vision config and ``vision_model.*`` weights of LAVIS's EVA ViT plus ``ln_vision``.
+
+    ``config_class``: ``Blip2VisionConfig`` (default) or ``InstructBlipVisionConfig``, whose vision
+    models are the same."""
     from lavis.models.eva_vit import VisionTransformer
     from transformers import Blip2VisionConfig
 
@@ -133,7 +163,7 @@ def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm
             eps,
         )
 
-    config = Blip2VisionConfig(
+    config = (config_class or Blip2VisionConfig)(
         hidden_size=dim,
         intermediate_size=hidden,
         num_hidden_layers=len(blocks),
@@ -179,21 +209,28 @@ def vision_config_and_weights(visual_encoder: nn.Module, ln_vision: nn.LayerNorm
 #: Parts of LAVIS's Q-Former that BLIP-2 generation never runs: the text side (its embeddings and
 #: the feed-forward of text positions; queries have their own ``intermediate_query`` / ``output_query``).
 _QFORMER_TEXT_SIDE = re.compile(
-    r"embeddings\.(position_ids|word_embeddings\.|position_embeddings\.)"
-    r"|encoder\.layer\.\d+\.(intermediate|output)\."
+    r"embeddings\.(word_embeddings\.|position_embeddings\.)|encoder\.layer\.\d+\.(intermediate|output)\."
 )
 
 
-def qformer_config_and_weights(qformer_bert: nn.Module):
-    """``Blip2QFormerConfig`` and ``qformer.*`` weights of the query path of LAVIS's Q-Former (``Qformer.bert``)."""
-    from transformers import Blip2QFormerConfig
+def qformer_config_and_weights(qformer_bert: nn.Module, *, instruction_aware: bool = False):
+    """Q-Former config and ``qformer.*`` weights of LAVIS's Q-Former (``Qformer.bert``).
+
+    BLIP-2: its query path as ``Blip2QFormerModel`` (``Blip2QFormerConfig``).  ``instruction_aware``:
+    all of it as ``InstructBlipQFormerModel`` (``InstructBlipQFormerConfig``), whose embeddings hold
+    the word and position embeddings of the instruction's tokens and the LayerNorm, and whose layers
+    keep the text positions' feed-forward (``intermediate`` / ``output``) beside the queries'.
+    """
+    from transformers import Blip2QFormerConfig, InstructBlipQFormerConfig
 
     bert = qformer_bert.config
     if getattr(bert, "position_embedding_type", "absolute") != "absolute":
         raise ExportError(f"Q-Former position_embedding_type {bert.position_embedding_type!r}: only 'absolute' maps")
     if not bert.add_cross_attention:
         raise ExportError("the Q-Former has no cross-attention to the image (add_cross_attention is false)")
-    config = Blip2QFormerConfig(
+    if instruction_aware and qformer_bert.embeddings.word_embeddings is None:
+        raise ExportError("the Q-Former has no text embeddings: it cannot read an instruction")
+    sizes = dict(
         vocab_size=bert.vocab_size,
         hidden_size=bert.hidden_size,
         num_hidden_layers=bert.num_hidden_layers,
@@ -209,13 +246,20 @@ def qformer_config_and_weights(qformer_bert: nn.Module):
         position_embedding_type="absolute",
         cross_attention_frequency=bert.cross_attention_freq,
         encoder_hidden_size=bert.encoder_width,
-        use_qformer_text_input=False,
     )
+    if instruction_aware:
+        config = InstructBlipQFormerConfig(**sizes)
+        layernorm = "embeddings.layernorm."
+    else:
+        config = Blip2QFormerConfig(**sizes, use_qformer_text_input=False)
+        layernorm = "layernorm."
     weights = {}
     for name, tensor in qformer_bert.state_dict().items():
-        if _QFORMER_TEXT_SIDE.match(name):
+        if name == "embeddings.position_ids":  # a buffer transformers builds itself
             continue
-        name = name.replace("embeddings.LayerNorm.", "layernorm.")
+        if not instruction_aware and _QFORMER_TEXT_SIDE.match(name):
+            continue
+        name = name.replace("embeddings.LayerNorm.", layernorm)
         name = name.replace("attention.self.", "attention.attention.")  # also crossattention.self.
         weights["qformer." + name] = tensor.detach()
     return config, weights
@@ -225,10 +269,25 @@ def qformer_config_and_weights(qformer_bert: nn.Module):
 
 
 def plain_language_model(llm: nn.Module) -> nn.Module:
-    """A transformers-native causal LM with ``llm``'s weights (a new module; ``llm`` is not changed)."""
+    """A transformers-native causal LM with ``llm``'s weights (a new module; ``llm`` is not changed).
+
+    LoRA adapters (``model.llm_lora``) are merged into a copy of ``llm`` first: the export has the
+    merged weights under the official names.  Quantised weights (QLoRA's 4-bit base) are refused."""
     from blip2_internlm.internlm2 import InternLM2ForCausalLM
     from blip2_internlm.internlm2.convert import internlm2_to_llama
+    from blip2_internlm.models.lora import lora_layers, merge_lora
 
+    quantization = getattr(getattr(llm, "config", None), "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        raise ExportError(
+            f"the LLM's weights are quantised ({method}, as model.llm_lora.load_in_4bit loads them): the export "
+            "writes full-precision weights; build the model with load_in_4bit: false and the same checkpoint "
+            "(its adapters then merge into the unquantised weights)"
+        )
+    if lora_layers(llm):
+        llm = copy.deepcopy(llm)
+        merge_lora(llm)
     if isinstance(llm, InternLM2ForCausalLM):
         return internlm2_to_llama(llm)
     if not type(llm).__module__.startswith("transformers.models."):
@@ -238,11 +297,11 @@ def plain_language_model(llm: nn.Module) -> nn.Module:
         )
     config = type(llm.config).from_dict(llm.config.to_dict())
     with torch.device("meta"):
-        copy = type(llm)(config)
-    copy.load_state_dict(llm.state_dict(), strict=True, assign=True)
+        plain = type(llm)(config)
+    plain.load_state_dict(llm.state_dict(), strict=True, assign=True)
     if config.tie_word_embeddings:
-        copy.tie_weights()
-    return copy.eval()
+        plain.tie_weights()
+    return plain.eval()
 
 
 def plain_tokenizer(tokenizer):
@@ -253,7 +312,7 @@ def plain_tokenizer(tokenizer):
     if isinstance(tokenizer, InternLM2Tokenizer):
         return internlm2_tokenizer_to_llama(tokenizer)
     if not type(tokenizer).__module__.startswith("transformers."):
-        raise ExportError(f"the LLM tokenizer {type(tokenizer).__name__} is not a transformers tokenizer")
+        raise ExportError(f"the tokenizer {type(tokenizer).__name__} is not a transformers tokenizer")
     with tempfile.TemporaryDirectory() as tmp:  # the processor adds <image>: never to the model's own tokenizer
         tokenizer.save_pretrained(tmp)
         return type(tokenizer).from_pretrained(tmp)
@@ -300,6 +359,40 @@ def _room_for_image_token(llm: nn.Module, image_token_id: int) -> None:
 
 # --- the whole model ----------------------------------------------------------------------------
 
+#: ``generate()``'s defaults in a BLIP-2 export: ``Blip2InternLM.generate``'s.
+BLIP2_DECODING = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
+
+
+def instruction_aware(model) -> bool:
+    """Whether ``model`` exports to ``InstructBlipForConditionalGeneration`` (``Blip2InternLMInstruct``) rather than
+    ``Blip2ForConditionalGeneration``; an instruction model that InstructBLIP cannot hold is refused."""
+    from blip2_internlm.models.blip2_internlm_instruct import Blip2InternLMInstruct
+
+    if not isinstance(model, Blip2InternLMInstruct):
+        return False
+    if not model.model_config.qformer_text_input:
+        raise ExportError(
+            "model.qformer_text_input is false: this Q-Former reads no instruction, and InstructBLIP's always "
+            "does (its processor gives every prompt to the Q-Former); nothing in transformers runs it as trained"
+        )
+    return True
+
+
+def _transformers_classes(instruct: bool):
+    """(config, model, processor, vision config) classes of the export."""
+    if instruct:
+        from transformers import (
+            InstructBlipConfig,
+            InstructBlipForConditionalGeneration,
+            InstructBlipProcessor,
+            InstructBlipVisionConfig,
+        )
+
+        return InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor, InstructBlipVisionConfig
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2VisionConfig
+
+    return Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2VisionConfig
+
 
 def export_to_hf(
     model,
@@ -307,32 +400,35 @@ def export_to_hf(
     *,
     processor_image=None,
     dtype: str = "auto",
-    num_beams: int = 5,
-    max_new_tokens: int = 30,
-    min_new_tokens: int = 1,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
 ) -> Path:
-    """Write ``model`` (``Blip2InternLM`` or the OPT baseline, in memory) to ``out`` for plain transformers.
+    """Write ``model`` (in memory) to ``out`` for plain transformers: ``Blip2InternLM`` or the OPT baseline as
+    ``Blip2ForConditionalGeneration``, ``Blip2InternLMInstruct`` as ``InstructBlipForConditionalGeneration``.
 
     ``processor_image``: a ``BlipImageProcessor`` (default: :func:`image_processor` at the ViT's
     size).  ``dtype``: ``auto`` (the LLM's) or one of ``fp32``, ``fp16``, ``bf16``; the Q-Former
     and query tokens stay fp32, as transformers keeps them.  ``num_beams``, ``max_new_tokens``,
-    ``min_new_tokens``: what ``generate()`` does without arguments (default: ``Blip2InternLM.generate``'s).
+    ``min_new_tokens``: what ``generate()`` does without arguments (default: ``Blip2InternLM.generate``'s,
+    :data:`BLIP2_DECODING`, or ``Blip2InternLMInstruct.chat``'s: greedy, up to 128 new tokens).
+    ``model`` is not changed (LoRA adapters are merged into a copy of its LLM).
     ``out`` must not exist or be empty; it is written in a temporary directory beside it and
     renamed at the end.
     """
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, GenerationConfig
-
-    from blip2_internlm.models.blip2_internlm import stop_token_ids
+    from transformers import GenerationConfig
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty directory; remove it or choose another path")
     if dtype != "auto" and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}; expected auto or one of {sorted(DTYPES)}")
+    instruct = instruction_aware(model)
+    config_class, model_class, processor_class, vision_config_class = _transformers_classes(instruct)
     target_dtype = model.llm_model.dtype if dtype == "auto" else DTYPES[dtype]
 
-    vision_config, weights = vision_config_and_weights(model.visual_encoder, model.ln_vision)
-    qformer_config, qformer_weights = qformer_config_and_weights(model.Qformer.bert)
+    vision_config, weights = vision_config_and_weights(model.visual_encoder, model.ln_vision, vision_config_class)
+    qformer_config, qformer_weights = qformer_config_and_weights(model.Qformer.bert, instruction_aware=instruct)
     weights |= qformer_weights
     weights["query_tokens"] = model.query_tokens.detach()
     weights["language_projection.weight"] = model.llm_proj.weight.detach()
@@ -341,44 +437,60 @@ def export_to_hf(
     tokenizer = plain_tokenizer(model.llm_tokenizer)
     tokenizer.padding_side = "left"  # generation pads on the left, as Blip2InternLM does
     # on the tokenizer: transformers 4.57's Blip2Processor drops a processor chat template when it loads
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = model.template.jinja(model.model_config.system_prompt) if instruct else CHAT_TEMPLATE
     num_query_tokens = model.query_tokens.shape[1]
-    processor = Blip2Processor(
+    processor_parts = {}
+    if instruct:  # the Q-Former reads the instruction as the model does: latest tokens kept
+        qformer_tokenizer = plain_tokenizer(model.tokenizer)
+        qformer_tokenizer.truncation_side = "left"
+        qformer_tokenizer.model_max_length = model.model_config.max_instruction_len
+        processor_parts["qformer_tokenizer"] = qformer_tokenizer
+    processor = processor_class(
         image_processor=processor_image or image_processor(vision_config.image_size),
         tokenizer=tokenizer,
         num_query_tokens=num_query_tokens,
+        **processor_parts,
     )
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
+    if instruct:
+        from blip2_internlm.models.blip2_internlm_instruct import CHAT_DEFAULTS
+
+        defaults = {
+            "num_beams": CHAT_DEFAULTS["num_beams"],
+            "max_new_tokens": CHAT_DEFAULTS["max_length"],
+            "min_new_tokens": CHAT_DEFAULTS["min_length"],
+        }
+    else:
+        defaults = BLIP2_DECODING
+    requested = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
     generation = {
         "bos_token_id": tokenizer.bos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         # the same ids: the converted tokenizer shares the vocabulary
-        "eos_token_id": stop_token_ids(model.llm_tokenizer),
+        "eos_token_id": list(model.stop_token_ids),
         "suppress_tokens": [image_token_id],
-        "num_beams": num_beams,
-        "max_new_tokens": max_new_tokens,
-        "min_new_tokens": min_new_tokens,
+        **{name: defaults[name] if value is None else value for name, value in requested.items()},
     }
     llm = plain_language_model(model.llm_model)
     _room_for_image_token(llm, image_token_id)
     llm.config.architectures = [type(llm).__name__]
-    # transformers 4.57's Blip2ForConditionalGeneration.generate calls the language model's generate,
-    # whose generation config is built from text_config, not read from generation_config.json
+    # transformers 4.57's Blip2ForConditionalGeneration.generate (and InstructBLIP's) calls the language
+    # model's generate, whose generation config is built from text_config, not read from generation_config.json
     for name, value in generation.items():
         setattr(llm.config, name, value)
     weights |= {"language_model." + name: tensor.detach() for name, tensor in llm.state_dict().items()}
 
-    config = Blip2Config(
+    config = config_class(
         vision_config=vision_config.to_dict(),
         qformer_config=qformer_config.to_dict(),
         text_config=llm.config.to_dict(),
         num_query_tokens=num_query_tokens,
         image_token_index=image_token_id,
     )
-    config.architectures = ["Blip2ForConditionalGeneration"]
+    config.architectures = [model_class.__name__]
     with torch.device("meta"):
-        hf = Blip2ForConditionalGeneration(config)
+        hf = model_class(config)
     hf.load_state_dict(weights, strict=True, assign=True)
     hf.tie_weights()
     hf.to(target_dtype)
@@ -410,12 +522,15 @@ def export_to_hf(
 
 
 def _readable_by_all(directory: Path) -> None:
-    """mkdtemp makes the directory private, and the weights file comes out 0600; give both the umask's modes."""
+    """mkdtemp makes the directory private, and the weights file comes out 0600; give all the umask's modes."""
     umask = os.umask(0)
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+    for path in directory.iterdir():  # files, and InstructBLIP's qformer_tokenizer/
+        if path.is_dir():
+            _readable_by_all(path)
+        else:
+            path.chmod(0o666 & ~umask)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -443,10 +558,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
     source.add_argument("--cfg-path", type=Path, help="a LAVIS config with a model: section (arch, model_type, ...)")
     parser.add_argument(
-        "--arch", default="blip2_internlm", help="with --model-type: blip2_internlm (default) or blip2_opt_baseline"
+        "--arch",
+        default="blip2_internlm",
+        help="with --model-type: blip2_internlm (default), blip2_opt_baseline or blip2_internlm_instruct",
     )
     parser.add_argument(
-        "--checkpoint", type=Path, help="stage-2 checkpoint (.pth or .safetensors): every trainable weight"
+        "--checkpoint",
+        type=Path,
+        help="stage-2 or instruction-tuned checkpoint (.pth or .safetensors): every trainable weight",
     )
     parser.add_argument(
         "--options", nargs="+", default=[], help="config overrides, key=value (model.llm_model=/path/to/internlm2 ...)"
@@ -482,7 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out}")
     if decoding:
         print(f"generate() defaults from the run config: {decoding}")
-    if model.prompt:
+    if model.prompt and instruction_aware(model):
+        print(f"the model's default instruction is {model.prompt!r}: send it as the user's message")
+    elif model.prompt:
         print(f"the model's default prompt is {model.prompt!r}: pass it as the processor's text")
     return 0
 

@@ -57,7 +57,7 @@ def test_a_caption_dataset_becomes_one_turn_conversations_drawn_per_example_and_
     data.set_epoch(1)
     assert [data[i]["messages"] for i in range(40)] != first
     batch = data.collater([data[0], data[1]])
-    assert batch["messages"][1][1]["content"] == "caption 1" and batch["image_id"] == [0, 1]
+    assert batch["messages"][1][1]["content"] == "caption 1" and batch["image_id"].tolist() == [0, 1]
 
 
 def test_a_vqa_dataset_answers_with_its_most_weighted_answer(lavis_ready):
