@@ -688,6 +688,61 @@ def check_bf16_step(ctx: Context) -> str:
     )
 
 
+def check_qlora_step(ctx: Context) -> str:
+    """The tiny instruction model with QLoRA (``llm_lora.load_in_4bit``: the frozen LLM's linears in 4-bit NF4
+    through bitsandbytes, LoRA adapters on them): its linears are 4-bit, one training step gives finite
+    gradients on the adapters and the bridge only, and AdamW's step moves them; then it chats."""
+    import torch
+
+    from blip2_internlm.factory import build_model
+    from blip2_internlm.models.lora import lora_layers
+    from blip2_internlm.tools.plan_validation import lavis_adamw
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise CheckFailed("bitsandbytes is not installed: pip install bitsandbytes") from None
+    torch.manual_seed(0)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "load_in_4bit": True}
+    model = build_model("blip2_internlm_instruct", "tiny", options={"llm_lora": lora}, device=ctx.device, is_eval=False)
+    bases = {type(layer.get_base_layer()).__name__ for layer in lora_layers(model.llm_model)}
+    samples = {**tiny_batch(ctx, 8), "prompt": "图片描述："}  # captions as one-turn instructions
+    model.train()
+    optimizer = lavis_adamw(model)
+    before = trainable_snapshot(model)
+    loss = model(samples)["loss"]
+    loss.backward()
+    named = dict(model.named_parameters())
+    trainable = {name for name, p in named.items() if p.requires_grad}
+    with_grad = {name for name, p in named.items() if p.grad is not None}
+    finite = all(bool(torch.isfinite(named[name].grad).all()) for name in with_grad)
+    optimizer.step()
+    moved = not same_tensors(before, trainable_snapshot(model))
+    model.eval()
+    answer = model.chat(samples["image"][0], [{"role": "user", "content": "图里有什么？"}], max_length=8)
+    ctx.numbers.update(
+        loss=loss.item(),
+        base_layers=sorted(bases),
+        adapters=len(lora_layers(model.llm_model)),
+        trainable_without_gradient=sorted(trainable - with_grad),
+        frozen_with_gradient=sorted(with_grad - trainable),
+        answer=answer,
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    )
+    problems = []
+    if bases != {"Linear4bit"}:
+        problems.append(f"the adapted linears are {sorted(bases)}, not bitsandbytes' Linear4bit")
+    if not math.isfinite(loss.item()) or not finite:
+        problems.append("the loss or a gradient is not finite")
+    if ctx.numbers["frozen_with_gradient"] or ctx.numbers["trainable_without_gradient"]:
+        problems.append("gradients are not exactly on the trainable parameters")
+    if not moved:
+        problems.append("AdamW's step did not change the trainable weights")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return f"4-bit base, {len(lora_layers(model.llm_model))} adapters, loss {loss.item():.4f}, chat {answer!r}"
+
+
 def generate_ids(model, images, **kwargs):
     """``model.generate`` of ``images`` with the comparison's prompt and lengths: the token ids it decoded
     (recorded at its tokenizer's ``batch_decode``) and the seconds the call took."""
@@ -1136,6 +1191,15 @@ def _uses_bf16(device: str) -> list:
     ]
 
 
+def _uses_qlora(device: str) -> list:
+    return [
+        Uses("blip2_internlm.factory.build_model"),
+        Uses("blip2_internlm.models.builders.four_bit_loading"),
+        Uses("blip2_internlm.models.lora.lora_layers"),
+        Uses("blip2_internlm.tools.plan_validation.lavis_adamw"),
+    ]
+
+
 def _uses_compiled(device: str) -> list:
     return [
         ModelOverrides((("decode_compile", True),)),
@@ -1201,6 +1265,13 @@ CHECKS: tuple[Check, ...] = (
         _uses_bf16,
     ),
     Check(
+        "qlora_step",
+        20,
+        "the tiny instruction model with QLoRA (4-bit NF4 base, LoRA adapters): one finite step on the adapters only",
+        check_qlora_step,
+        _uses_qlora,
+    ),
+    Check(
         "compiled_decode",
         65,
         "model.generate with the static decoding loop compiled gives the eager tokens (greedy, beam 3)",
@@ -1230,7 +1301,7 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "bench_real",
-        195,
+        175,
         "bench --size real at the planner's batch for 24 GiB: our default against LAVIS's Blip2OPT",
         check_bench_real,
         _uses_bench,
