@@ -327,3 +327,37 @@ def test_the_bench_times_the_command_loop_against_generate_on_the_same_images(la
     assert measured == [("caption_cli", "ok", 2 * recorder.batch_size)] * 2
     assert "generate" in recorder.rows[0]["variant"] and "command loop" in recorder.rows[1]["variant"]
     assert any("overhead" in note for note in recorder.notes)
+
+
+def test_an_instruction_model_answers_the_instruction_for_every_image_as_chat_does(lavis_ready, shapes, tmp_path):
+    import torch
+
+    from blip2_internlm.checkpoint import save_checkpoint_file
+    from blip2_internlm.factory import build_model
+    from blip2_internlm.tools.caption import main
+
+    torch.manual_seed(0)
+    model = build_model("blip2_internlm_instruct", "tiny")
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    checkpoint = save_checkpoint_file(
+        {"model": {k: v for k, v in model.state_dict().items() if k in trainable}}, tmp_path / "instruct.pth"
+    )
+    images = sorted((shapes / "images" / "test").glob("*.png"))[:3]
+    instruction = "Describe this image in detail."
+    out = tmp_path / "described.jsonl"
+    common = ["--model-type", "tiny", "--checkpoint", str(checkpoint), "--workers", "0", *QUIET]
+    argv = [*map(str, images), "--arch", "blip2_internlm_instruct", *common, "--num-beams", "1", "--max-len", "12"]
+    assert main([*argv, "--instruction", instruction, "--out", str(out)]) == 0
+    from lavis.processors import load_processor
+
+    processor = load_processor("blip_image_eval", OmegaConf.create({"image_size": 64}))
+    expected = [
+        model.chat(processor(Image.open(path).convert("RGB")), [{"role": "user", "content": instruction}], max_length=12)
+        for path in images
+    ]
+    assert [row["text"] for row in rows(out)] == expected
+    assert {row["prompt"] for row in rows(out)} == {instruction}
+    # a BLIP-2 model has no instructions to follow
+    with pytest.raises(SystemExit) as usage:
+        main([str(images[0]), *common, "--instruction", instruction, "--out", str(tmp_path / "no.jsonl")])
+    assert usage.value.code == 2

@@ -15,6 +15,7 @@ from spec_helpers import run_python
 CHECK_ORDER = [
     "amp_fp16_nan",
     "bf16_step",
+    "qlora_step",
     "compiled_decode",
     "feature_cache_gpu",
     "export_gpu",

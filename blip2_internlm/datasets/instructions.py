@@ -30,7 +30,16 @@ INSTRUCTION_TEMPLATES = MappingProxyType(
     {
         "caption": {
             "zh": {
-                "train": ["图片描述：", "用一句话描述这张图片。", "请简要描述图片内容。", "给这张图片写一句说明。"],
+                "train": [
+                    "图片描述：",
+                    "用一句话描述这张图片。",
+                    "请简要描述图片内容。",
+                    "给这张图片写一句说明。",
+                    "图里有什么？请用一句话描述。",
+                    "这张图片展示了什么？简要回答。",
+                    "请为这张图配一句文字说明。",
+                    "描述一下你在图中看到的东西。",
+                ],
                 "heldout": ["简单说说这张图。", "这幅图画了什么？用一句话回答。"],
             },
             "en": {
@@ -39,6 +48,10 @@ INSTRUCTION_TEMPLATES = MappingProxyType(
                     "Describe the image in one sentence.",
                     "Write a short caption for this picture.",
                     "Briefly describe this image.",
+                    "What does this image show? Answer in a sentence.",
+                    "What can be seen here? Describe it briefly.",
+                    "Caption this picture.",
+                    "Tell me what is in the image, in one sentence.",
                 ],
                 "heldout": [
                     "Give a one-sentence description of the picture.",
@@ -48,7 +61,14 @@ INSTRUCTION_TEMPLATES = MappingProxyType(
         },
         "vqa": {
             "zh": {
-                "train": ["问题：{} 简短回答：", "{} 请用一个词回答。", "根据图片回答：{}", "请回答这个问题：{}"],
+                "train": [
+                    "问题：{} 简短回答：",
+                    "{} 请用一个词回答。",
+                    "根据图片回答：{}",
+                    "请回答这个问题：{}",
+                    "{}",
+                    "看这张图：{} 请简短回答。",
+                ],
                 "heldout": ["看图回答问题：{} 答案：", "{} 简短作答。"],
             },
             "en": {
@@ -57,6 +77,8 @@ INSTRUCTION_TEMPLATES = MappingProxyType(
                     "{} Answer with one word.",
                     "Based on the image, answer: {}",
                     "Please answer the question: {}",
+                    "{}",
+                    "Look at the image. {} Keep it short.",
                 ],
                 "heldout": ["Look at the picture and answer: {} Answer:", "{} Reply briefly."],
             },

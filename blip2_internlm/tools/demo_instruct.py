@@ -65,12 +65,12 @@ def absolute(root: Path, records: list[dict]) -> list[dict]:
 
 def prepare_data(lang: str, output: Path) -> Path:
     """This language's training conversations (LLaVA format, absolute image paths): per one-object image its
-    caption and one question, per image of the follow-up set an existence question and its follow-ups."""
+    caption and two questions, per image of the follow-up set an existence question and its follow-ups."""
     single_root, single_args = shapes(SINGLE)
     pairs_root, pairs_args = shapes(PAIRS)
     records = absolute(
         single_root,
-        shapes_conversations(*scene_texts(single_args, "train", lang), lang, ("caption", "vqa"), vqa_per_image=1),
+        shapes_conversations(*scene_texts(single_args, "train", lang), lang, ("caption", "vqa"), vqa_per_image=2),
     )
     records += absolute(
         pairs_root, shapes_conversations(*scene_texts(pairs_args, "train", lang), lang, ("exist", "follow_up"))
