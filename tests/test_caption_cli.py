@@ -329,7 +329,9 @@ def test_the_bench_times_the_command_loop_against_generate_on_the_same_images(la
     assert any("overhead" in note for note in recorder.notes)
 
 
-def test_an_instruction_model_answers_the_instruction_for_every_image_as_chat_does(lavis_ready, shapes, tmp_path):
+def test_an_instruction_model_answers_the_instruction_for_every_image_as_chat_does(
+    lavis_ready, shapes, tiny_trained_checkpoint, tmp_path, capsys
+):
     import torch
 
     from blip2_internlm.checkpoint import save_checkpoint_file
@@ -358,6 +360,7 @@ def test_an_instruction_model_answers_the_instruction_for_every_image_as_chat_do
     assert [row["text"] for row in rows(out)] == expected
     assert {row["prompt"] for row in rows(out)} == {instruction}
     # a BLIP-2 model has no instructions to follow
+    blip2 = ["--model-type", "tiny", "--checkpoint", str(tiny_trained_checkpoint[1]), "--workers", "0", *QUIET]
     with pytest.raises(SystemExit) as usage:
-        main([str(images[0]), *common, "--instruction", instruction, "--out", str(tmp_path / "no.jsonl")])
-    assert usage.value.code == 2
+        main([str(images[0]), *blip2, "--instruction", instruction, "--out", str(tmp_path / "no.jsonl")])
+    assert usage.value.code == 2 and "--instruction needs an instruction model" in capsys.readouterr().err
