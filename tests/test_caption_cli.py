@@ -353,10 +353,8 @@ def test_an_instruction_model_answers_the_instruction_for_every_image_as_chat_do
     from lavis.processors import load_processor
 
     processor = load_processor("blip_image_eval", OmegaConf.create({"image_size": 64}))
-    expected = [
-        model.chat(processor(Image.open(path).convert("RGB")), [{"role": "user", "content": instruction}], max_length=12)
-        for path in images
-    ]
+    asked = [{"role": "user", "content": instruction}]
+    expected = [model.chat(processor(Image.open(path).convert("RGB")), asked, max_length=12) for path in images]
     assert [row["text"] for row in rows(out)] == expected
     assert {row["prompt"] for row in rows(out)} == {instruction}
     # a BLIP-2 model has no instructions to follow
