@@ -295,9 +295,7 @@ class Blip2InternLM(Blip2Base):
         """Captions (or answers) for ``samples["image"]`` (or ``samples["vit_embeds"]``).
 
         ``num_captions`` per image, image-major."""
-        image_embeds = self.image_embeds(samples)
-        prompts = self.prompts_for(samples, image_embeds.size(0), prompt)
-        inputs_embeds, attention_mask = self.prompt_embeds(self.query_embeds(image_embeds=image_embeds), prompts)
+        inputs_embeds, attention_mask = self.generation_inputs(samples, prompt)
         outputs = self.decode(
             inputs_embeds,
             attention_mask,
@@ -312,7 +310,18 @@ class Blip2InternLM(Blip2Base):
             temperature=temperature,
         )
         texts = self.llm_tokenizer.batch_decode(outputs, skip_special_tokens=True)
-        return [first_line(text) for text in texts]
+        return [self.finished_text(text) for text in texts]
+
+    def generation_inputs(self, samples, prompt=None):
+        """Left-padded ``[pad] [queries] <s> prompt`` embeddings and mask of a batch: what the LLM continues."""
+        image_embeds = self.image_embeds(samples)
+        prompts = self.prompts_for(samples, image_embeds.size(0), prompt)
+        return self.prompt_embeds(self.query_embeds(image_embeds=image_embeds), prompts)
+
+    @staticmethod
+    def finished_text(text: str) -> str:
+        """A decoded caption as ``generate`` returns it: its first line (the model stops on a newline)."""
+        return first_line(text)
 
     def decode(
         self,

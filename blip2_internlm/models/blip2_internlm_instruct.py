@@ -163,7 +163,9 @@ class Blip2InternLMInstruct(Blip2InternLM):
     # --- inference -------------------------------------------------------------------------
 
     def generation_inputs(self, samples, prompt=None):
-        """Left-padded ``[pad] [queries] <s> history <assistant opening>`` embeddings and mask of a batch."""
+        """Left-padded ``[pad] [queries] <s> history <assistant opening>`` embeddings and mask of a batch: the
+        histories ``samples["messages"]`` (each ending with a user turn), or one instruction per image,
+        ``samples["prompt"]`` / ``prompt`` / ``model.prompt``.  ``generate`` (the base model's) continues them."""
         image_embeds = self.image_embeds(samples)
         conversations = self.conversations(samples, image_embeds.size(0), with_answers=False, prompt=prompt)
         queries = self.query_embeds(image_embeds=image_embeds, instructions=[user_turns(c) for c in conversations])
@@ -171,42 +173,14 @@ class Blip2InternLMInstruct(Blip2InternLM):
         embed = self.llm_model.get_input_embeddings()
         return left_padded_embeds(embed, queries, heads, self.llm_tokenizer.pad_token_id)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        samples,
-        use_nucleus_sampling=False,
-        num_beams=5,
-        max_length=30,
-        min_length=1,
-        top_p=0.9,
-        repetition_penalty=1.0,
-        length_penalty=1.0,
-        num_captions=1,
-        temperature=1,
-        prompt=None,
-    ) -> list[str]:
-        """The assistant's next turn for each image: ``samples["messages"]`` (histories ending with a user
-        turn) or the instruction ``samples["prompt"]`` / ``prompt`` / ``model.prompt``."""
-        inputs_embeds, attention_mask = self.generation_inputs(samples, prompt)
-        outputs = self.decode(
-            inputs_embeds,
-            attention_mask,
-            use_nucleus_sampling=use_nucleus_sampling,
-            num_beams=num_beams,
-            max_length=max_length,
-            min_length=min_length,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            num_captions=num_captions,
-            temperature=temperature,
-        )
-        return [text.strip() for text in self.llm_tokenizer.batch_decode(outputs, skip_special_tokens=True)]
+    @staticmethod
+    def finished_text(text: str) -> str:
+        """An answer keeps every line: the end of the assistant's turn is what stops it."""
+        return text.strip()
 
     def chat(self, image: torch.Tensor, messages: Sequence[dict], **generation) -> str:
         """The answer to the last user turn of ``messages`` about ``image`` (a processed image, (3, H, W) or
-        (1, 3, H, W)); ``generation``: :meth:`generate`'s arguments (default greedy, 128 new tokens)."""
+        (1, 3, H, W)); ``generation``: ``generate``'s arguments (default greedy, 128 new tokens)."""
         return self.generate(self._chat_samples(image, messages), **{**CHAT_DEFAULTS, **generation})[0]
 
     def chat_stream(self, image: torch.Tensor, messages: Sequence[dict], **generation) -> Iterator[str]:
