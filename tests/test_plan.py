@@ -143,3 +143,22 @@ def test_cli_prints_the_plan(lavis_ready, capsys):
 def test_evaluation_configs_get_an_inference_estimate(lavis_ready):
     p = plan(REPO / "configs/blip2_internlm/vqav2_zeroshot_internlm2_1.8b_eval.yaml")
     assert not p.training and p.batch == 64 and p.fits
+
+
+INSTRUCT_CHAT_1_8B = REPO / "configs/blip2_internlm/instruct_llava_internlm2_chat_1.8b.yaml"
+
+
+def test_instruction_tuning_counts_the_adapters_and_the_instruction_tokens(lavis_ready):
+    """LoRA adds trainable state (its weights, gradients, AdamW moments) and saved activations (each adapted
+    linear's input, rank-wide outputs); the Q-Former also reads max_instruction_len instruction tokens."""
+    with_lora, without = plan(INSTRUCT_CHAT_1_8B), plan(INSTRUCT_CHAT_1_8B, options=["model.llm_lora=null"])
+    assert (with_lora.batch, with_lora.gpus) == (8, 2) and with_lora.fits
+    terms = {t.name: t.bytes for t in with_lora.act_terms}
+    adapters = terms["LoRA adapters' saved inputs"]
+    # InternLM2-1.8B, per layer: wqkv, wo, w1, w3 read 2048 wide, w2 8192; 24 layers; rank 8 on each of 5
+    inputs, ranks, tokens = 24 * (4 * 2048 + 8192), 24 * 5 * 8, 8 * (32 + 256)
+    assert with_lora.arch.llm.lora_inputs == inputs and with_lora.arch.llm.lora_ranks == ranks
+    assert adapters == tokens * (inputs * (2 + 3) + ranks * 2)  # bf16 input, dropout output + mask, rank output
+    assert not any("LoRA" in t.name for t in without.act_terms)
+    assert with_lora.arch.trainable_numel - without.arch.trainable_numel == 7_864_320
+    assert "Q-Former (queries and instruction)" in terms
