@@ -305,7 +305,10 @@ def test_skip_invalid_drops_bad_train_records_but_never_evaluation_ones(lavis_re
         builder(write_json(tmp_path / "all_bad.json", [broken]), images, skip_invalid=True).build_datasets()
 
 
-def test_a_missing_path_is_an_error_naming_its_config_key_and_the_path(lavis_ready, tmp_path, images):
+def test_a_missing_path_is_an_error_naming_its_config_key_and_the_path(lavis_ready, tmp_path, images, monkeypatch):
+    from lavis.common.registry import registry
+
+    monkeypatch.setitem(registry.mapping["state"], "configuration", None)  # outside a run; restored afterwards
     train = write_json(tmp_path / "train.json", [CHINESE])
     absent = tmp_path / "nowhere" / "llava_instruct_150k.json"
     with pytest.raises(

@@ -125,12 +125,16 @@ def test_scene_texts_match_the_written_annotations(lavis_ready, small_shapes_roo
     assert [q for qa in questions for q, _ in qa] == [r["question"] for r in vqa]
 
 
-def test_the_instruction_tuning_task_wraps_the_datasets_that_ask_for_it(lavis_ready, small_shapes_root, tmp_path):
+def test_the_instruction_tuning_task_wraps_the_datasets_that_ask_for_it(
+    lavis_ready, small_shapes_root, tmp_path, monkeypatch
+):
     from types import SimpleNamespace
 
     from lavis.common.config import Config
     from lavis.common.registry import registry
-    from spec_helpers import REPO  # noqa: F401  (the tests' own helpers)
+
+    # LAVIS's Config registers itself as the running configuration: restored after this spec
+    monkeypatch.setitem(registry.mapping["state"], "configuration", None)
 
     from blip2_internlm.datasets.instructions import InstructionDataset
 
