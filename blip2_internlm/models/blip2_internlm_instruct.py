@@ -194,6 +194,9 @@ class Blip2InternLMInstruct(Blip2InternLM):
         if settings.pop("num_beams", 1) != 1:
             raise ValueError("chat_stream decodes one sequence: num_beams must be 1")
         sample = settings.pop("use_nucleus_sampling", False)
+        unsupported = sorted(set(settings) - {"top_p", "temperature", "max_length", "min_length", "repetition_penalty"})
+        if unsupported:
+            raise ValueError(f"chat_stream does not take {unsupported}; use chat for those")
         with torch.no_grad():
             inputs_embeds, attention_mask = self.generation_inputs(self._chat_samples(image, messages))
         streamer = TextIteratorStreamer(self.llm_tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)

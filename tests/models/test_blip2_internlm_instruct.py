@@ -343,6 +343,8 @@ def test_chat_stream_writes_the_answer_chat_gives(lavis_ready):
     pieces = list(model.chat_stream(image, history, max_length=12))
     assert answer and len(pieces) > 1
     assert "".join(pieces).strip() == answer
+    with pytest.raises(ValueError, match=r"does not take \['length_penalty'\]"):
+        next(model.chat_stream(image, history, length_penalty=2.0))
 
 
 def test_chat_answers_the_history_as_generate_does_for_a_batch(model):
