@@ -6,8 +6,10 @@ Each asset is a config value.  A value is one of:
   use into the cache directory (``$BLIP2_INTERNLM_CACHE``, default ``~/.cache/blip2_internlm``),
   for tests and the demo; ``blip2_internlm.tiny`` builds them and registers them here by name;
 * a local path (a directory for text models, a file for weights);
-* a Hugging Face hub name (``bert-base-uncased``), resolved from the local hub cache only,
-  unless downloads are enabled explicitly with ``$BLIP2_INTERNLM_ALLOW_DOWNLOADS=1``.
+* a hub name (``bert-base-uncased``, ``internlm/internlm2-1_8b``), resolved from the local cache
+  of the hub ``$BLIP2_INTERNLM_HUB`` picks (Hugging Face, or a mirror at ``$HF_ENDPOINT``, by
+  default; ModelScope with ``modelscope``; ``blip2_internlm.hub``) and only from there, unless
+  downloads are enabled explicitly with ``$BLIP2_INTERNLM_ALLOW_DOWNLOADS=1``.
 
 A missing asset raises :class:`AssetMissingError` naming the config key, what was tried
 and how to get the file, instead of hanging on a download.
@@ -17,17 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from blip2_internlm import hub
+
 TINY = "tiny"
 DOWNLOADS_ENV = "BLIP2_INTERNLM_ALLOW_DOWNLOADS"
 CACHE_ENV = "BLIP2_INTERNLM_CACHE"
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class AssetMissingError(FileNotFoundError):
@@ -72,25 +74,59 @@ def generated(name: str, build) -> Path:
 
 
 def resolve_pretrained_dir(key: str, value, required_files=("config.json",), how: str = "") -> Path:
-    """A local directory for a Hugging Face-style model named by config ``key``."""
+    """A local directory for a Hugging Face-style model named by config ``key``: a path, or a hub
+    name fetched through :mod:`blip2_internlm.hub` (from its cache only, unless downloads are on)."""
     value = str(value)
     path = Path(value).expanduser()
     if path.is_dir():
-        absent = [f for f in required_files if not (path / f).exists()]
-        if absent:
-            raise AssetMissingError(key, value, f"the directory {path} lacks {absent}", how)
-        return path
-    if not _HUB_ID.fullmatch(value):
+        return _with_files(key, value, path, required_files, how, f"the directory {path}")
+    source = hub.source_of(value)
+    if source is None:
         raise AssetMissingError(key, value, f"no directory at {path}", how)
-    from huggingface_hub import snapshot_download
-
+    download = downloads_allowed()
     try:
-        return Path(snapshot_download(value, local_files_only=not downloads_allowed()))
-    except Exception as err:  # the hub raises several error types for "not cached"
-        tried = f"not a local directory and not in the Hugging Face cache ({type(err).__name__})"
-        raise AssetMissingError(
-            key, value, tried, how + f" Or set {DOWNLOADS_ENV}=1 on a machine with network."
-        ) from None
+        snapshot = hub.snapshot(source, local_files_only=not download)
+    except hub.HubPackageMissingError:
+        raise
+    except Exception as err:  # the hubs raise several error types for "not cached" and "not found"
+        raise AssetMissingError(key, value, *_hub_failure(source, download, err, how)) from None
+    return _with_files(key, value, snapshot, required_files, how, f"the {source.describe()} snapshot {snapshot}")
+
+
+def _with_files(key: str, value, directory: Path, required_files, how: str, what: str) -> Path:
+    absent = [f for f in required_files if not (directory / f).exists()]
+    if absent:
+        raise AssetMissingError(key, value, f"{what} lacks {absent}", how)
+    return directory
+
+
+def _hub_failure(source: hub.HubSource, download: bool, err: Exception, how: str) -> tuple[str, str]:
+    """What was tried and how to fix it, for an AssetMissingError about a hub name."""
+    where = "Hugging Face" if source.hub == hub.HUGGINGFACE else "ModelScope"
+    detail = str(err).strip().splitlines()
+    reason = f"{type(err).__name__}: {detail[0][:200]}" if detail else type(err).__name__
+    if download:
+        tried = f"not a local directory, and fetching id {source.repo_id!r} from {source.describe()} failed ({reason})"
+        fix = " Or check the network and the id"
+    else:
+        tried = (
+            f"not a local directory and not in the {where} cache "
+            f"(hub: {source.describe()}, id {source.repo_id!r}, cache only: {type(err).__name__})"
+        )
+        fix = f" Or set {DOWNLOADS_ENV}=1 on a machine with network to fetch it from {source.describe()}"
+    if source.hub == hub.HUGGINGFACE:
+        fix += (
+            f"; {hub.HUB_ENV}={hub.MODELSCOPE} fetches from ModelScope instead, "
+            f"{hub.HF_ENDPOINT_ENV}=https://hf-mirror.com from a Hugging Face mirror."
+        )
+    else:
+        fix += f"; {hub.HUB_ENV}={hub.HUGGINGFACE} fetches from Hugging Face instead."
+        if "/" not in source.repo_id:
+            fix += (
+                f" ModelScope ids are 'owner/name' and {source.repo_id!r} has no ModelScope id in "
+                f"blip2_internlm.hub.MODELSCOPE_IDS: name one as '{hub.MODELSCOPE_PREFIX}<owner>/<name>'."
+            )
+    return tried, how + fix
 
 
 def resolve_file(key: str, value, how: str) -> Path:
@@ -161,8 +197,8 @@ def _generated_path(kind: str, value, **params) -> Path | None:
 _TEXT_MODEL_HOW = (
     "Point it at a local BERT directory (config.json, vocab.txt, weights), e.g. a copy of "
     "bert-base-uncased or bert-base-chinese fetched with `huggingface-cli download NAME "
-    "--local-dir DIR`, or use 'tiny' ('tiny-zh': bert-base-chinese-style) for the generated "
-    "test model."
+    "--local-dir DIR` (or `modelscope download --model AI-ModelScope/NAME --local_dir DIR`), "
+    "or use 'tiny' ('tiny-zh': bert-base-chinese-style) for the generated test model."
 )
 
 
@@ -200,8 +236,9 @@ def resolve_vit_weights(vit_model: str, value, image_size: int, key: str = "mode
 _LLM_HOW = (
     "Point it at a local InternLM2 checkpoint directory (config.json, tokenizer.model, "
     "*.safetensors), e.g. internlm/internlm2-1_8b fetched with `huggingface-cli download "
-    "internlm/internlm2-1_8b --local-dir DIR`, or use 'tiny' ('tiny-opt') for the generated "
-    "test InternLM2 (OPT)."
+    "internlm/internlm2-1_8b --local-dir DIR` (or `modelscope download --model "
+    "Shanghai_AI_Laboratory/internlm2-1_8b --local_dir DIR`), or use 'tiny' ('tiny-opt') for the "
+    "generated test InternLM2 (OPT)."
 )
 
 

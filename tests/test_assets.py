@@ -51,6 +51,29 @@ def test_an_uncached_hub_name_fails_without_touching_the_network(tmp_path, monke
         assets.resolve_text_model("bert-base-uncased")
 
 
+@pytest.mark.parametrize("hub_name", ["huggingface", "modelscope"])
+def test_neither_hub_is_asked_over_the_network_with_the_default_switch(tmp_path, monkeypatch, hub_name):
+    import socket
+
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the network is off in this spec")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)  # a host lookup is the first step out
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))
+    monkeypatch.setenv("BLIP2_INTERNLM_HUB", hub_name)
+    monkeypatch.delenv(assets.DOWNLOADS_ENV, raising=False)
+    where = {"huggingface": "Hugging Face", "modelscope": "ModelScope"}[hub_name]
+    with pytest.raises(AssetMissingError, match=f"not in the {where} cache"):
+        assets.resolve_llm("internlm/internlm2-1_8b")
+    assert attempts == []
+
+
 def test_a_directory_without_a_vocab_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(AssetMissingError, match="lacks \\['vocab.txt'\\]"):
