@@ -39,7 +39,7 @@ def _lavis_text_model() -> str:
 
 @fix
 def offline_blip2_assets():
-    """Blip2Base downloads bert-base-uncased and eva_vit_g.pth in its constructors; LAVIS's BLIP-2 models read local copies ($BERT_BASE_UNCASED or the local Hugging Face cache, $EVA_VIT_G) instead."""
+    """Blip2Base downloads bert-base-uncased and eva_vit_g.pth in its constructors; LAVIS's BLIP-2 models read local copies ($BERT_BASE_UNCASED or the chosen hub's local cache, docs/downloads.md, $EVA_VIT_G) instead."""
     from lavis.models.blip2_models.blip2 import Blip2Base
 
     Blip2Base.init_tokenizer = classmethod(init_tokenizer)
