@@ -49,11 +49,13 @@ def setup(description: str, argv=None):
 
 
 def check_device(run_cfg) -> None:
-    """Exit with one line if run.device names a CUDA device this machine lacks."""
-    from blip2_internlm.run_config import RunConfigError, check_device_available
+    """Exit with one line if run.device names a CUDA device this machine lacks, or a tracker of
+    run.report_to cannot be used here."""
+    from blip2_internlm.run_config import RunConfigError, check_device_available, check_tracking_available
 
     try:
         check_device_available(run_cfg)
+        check_tracking_available(run_cfg)
     except RunConfigError as error:
         raise SystemExit(str(error)) from None
 

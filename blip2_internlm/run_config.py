@@ -7,6 +7,7 @@ feature cache have been built (its own validator is commented out in ``Config.__
 Here each key belongs to one owner, a dataclass whose fields carry the key's default, kind of
 value and meaning (``blip2_internlm.settings``): the runner's loop (``runner.RunnerSettings``),
 checkpoints (``checkpoint.CheckpointSettings``), bad samples (``datasets.guard.DataGuardSettings``),
+experiment tracking (``tracking.TrackingSettings``),
 the feature cache (``feature_cache.FeatureCacheSettings``, the nested ``run.feature_cache``), the
 process group (``compat.distributed.DistributedSettings``), and the keys only LAVIS reads
 (``OptimizerSettings``, ``EvaluationSettings`` below).  ``validate_run_config`` checks the whole
@@ -43,6 +44,7 @@ from blip2_internlm.settings import (
     registered_names,
     setting,
 )
+from blip2_internlm.tracking import TrackingError, TrackingSettings, check_backends
 
 
 class RunConfigError(ValueError):
@@ -162,6 +164,7 @@ RUN_OWNERS = (
     DataGuardSettings,
     DistributedSettings,
     EvaluationSettings,
+    TrackingSettings,
     NestedSettings,
 )
 
@@ -179,6 +182,7 @@ class RunSettings:
     data: DataGuardSettings
     distributed: DistributedSettings
     evaluation: EvaluationSettings
+    tracking: TrackingSettings
     feature_cache: FeatureCacheSettings | None
 
     @classmethod
@@ -191,6 +195,7 @@ class RunSettings:
             data=read_settings(DataGuardSettings, run_cfg),
             distributed=read_settings(DistributedSettings, run_cfg),
             evaluation=read_settings(EvaluationSettings, run_cfg),
+            tracking=read_settings(TrackingSettings, run_cfg),
             feature_cache=read_settings(NestedSettings, run_cfg).feature_cache,
         )
 
@@ -220,6 +225,15 @@ def check_device_available(run_cfg) -> None:
     index = int(device.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
         raise RunConfigError([f"run.device = {device!r} but this machine has {torch.cuda.device_count()} CUDA devices"])
+
+
+def check_tracking_available(run_cfg) -> None:
+    """Raise ``RunConfigError`` if a tracker of ``run.report_to`` cannot be used on this machine: its
+    package is missing (the message has the pip command), or wandb is online without a login."""
+    try:
+        check_backends(read_settings(TrackingSettings, run_cfg or {}))
+    except TrackingError as error:
+        raise RunConfigError(str(error).splitlines()) from None
 
 
 def markdown() -> str:

@@ -14,7 +14,10 @@ What it adds to LAVIS 1.0.2's ``RunnerBase``, each switchable in ``run:`` (see d
   sample ids; ``max_nonfinite_steps`` in a row stop the run; ``grad_clip_norm``;
 - bad samples skipped, counted and reported (``bad_samples``, ``max_bad_sample_fraction``);
 - a rank that loses its peers says so and names the last checkpoint, instead of a bare
-  backend error.
+  backend error;
+- experiment tracking (``run.report_to``: TensorBoard, wandb; ``blip2_internlm.tracking``): loss and
+  learning rate every iteration, throughput, counters and GPU memory every ``log_freq`` iterations,
+  every evaluation metric, on the global step a resumed run continues (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from blip2_internlm.settings import (
     registered_names,
     setting,
 )
+from blip2_internlm.tracking import Tracker, TrackingSettings, open_tracker, scalars
 
 logger = logging.getLogger(__name__)
 _CPU = torch.device("cpu")  # a default argument, built once
@@ -396,6 +400,10 @@ class ReliableRunner(RunnerBase):
         self._preempted_by: str | None = None  # the signal's name, once one arrived
         self._previous_handlers: dict = {}
         self._last_save_time = time.monotonic()
+        self.tracking = read_settings(TrackingSettings, cfg.run_cfg)
+        self._tracker: Tracker | None = None
+        self._training = False  # inside train(), which closes the tracker; a bare evaluate() closes its own
+        self._throughput_window = (time.perf_counter(), 0)  # (clock, global step) of the last log point
 
     # --- settings ------------------------------------------------------------------------
 
@@ -421,6 +429,27 @@ class ReliableRunner(RunnerBase):
 
     def training_state(self) -> TrainingState:
         return TrainingState(self.unwrap_dist_model(self.model), self.optimizer, self.scaler)
+
+    @property
+    def tracker(self) -> Tracker:
+        """The trackers of ``run.report_to`` on rank 0 (a no-op elsewhere), opened on first use: by
+        ``train`` right after a resume, so a resumed run's steps go on from its checkpoint's; by
+        ``evaluate`` when it runs alone."""
+        if self._tracker is None:
+            self._tracker = open_tracker(
+                self.tracking,
+                job_dir=Path(self.output_dir),
+                job_id=Path(self.output_dir).name,
+                config=self.config.to_dict(),
+                start_step=self.progress.global_step,
+                main_process=is_main_process(),
+            )
+        return self._tracker
+
+    def close_tracker(self) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
 
     # --- loaders -------------------------------------------------------------------------
 
@@ -460,6 +489,16 @@ class ReliableRunner(RunnerBase):
         self.log_config()
         if not self.evaluate_only:
             self._resume()
+        self._training = True
+        try:
+            self.tracker.flush()  # opens it: a tracker that cannot be used stops the run before its first step
+            self._train_and_test(start_time)
+        finally:
+            self._training = False
+            self.close_tracker()
+
+    def _train_and_test(self, start_time: float) -> None:
+        if not self.evaluate_only:
             self._install_preemption_handlers()
         self._last_save_time = time.monotonic()
         cur_epoch = self.start_epoch
@@ -485,6 +524,19 @@ class ReliableRunner(RunnerBase):
         test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def evaluate(self, cur_epoch="best", skip_reload=False):
+        """LAVIS's test phase, its metrics also sent to the trackers as ``<split>/<metric>``."""
+        try:
+            test_logs = super().evaluate(cur_epoch=cur_epoch, skip_reload=skip_reload)
+            for split_name, metrics in (test_logs or {}).items():
+                if isinstance(metrics, dict):
+                    self.tracker.log_scalars(self.progress.global_step, scalars(split_name, metrics))
+            self.tracker.flush()
+        finally:
+            if not self._training:  # evaluate.py calls this alone
+                self.close_tracker()
+        return test_logs
 
     # --- preemption and time-based saves --------------------------------------------------
 
@@ -552,6 +604,8 @@ class ReliableRunner(RunnerBase):
                         is_best = True
                     val_log.update({"best_epoch": self.progress.best_epoch})
                     self.log_stats(val_log, split_name)
+                    self.tracker.log_scalars(self.progress.global_step, scalars(split_name, val_log))
+                    self.tracker.flush()
         except Exception as err:
             if not self.evaluate_only:
                 logger.error(
@@ -611,6 +665,8 @@ class ReliableRunner(RunnerBase):
         loss_finite = True
         step_ids: list = []
         step_losses: list = []
+        step_lrs: list = []  # (global step, learning rate) of each iteration of the optimizer step
+        self._throughput_window = (time.perf_counter(), self.progress.global_step)
         iterator = iter(batches)
         for i in metric_logger.log_every(range(start, iters_per_epoch), self.log_freq, header):
             if self.progress.global_step in inject_kill:
@@ -632,12 +688,16 @@ class ReliableRunner(RunnerBase):
             step_ids += sample_ids(samples)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             self.progress.global_step += 1
+            step_lrs.append((self.progress.global_step, optimizer.param_groups[0]["lr"]))
 
             if (i + 1) % accum == 0:
-                if self._optimizer_step(optimizer, scaler, loss_finite, step_ids, epoch, i):
-                    for value in step_losses:  # a skipped step's losses would make the epoch mean NaN
-                        metric_logger.update(loss=value.item())
-                loss_finite, step_ids, step_losses = True, [], []
+                kept = self._optimizer_step(optimizer, scaler, loss_finite, step_ids, epoch, i)
+                # a skipped step's losses would make the epoch mean NaN
+                losses = [value.item() for value in step_losses] if kept else []
+                for value in losses:
+                    metric_logger.update(loss=value)
+                self._track_iterations(step_lrs, losses)
+                loss_finite, step_ids, step_losses, step_lrs = True, [], [], []
                 self.progress.iters_done = i + 1
                 every = self.checkpoint_settings.save_every_iters
                 preempted, time_due = self._preempted_or_save_due()
@@ -646,12 +706,17 @@ class ReliableRunner(RunnerBase):
                 if (every and (i + 1) % every == 0 or time_due) and i + 1 < iters_per_epoch:
                     self.save_checkpoint(epoch, epoch_done=False)
                 if (i + 1) % self.log_freq == 0:
-                    self._check_bad_samples()
+                    totals = self._check_bad_samples()
+                    if i + 1 < iters_per_epoch:  # the epoch's end logs its own
+                        self._track_progress(epoch, i + 1, iters_per_epoch, totals.bad)
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         self.progress.iters_done = iters_per_epoch
-        self._check_bad_samples(final=True)
+        totals = self._check_bad_samples(final=True)
 
         metric_logger.synchronize_between_processes()
+        loss_meter = metric_logger.meters["loss"]
+        epoch_loss = {"train/epoch_loss": loss_meter.global_avg} if loss_meter.count else {}
+        self._track_progress(epoch, iters_per_epoch, iters_per_epoch, totals.bad, epoch_loss)
         logger.info("Averaged stats: %s", metric_logger.global_avg())
         stats = {k: f"{meter.global_avg:.3f}" for k, meter in metric_logger.meters.items()}
         stats.update(
@@ -729,18 +794,55 @@ class ReliableRunner(RunnerBase):
                 "set run.grad_clip_norm, or check the data of the logged sample ids."
             )
 
-    def _check_bad_samples(self, final: bool = False) -> None:
-        """All ranks decide together, on the global counts, whether the data is broken at scale."""
+    def _check_bad_samples(self, final: bool = False) -> guard.BadSampleTally:
+        """All ranks decide together, on the global counts, whether the data is broken at scale;
+        returns the epoch's tally of all ranks."""
         totals = self.bad_samples.all_reduce()
         if final and is_main_process() and totals.bad:
             logger.warning("Bad samples this epoch: %s", totals.summary())
         totals.check(epoch_end=final)
+        return totals
+
+    # --- tracking ------------------------------------------------------------------------
+
+    def _track_iterations(self, step_lrs: list, losses: list[float]) -> None:
+        """Each iteration of an optimizer step: its learning rate, and its loss (this rank's, as the
+        log lines print it) unless the step was skipped as non-finite."""
+        for index, (step, lr) in enumerate(step_lrs):
+            values = {"train/lr": lr}
+            if losses:
+                values["train/loss"] = losses[index]
+            self.tracker.log_scalars(step, values)
+
+    def _track_progress(self, epoch: int, iters_done: int, iters_per_epoch: int, bad_samples: int, extra=None):
+        """Every ``log_freq`` iterations and at each epoch's end: where the run stands, its speed since
+        the last such point, its counters (the bad samples of the epoch so far, all ranks) and, on
+        CUDA, this rank's peak memory; then a flush, so a crash loses little."""
+        step, now = self.progress.global_step, time.perf_counter()
+        started, first_step = self._throughput_window
+        values = {
+            "train/epoch": epoch + iters_done / iters_per_epoch,
+            "train/nonfinite_steps": self.progress.nonfinite_steps,
+            "train/scaler_skips": self.progress.scaler_skips,
+            "train/bad_samples": bad_samples,
+        }
+        if step > first_step and now > started:
+            samples = (step - first_step) * self.loop.batch_size_train * get_world_size()
+            values["train/samples_per_s"] = samples / (now - started)
+        if self.device.type == "cuda":
+            values["gpu/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            values["gpu/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        self.tracker.log_scalars(step, {**values, **(extra or {})})
+        self.tracker.flush()
+        self._throughput_window = (now, step)
 
     # --- checkpoints ---------------------------------------------------------------------
 
     def save_checkpoint(self, epoch: int, epoch_done: bool, is_best: bool = False) -> None:
         """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes."""
         self._last_save_time = time.monotonic()
+        if self._tracker is not None:  # what was logged up to the checkpoint survives a kill after it
+            self._tracker.flush()
         self.checkpoints.save(
             self.training_state(),
             epoch=epoch,
@@ -933,6 +1035,8 @@ _RESUME_INDIFFERENT = {
         "keep_last_n",
         "allow_unsafe_checkpoints",
         "feature_cache",
+        "report_to",
+        "wandb_project",
     },
 }
 

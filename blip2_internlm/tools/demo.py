@@ -5,7 +5,8 @@ afterwards), (1) stage 1 with LAVIS's own ``blip2``, (2) stage 2 with ``blip2_in
 from the stage-1 checkpoint, (3) caption evaluation and zero-shot VQA on held-out images.
 Stages 1-3 run as ``python -m torch.distributed.run --nproc_per_node=2 -m
 blip2_internlm.train|evaluate`` with two gloo processes, exactly as users run them.
-Writes ``OUTPUT/result.json`` and a self-contained ``OUTPUT/report.html``.
+Writes ``OUTPUT/result.json``, a self-contained ``OUTPUT/report.html`` and, for every stage, a
+TensorBoard log (``tensorboard --logdir OUTPUT``).
 
 ``--seeds 42,1,2`` runs stages 1-3 once per seed, each into ``OUTPUT/seed-N/`` (the layout
 of a one-seed run, so ``make app`` takes ``--from-demo OUTPUT/seed-N``), and writes the
@@ -184,7 +185,8 @@ def run_seed(output: Path, lang: str, seed: int, llm_dir: Path, nproc: int) -> d
     """Stages 1-3 with ``run.seed=seed`` into ``output``; returns its result (also written there)."""
     output.mkdir(parents=True, exist_ok=True)
     data = [f"datasets.{{}}.generator.{k}={v}" for k, v in GENERATOR.items()]
-    common = [f"run.seed={seed}", "run.log_freq=10"]
+    # every stage also logs to TensorBoard, into <stage>/<job>/tensorboard (docs/tracking.md)
+    common = [f"run.seed={seed}", "run.log_freq=10", "run.report_to=[tensorboard]"]
     result = {"lang": lang, "seed": seed, "generator": GENERATOR, "stages": {}}
     checkpoint = None
     # quoted: LAVIS parses --options values as YAML, and "Question: {}" would be a mapping
@@ -325,6 +327,7 @@ def main(argv=None):
         write_result(output, result, report_html(result, output))
         print(json.dumps(result["summary"], ensure_ascii=False, indent=2))
         print(f"report: {output / 'report.html'}")
+        print(f"TensorBoard: tensorboard --logdir {output}")
         return result
 
     runs = {}
@@ -347,6 +350,7 @@ def main(argv=None):
     write_result(output, result, seeds_report_html(result))
     print(json.dumps(result["aggregate"], ensure_ascii=False, indent=2))
     print(f"report: {output / 'report.html'}")
+    print(f"TensorBoard (every seed and stage): tensorboard --logdir {output}")
     return result
 
 
