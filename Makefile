@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # make demo LANG=en for English; LANG is usually a locale, so only en/zh count
 DEMO_LANG := $(if $(filter en zh,$(LANG)),$(LANG),zh)
 
-.PHONY: test test-emulated demo demo-instruct venv clean-venv bench app gpu-check
+.PHONY: test test-emulated demo demo-instruct venv clean-venv bench app serve gpu-check
 
 venv: $(STAMP)
 
@@ -57,6 +57,11 @@ gpu-check: $(STAMP)
 # loopback: docs/app.md, the page has no authentication)
 app: $(STAMP)
 	$(PY) -m blip2_internlm.tools.app --from-demo output/demo $(APP_ARGS)
+
+# the OpenAI-compatible server (docs/serve.md) on the model `make demo` trained, http://127.0.0.1:8000/v1;
+# more options with SERVE_ARGS, e.g. make serve SERVE_ARGS="--port 8100 --max-batch 8" (no authentication)
+serve: $(STAMP)
+	$(PY) -m blip2_internlm.serve --from-demo output/demo $(SERVE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

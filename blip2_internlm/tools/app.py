@@ -318,12 +318,18 @@ def answer_question(
         started = time.perf_counter()
         pixels = served.vis_processor(image).unsqueeze(0).to(served.source.device)
         (answer,) = served.model.predict_answers(
-            {"image": pixels, "text_input": [fill_prompt(prompt, served.question_processor(question))]},
+            {"image": pixels, "text_input": [filled_question(served, question, prompt)]},
             prompt="{}",
             num_beams=num_beams,
             max_len=max_length,
         )
         return TimedText(answer, time.perf_counter() - started)
+
+
+def filled_question(served: ServedModel, question: str, prompt: str) -> str:
+    """What :func:`answer_question` hands ``predict_answers`` (with the template ``{}``) for ``question``:
+    the question normalised by the evaluation's question processor, in ``prompt`` by :func:`fill_prompt`."""
+    return fill_prompt(prompt, served.question_processor(question))
 
 
 #: A chat keeps at most this many user turns (older ones are dropped from what the model reads).
@@ -412,11 +418,7 @@ def demo_stage2_checkpoint(demo_output: Path) -> Path:
 
 
 def resolve_demo(args) -> None:
-    """Turn ``--from-demo DIR`` into the model, LLM, samples and language ``make demo`` used there."""
-    from blip2_internlm.datasets.builders import default_data_root, generator_args
-    from blip2_internlm.datasets.shapes import generate_shapes
-    from blip2_internlm.tools.demo import GENERATOR
-
+    """Turn ``--from-demo DIR`` into the model, LLM and language ``make demo`` used there."""
     output = args.from_demo.absolute()
     checkpoint = demo_stage2_checkpoint(output)
     llm_dir = output / "llm"
@@ -426,11 +428,19 @@ def resolve_demo(args) -> None:
     lang = json.loads(result.read_text())["lang"] if result.is_file() else None
     args.model_type, args.cfg_path, args.checkpoint = "tiny", None, checkpoint
     args.options = [f"model.llm_model={llm_dir}", *args.options]
-    if args.samples is None:
-        data = generator_args(GENERATOR)
-        args.samples = Path(default_data_root(data))
-        generate_shapes(args.samples, **data)  # the demo's data again if the cache was cleared (seconds)
     args.lang = args.lang or lang
+
+
+def demo_samples() -> Path:
+    """The demo data's root, generated again if the cache was cleared (seconds): the samples of ``--from-demo``."""
+    from blip2_internlm.datasets.builders import default_data_root, generator_args
+    from blip2_internlm.datasets.shapes import generate_shapes
+    from blip2_internlm.tools.demo import GENERATOR
+
+    data = generator_args(GENERATOR)
+    root = Path(default_data_root(data))
+    generate_shapes(root, **data)
+    return root
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -441,6 +451,39 @@ def argument_parser() -> argparse.ArgumentParser:
         prog="python -m blip2_internlm.tools.app",
         description="Web demo (Streamlit): captions and answers from a stage-2 or fine-tuned checkpoint.",
     )
+    add_model_arguments(parser)
+    parser.add_argument("--samples", type=Path, help="sample images: a shapes data set or a folder of images")
+    parser.add_argument("--lang", choices=sorted(LANGUAGES), help="language selected at start (default zh)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s); the page has no authentication: see docs/app.md",
+    )
+    parser.add_argument("--port", type=int, default=8501)
+    limits = parser.add_argument_group("limits (docs/app.md)")
+    add_input_limit_arguments(limits)
+    queue_limits = QueueLimits()
+    limits.add_argument(
+        "--max-waiting",
+        type=non_negative_int,
+        default=queue_limits.max_waiting,
+        help="requests that may wait for the model behind the running one; more are told it is busy "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--wait-timeout",
+        type=positive_float,
+        default=queue_limits.wait_seconds,
+        metavar="SECONDS",
+        help="how long a request waits for the model before it is told it is busy (default: %(default)s)",
+    )
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the model (``--model-type`` / ``--cfg-path`` / ``--from-demo``, ``--checkpoint``,
+    ``--arch``, ``--options``, ``--device``): the app's and the OpenAI-compatible server's
+    (``blip2_internlm.serve``)."""
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-type", help="a model type of --arch (tiny, pretrain_internlm2_1.8b, ...)")
     which.add_argument(
@@ -458,17 +501,12 @@ def argument_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="model-config overrides, e.g. model.llm_model=DIR (the model. prefix is optional)",
     )
-    parser.add_argument("--samples", type=Path, help="sample images: a shapes data set or a folder of images")
-    parser.add_argument("--lang", choices=sorted(LANGUAGES), help="language selected at start (default zh)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: %(default)s); the page has no authentication: see docs/app.md",
-    )
-    parser.add_argument("--port", type=int, default=8501)
-    page_limits, queue_limits = PageLimits(), QueueLimits()
-    limits = parser.add_argument_group("limits (docs/app.md)")
+
+
+def add_input_limit_arguments(limits) -> None:
+    """The :class:`PageLimits` flags (an argument group or parser): what one request may bring."""
+    page_limits = PageLimits()
     limits.add_argument(
         "--max-upload-mb",
         type=positive_int,
@@ -493,21 +531,6 @@ def argument_parser() -> argparse.ArgumentParser:
         default=page_limits.max_question_chars,
         help="longest question (default: %(default)s)",
     )
-    limits.add_argument(
-        "--max-waiting",
-        type=non_negative_int,
-        default=queue_limits.max_waiting,
-        help="requests that may wait for the model behind the running one; more are told it is busy "
-        "(default: %(default)s)",
-    )
-    limits.add_argument(
-        "--wait-timeout",
-        type=positive_float,
-        default=queue_limits.wait_seconds,
-        metavar="SECONDS",
-        help="how long a request waits for the model before it is told it is busy (default: %(default)s)",
-    )
-    return parser
 
 
 def positive_int(text: str) -> int:
@@ -543,6 +566,19 @@ def resolve_args(argv) -> argparse.Namespace:
     """Parsed and checked arguments, ``--from-demo`` resolved; a bad one exits with a message naming it."""
     parser = argument_parser()
     args = parser.parse_args(argv)
+    check_model_arguments(parser, args)
+    if args.from_demo and args.samples is None:
+        args.samples = demo_samples()
+    if args.samples and not args.samples.is_dir():
+        parser.error(f"--samples {args.samples}: not a directory")
+    args.lang = args.lang or "zh"
+    return args
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """The flags of :func:`add_model_arguments` checked: ``--from-demo`` resolved (it also sets ``args.lang``
+    when that is unset), the checkpoint and config files checked, ``--device`` decided; a bad one exits
+    naming it."""
     if args.from_demo:
         if args.checkpoint:
             parser.error("--from-demo chooses the checkpoint; do not pass --checkpoint with it")
@@ -558,14 +594,10 @@ def resolve_args(argv) -> argparse.Namespace:
         parser.error(f"--checkpoint {args.checkpoint} {problem}")
     if args.cfg_path and not args.cfg_path.is_file():
         parser.error(f"--cfg-path {args.cfg_path}: no such file")
-    if args.samples and not args.samples.is_dir():
-        parser.error(f"--samples {args.samples}: not a directory")
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.lang = args.lang or "zh"
-    return args
 
 
 def model_source(args) -> ModelSource:
