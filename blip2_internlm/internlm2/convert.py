@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -243,10 +244,16 @@ def internlm2_tokenizer_to_llama(tokenizer: InternLM2Tokenizer, probes=TOKENIZER
     ``legacy`` Llama tokenization is SentencePiece's own ``encode`` of each segment between
     special tokens, which is what ``InternLM2Tokenizer`` does; no prefix space is added or
     stripped (the official model has no dummy prefix), and ``clean_up_tokenization_spaces``
-    is on because ``InternLM2Tokenizer`` always cleans up.  The fast tokenizer (what
-    ``AutoTokenizer`` loads) is built from the slow one and both are checked on ``probes``:
-    ids with special tokens added, and the text decoded with special tokens skipped.
-    Raises ``ValueError`` naming the first probe where either differs.
+    is on because ``InternLM2Tokenizer`` always cleans up.
+
+    Saved, it loads without protobuf: ``LlamaTokenizerFast`` rebuilds itself from the slow
+    tokenizer (transformers' converter, which reads the model file with protobuf) whenever its
+    ``add_prefix_space`` is set, so the fast tokenizer is converted here once and saved with
+    ``add_prefix_space`` null.  Loading then reads ``tokenizer.json`` alone; the slow
+    ``LlamaTokenizer`` (``use_fast=False``, needs sentencepiece) reads null as "no prefix space"
+    too.  Both are checked as a user loads them, from a saved copy, on ``probes``: ids with
+    special tokens added, and the text decoded with special tokens skipped.  Raises
+    ``ValueError`` naming the first probe where either differs.
     """
     options = {
         "bos_token": tokenizer.bos_token,
@@ -258,33 +265,44 @@ def internlm2_tokenizer_to_llama(tokenizer: InternLM2Tokenizer, probes=TOKENIZER
         "additional_special_tokens": list(tokenizer.additional_special_tokens),
         "clean_up_tokenization_spaces": True,
         "legacy": True,
-        "add_prefix_space": False,
         "model_max_length": tokenizer.model_max_length,
         "padding_side": tokenizer.padding_side,
         "chat_template": tokenizer.chat_template,
     }
-    slow = LlamaTokenizer(vocab_file=tokenizer.vocab_file, **options)
-    fast = LlamaTokenizerFast(vocab_file=tokenizer.vocab_file, from_slow=True, **options)
+    converted = LlamaTokenizerFast(vocab_file=tokenizer.vocab_file, from_slow=True, add_prefix_space=False, **options)
+    fast = LlamaTokenizerFast(
+        vocab_file=tokenizer.vocab_file, tokenizer_object=converted.backend_tokenizer, add_prefix_space=None, **options
+    )
     # the slow->fast converter adds the model file's user-defined pieces (the chat tokens) as
     # ordinary tokens, so decode(skip_special_tokens=True) would keep them; mark them special
     fast.add_special_tokens({"additional_special_tokens": list(tokenizer.additional_special_tokens)})
+    with tempfile.TemporaryDirectory() as tmp:
+        fast.save_pretrained(tmp)
+        slow = LlamaTokenizer.from_pretrained(tmp)
+        (Path(tmp) / "tokenizer.model").unlink()  # a tokenizer that would need converting cannot load now
+        check_tokenizer(tokenizer, (slow, LlamaTokenizerFast.from_pretrained(tmp)), probes)
+    return fast
+
+
+def check_tokenizer(tokenizer, converted_tokenizers, probes=TOKENIZER_PROBES) -> None:
+    """Raise ``ValueError`` naming the first probe that one of ``converted_tokenizers`` encodes (special tokens
+    added) or decodes (special tokens skipped) otherwise than ``tokenizer``."""
     for text in probes:
         ids = tokenizer(text).input_ids
         expected = tokenizer.decode(ids, skip_special_tokens=True)
-        for converted in (slow, fast):
+        for converted in converted_tokenizers:
             got = converted(text).input_ids
             if got != ids:
                 raise ValueError(
                     f"{type(converted).__name__} from {tokenizer.vocab_file} encodes {text!r} as {got}, "
-                    f"InternLM2Tokenizer as {ids}"
+                    f"{type(tokenizer).__name__} as {ids}"
                 )
             decoded = converted.decode(ids, skip_special_tokens=True)
             if decoded != expected:
                 raise ValueError(
                     f"{type(converted).__name__} from {tokenizer.vocab_file} decodes {ids} as {decoded!r}, "
-                    f"InternLM2Tokenizer as {expected!r}"
+                    f"{type(tokenizer).__name__} as {expected!r}"
                 )
-    return fast
 
 
 def convert_to_llama(src: str | Path, dst: str | Path) -> Path:

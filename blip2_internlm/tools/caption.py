@@ -35,12 +35,18 @@ that cannot be read (missing, truncated, not an image, not a regular file, or ov
 ``--max-pixels``, PIL's decompression-bomb limit by default) is a row with ``error`` and is
 counted in the summary line, never the end of the run.  The exit status is non-zero only for a
 usage error or a model that cannot be built.
+
+Under ``python -m torch.distributed.run --nproc_per_node=N -m blip2_internlm.tools.caption ...`` each
+rank captions its own share of the images on its own device (``cuda:LOCAL_RANK``, or the CPU), and
+rank 0 alone writes ``--out``: the file the same command writes in one process, row for row.  See
+:func:`run` for how the shares are dealt and why resuming still holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import fnmatch
 import glob
 import io
@@ -49,10 +55,13 @@ import os
 import stat
 import sys
 import time
+import traceback
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst"})
@@ -68,6 +77,8 @@ JSONL_ROW_START = b'{"image": '
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 #: Images per batch and DataLoader workers unless told otherwise.
 BATCH_SIZE, WORKERS = 8, 2
+#: How long a rank waits for the others (the longest a batch may take on the slowest rank) before it gives up.
+DIST_TIMEOUT_MINUTES = 30.0
 #: LAVIS's defaults: ``Blip2*.generate`` for captions, ``predict_answers`` / ``VQATask`` for answers.
 DEFAULTS = {
     "caption": {"num_beams": 5, "max_len": 30, "min_len": 1},
@@ -77,6 +88,86 @@ DEFAULTS = {
 
 class UsageError(ValueError):
     """Bad arguments or inputs; the message names the file, line or record."""
+
+
+# --- ranks --------------------------------------------------------------------------------------
+
+
+class RankFailure(RuntimeError):
+    """A rank's batch failed, or a rank exited or stopped answering: every rank stops (the output keeps what
+    is written).  ``reported``: the ranks learnt it from each other, so all of them are still there."""
+
+    def __init__(self, message: str, reported: bool):
+        super().__init__(message)
+        self.reported = reported
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among ``torch.distributed.run``'s ranks; one process is rank 0 of 1, with no process group.
+
+    The ranks exchange Python objects only (the inputs, the rows of text), through a gloo group on CPUs and
+    GPUs alike: no tensor crosses between ranks, so NCCL would bring nothing.  Every exchange waits at most
+    ``timeout_minutes`` for a rank that stopped answering; one that exited is noticed at once."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    timeout_minutes: float = DIST_TIMEOUT_MINUTES
+
+    @classmethod
+    def from_environment(cls, timeout_minutes: float = DIST_TIMEOUT_MINUTES) -> Ranks:
+        """torchrun's ranks (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``), or one process."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls(timeout_minutes=timeout_minutes)
+        ranks = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), timeout_minutes)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+        return ranks
+
+    @property
+    def main(self) -> bool:
+        """Whether this rank writes the output and prints."""
+        return self.rank == 0
+
+    def share(self, value):
+        """Rank 0's ``value``, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        self._exchange(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        self._exchange(dist.all_gather_object, values, value)
+        return values
+
+    def _exchange(self, collective, *args, **kwargs) -> None:
+        try:
+            collective(*args, **kwargs)
+        except RuntimeError as err:  # gloo's timeout, or a peer whose process ended
+            reason = " ".join(str(err).split())[:300]
+            raise RankFailure(
+                f"rank {self.rank}: the other ranks did not answer within {self.timeout_minutes:g} minutes "
+                f"(--dist-timeout-minutes) or one of them exited ({reason})",
+                reported=False,
+            ) from None
+
+    def leave_together(self) -> None:
+        """Wait until every rank is here, if they all still are: torchrun stops the others when one exits,
+        which could cut rank 0 short before it reports."""
+        try:
+            self.gather(None)
+        except RankFailure:
+            pass
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -562,47 +653,104 @@ def run(
     question_processor=None,
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    ranks: Ranks | None = None,
 ) -> Summary:
     """Run ``generation`` over ``items`` not yet in ``output`` and append their rows, in input order;
-    an image over ``max_pixels`` pixels is an error row."""
+    an image over ``max_pixels`` pixels is an error row.
+
+    With several ``ranks`` (every rank calls this with the same arguments but its own model): rank 0
+    reads the output and decides what is left, cut into the batches one process would run; batch ``j``
+    goes to rank ``j % world``.  Each round, every rank runs its next batch and the rows go to every
+    rank; rank 0 appends them in batch order.  So the file grows exactly as one process's would, a whole
+    round at a time, and a kill leaves a prefix of it (plus a partial line) that any number of ranks
+    resumes.  A rank whose batch raises prints its traceback and sends the error instead of rows: rank 0
+    writes the batches before it, and every rank raises ``RankFailure`` naming the rank, the images and
+    the error (one process raises the error itself, as it always did)."""
+    ranks = ranks or Ranks()
     output = Path(output)
     fmt = output_format(output, fmt)
-    done = read_done(output, fmt, generation.settings(), generation.prompt)
-    todo = [item for item in items if item.key not in done]
+    writer = problem = None
+    if ranks.main:
+        try:
+            done = read_done(output, fmt, generation.settings(), generation.prompt)
+            left = [index for index, item in enumerate(items) if item.key not in done]
+            writer = _open_writer(output, fmt) if left else None
+        except UsageError as err:
+            problem, left = err, str(err)
+    left = ranks.share(left if ranks.main else None)
+    if problem is not None:
+        raise problem
+    if isinstance(left, str):  # rank 0's usage error
+        raise UsageError(left)
+    todo = [items[index] for index in left]
     summary = Summary(total=len(items), already_done=len(items) - len(todo))
     if not todo:
         return summary
     device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(todo, vis_processor, max_pixels),
+    batches = [range(first, min(first + batch_size, len(todo))) for first in range(0, len(todo), batch_size)]
+    mine = [index for batch in batches[ranks.rank :: ranks.world] for index in batch]  # todo indices, in order
+    loader = torch.utils.data.DataLoader(  # the same batches: all of mine are full but the last of all
+        ImageFiles([todo[index] for index in mine], vis_processor, max_pixels),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
+    my_batches = iter(loader)
+    start = time.perf_counter()
+    with writer or nullcontext(), _progress_bar(len(todo), progress and ranks.main) as bar:
+        for first_batch in range(0, len(batches), ranks.world):
+            rows = failure = None  # no batch for this rank in an uneven last round
+            if first_batch + ranks.rank < len(batches):
+                try:
+                    indices, images, errors = next(my_batches)
+                    here = [todo[mine[index]] for index in indices]
+                    rows = caption_batch(model, generation, here, images, errors, device, question_processor)
+                except Exception as err:  # noqa: BLE001  (every rank stops on it, below)
+                    if ranks.world == 1:
+                        raise
+                    traceback.print_exc()  # now: torchrun may stop this process once another one exits
+                    failure, rows = err, " ".join(f"{type(err).__name__}: {err}".split())
+            outcomes = ranks.gather(rows)
+            failed = next((rank for rank, outcome in enumerate(outcomes) if isinstance(outcome, str)), None)
+            written = [row for outcome in outcomes[:failed] if outcome for row in outcome]
+            if writer is not None and written:
+                writer.write(written)
+            summary.written += len(written)
+            summary.errors += sum("error" in row for row in written)
+            summary.seconds = time.perf_counter() - start
+            bar.update(len(written))
+            bar.set_postfix(unreadable=summary.errors, refresh=False)
+            if failed is not None:
+                batch = batches[first_batch + failed]
+                raise RankFailure(
+                    f"rank {failed}: the batch of {len(batch)} images from {todo[batch[0]].image} on failed: "
+                    f"{outcomes[failed]}; {output} holds the rows before them: run the command again to resume",
+                    reported=True,
+                ) from failure
+    return summary
+
+
+def caption_batch(model, generation, items: list[Item], images, errors, device, question_processor=None) -> list:
+    """The output rows of one loader batch (``items`` and the loader's images and errors)."""
+    readable = [position for position, error in enumerate(errors) if error is None]
+    texts = {}
+    if readable:
+        questions = [items[position].question for position in readable]
+        if question_processor is not None:
+            questions = [question_processor(question) for question in questions]
+        texts = dict(zip(readable, generation(model, images.to(device, non_blocking=True), questions)))
+    return [
+        output_row(item, generation, texts.get(position), error)
+        for position, (item, error) in enumerate(zip(items, errors))
+    ]
+
+
+def _open_writer(output: Path, fmt: str) -> RowWriter:
     try:
-        writer = RowWriter(output, fmt)
+        return RowWriter(output, fmt)
     except OSError as err:
         raise UsageError(f"{output}: cannot write --out ({err.strerror or err})") from None
-    start = time.perf_counter()
-    with writer, _progress_bar(len(todo), progress) as bar:
-        for indices, images, errors in loader:
-            readable = [index for index, error in zip(indices, errors) if error is None]
-            texts = {}
-            if readable:
-                questions = [todo[index].question for index in readable]
-                if question_processor is not None:
-                    questions = [question_processor(question) for question in questions]
-                texts = dict(zip(readable, generation(model, images.to(device, non_blocking=True), questions)))
-            writer.write(
-                [output_row(todo[index], generation, texts.get(index), error) for index, error in zip(indices, errors)]
-            )
-            summary.written += len(indices)
-            summary.errors += sum(error is not None for error in errors)
-            summary.seconds = time.perf_counter() - start
-            bar.update(len(indices))
-            bar.set_postfix(unreadable=summary.errors, refresh=False)
-    return summary
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -688,9 +836,18 @@ def parse_args(argv=None):
         f"(default {DEFAULT_MAX_PIXELS}, PIL's decompression-bomb limit)",
     )
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    run_group.add_argument(
+        "--dist-timeout-minutes",
+        type=float,
+        default=DIST_TIMEOUT_MINUTES,
+        help="under torchrun: how long a rank waits for the others before it stops with an error "
+        f"(default {DIST_TIMEOUT_MINUTES:g}; more than the slowest batch takes)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.max_pixels < 1:
         parser.error("--batch-size and --max-pixels must be >= 1 and --workers >= 0")
+    if not args.dist_timeout_minutes > 0:
+        parser.error("--dist-timeout-minutes must be > 0")
     if not args.sample and (args.top_p is not None or args.temperature is not None):
         parser.error("--top-p and --temperature apply with --sample")
     if args.sample and args.num_beams not in (None, 1):
@@ -772,6 +929,20 @@ def generation_for(args, items: list[Item], model, run_cfg) -> GenerationSetting
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
+    ranks = Ranks.from_environment(args.dist_timeout_minutes)
+    try:
+        return _main(parser, args, ranks)
+    except RankFailure as err:
+        if ranks.main:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        if err.reported:
+            ranks.leave_together()
+        return 1
+    finally:
+        ranks.close()
+
+
+def _main(parser, args, ranks: Ranks) -> int:
     from omegaconf import OmegaConf
 
     import blip2_internlm  # noqa: F401  (compat fixes, registration)
@@ -779,16 +950,39 @@ def main(argv=None) -> int:
     from blip2_internlm.factory import ModelOptionError, parse_model_options
     from blip2_internlm.inference import load_model_and_preprocess
 
+    def usage_error(message: str):
+        if ranks.main:
+            parser.error(message)  # exits 2
+        raise SystemExit(2)  # rank 0 says why
+
+    inputs = None
+    if ranks.main:  # the one list every rank runs: a folder listed twice could differ
+        try:
+            items = collect_items(args.inputs, args.image_root, args.question)
+            mode_of(args, items)  # before the model loads, which can take minutes
+            read_output(args.out, output_format(args.out, args.format))  # so is a foreign --out (its settings: later)
+            inputs = items
+        except (UsageError, OSError) as err:
+            inputs = str(err)
+    items = ranks.share(inputs)
+    if isinstance(items, str):
+        usage_error(items)
     try:
-        items = collect_items(args.inputs, args.image_root, args.question)
-        mode_of(args, items)  # before the model loads, which can take minutes
-        read_output(args.out, output_format(args.out, args.format))  # so is a foreign --out (its settings: later)
         options = parse_model_options(args.options)
-    except (UsageError, ModelOptionError, OSError) as err:
-        parser.error(str(err))
+    except ModelOptionError as err:
+        usage_error(str(err))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {device}: no CUDA device visible")
+    if torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            usage_error(f"--device {device}: no CUDA device visible")
+        if ranks.world > 1 and torch.device(device).index is None:  # one device per rank
+            if ranks.local_rank >= torch.cuda.device_count():
+                usage_error(f"LOCAL_RANK {ranks.local_rank} but {torch.cuda.device_count()} CUDA devices visible")
+            device = f"cuda:{ranks.local_rank}"
+        if torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))
+    problem = None
+    torch.manual_seed(args.seed)  # what no file sets (a model type without weights) is the same on every rank
     try:
         model, vis_processors, txt_processors = load_model_and_preprocess(
             args.arch,
@@ -800,7 +994,12 @@ def main(argv=None) -> int:
             **options,
         )
     except (OSError, ValueError, CheckpointError) as err:
-        print(f"error: no model: {err}", file=sys.stderr)
+        problem = f"no model: {err}"
+    problems = ranks.gather(problem)
+    if any(problems):
+        if ranks.main:
+            rank, problem = next((rank, problem) for rank, problem in enumerate(problems) if problem)
+            print(f"error: {problem}" + (f" (rank {rank})" if ranks.world > 1 else ""), file=sys.stderr)
         return 2
     run_cfg = (OmegaConf.load(args.cfg_path).get("run") or {}) if args.cfg_path else {}
     try:
@@ -818,10 +1017,12 @@ def main(argv=None) -> int:
             question_processor=txt_processors["eval"] if args.cfg_path and generation.mode == "vqa" else None,
             progress=not args.no_progress,
             max_pixels=args.max_pixels,
+            ranks=ranks,
         )
     except UsageError as err:
-        parser.error(str(err))
-    print(summary.line(args.out), flush=True)
+        usage_error(str(err))
+    if ranks.main:
+        print(summary.line(args.out), flush=True)
     return 0
 
 

@@ -9,7 +9,9 @@
 ``trust_remote_code``: ``Blip2ForConditionalGeneration.from_pretrained(OUT)`` and
 ``Blip2Processor.from_pretrained(OUT)`` (or ``AutoProcessor``), weights in safetensors; for the
 instruction model ``InstructBlipForConditionalGeneration`` and ``InstructBlipProcessor`` (the
-Q-Former's BERT tokenizer in ``OUT/qformer_tokenizer``).  The model class decides which.
+Q-Former's BERT tokenizer in ``OUT/qformer_tokenizer``).  The model class decides which.  Where it
+loads, ``pip install torch transformers pillow`` is all it needs: the fast tokenizer is read from
+``tokenizer.json`` alone, without protobuf or sentencepiece (``internlm2_tokenizer_to_llama``).
 
 What maps to what (the key renames of transformers' ``convert_blip_2_original_to_pytorch.py``):
 
