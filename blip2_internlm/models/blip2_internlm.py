@@ -337,9 +337,12 @@ class Blip2InternLM(Blip2Base):
         length_penalty,
         num_captions,
         temperature,
+        stopping_criteria=None,
     ) -> torch.LongTensor:
         """The new token ids the frozen LLM writes after the left-padded ``inputs_embeds``, stopping on
-        ``self.stop_token_ids``; LAVIS's generation arguments."""
+        ``self.stop_token_ids``; LAVIS's generation arguments.  ``stopping_criteria``: transformers'
+        criteria added to the stop tokens and the length (each sees every row's tokens after each step:
+        the server streams text through one)."""
         with self.compute_region():
             return generate_tokens(
                 self.llm_model,
@@ -360,6 +363,7 @@ class Blip2InternLM(Blip2Base):
                 length_penalty=length_penalty,
                 num_return_sequences=num_captions,
                 use_cache=True,
+                stopping_criteria=stopping_criteria,
             )
 
     def predict_answers(

@@ -7,5 +7,6 @@
 * ``mapping``: from a request's messages to what the model computes (mode, settings, texts);
 * ``images``: a request's image from a ``data:`` URI or a file under ``--image-root``;
 * ``batcher``: the queue and the worker that runs compatible requests in one model call;
-* ``engine``: a batch of work in one call of the model's own batched ``generate`` / ``predict_answers``.
+* ``engine``: a batch of work in one call of the model's own batched ``generate`` / ``predict_answers``;
+* ``streaming``: a streaming request's text as its batch decodes it, and its server-sent events.
 """

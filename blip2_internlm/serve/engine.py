@@ -13,6 +13,9 @@ check the texts):
 
 A sampled request with a seed runs alone after ``torch.manual_seed(seed)`` (the batcher keeps it alone),
 so it gets what that seed gives one request, as in the web demo.
+
+A streaming request's ``listener`` hears its text as the batch decodes it (``serve.streaming``), where the
+batch draws one sequence per request (greedy or sampled); a beam search's text is known only at its end.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteriaList
 
 from blip2_internlm.serve.mapping import Settings, Work
+from blip2_internlm.serve.streaming import SettledText, TokenTap
 from blip2_internlm.tools.app import ServedModel, filled_question
 
 
@@ -63,7 +68,7 @@ class ModelRunner:
                 torch.manual_seed(batch[0].seed)
             decoding.update(use_nucleus_sampling=True, top_p=settings.top_p, temperature=settings.temperature)
         mode = settings.mode
-        with recorded_decoding(model) as record:
+        with recorded_decoding(model, self.token_tap(settings, batch)) as record:
             if mode == "caption":
                 texts = model.generate({"image": pixels}, prompt=self.caption_prompt, **decoding)
             elif mode == "prompt":
@@ -90,17 +95,40 @@ class ModelRunner:
             results.append(Generated(text, prompt_tokens, written, "stop" if ends else "length"))
         return results
 
+    def streams(self, settings: Settings) -> bool:
+        """Whether a batch with ``settings`` can stream its text token by token: one sequence per request
+        (greedy or sampled, no beams), and a finished text that only ever cuts its end (not lemmatised)."""
+        lemmatised = settings.mode == "answer" and getattr(self.served.model, "_apply_lemmatizer", False)
+        return settings.num_beams == 1 and not lemmatised
+
+    def token_tap(self, settings: Settings, batch: list[Work]) -> TokenTap | None:
+        """The tap that streams the batch's listening requests, or None (no listener, or beams)."""
+        if not self.streams(settings) or all(work.listener is None for work in batch):
+            return None
+        model = self.served.model
+        return TokenTap(
+            [
+                None
+                if work.listener is None
+                else SettledText(model.llm_tokenizer, model.stop_token_ids, model.finished_text, work.listener)
+                for work in batch
+            ]
+        )
+
 
 @contextlib.contextmanager
-def recorded_decoding(model):
+def recorded_decoding(model, tap: TokenTap | None = None):
     """Within the block, what ``model.decode`` (the one decoding step every generation path of the models
     goes through) is given and returns: each row's prompt length (query tokens, ``<s>`` and the prompt or
     conversation: its attention mask) and its new token ids.  That is how the server counts tokens
-    without a second decoding path beside ``generate`` and ``predict_answers``."""
+    without a second decoding path beside ``generate`` and ``predict_answers``.  ``tap``, when given,
+    sees every decoding step (it streams text to the requests)."""
     record = {}
     decode = model.decode
 
     def recording(inputs_embeds, attention_mask, **options):
+        if tap is not None:
+            options["stopping_criteria"] = StoppingCriteriaList([tap])
         ids = decode(inputs_embeds, attention_mask, **options)
         record["prompt_tokens"] = attention_mask.sum(dim=1).tolist()
         record["new_tokens"] = ids.tolist()

@@ -20,6 +20,7 @@ The settings every request of one model call must share are a :class:`Settings` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from blip2_internlm.serve.protocol import ApiError, ChatCompletionRequest
@@ -51,6 +52,8 @@ class Work:
     text: str = ""  # caption: unused; answer: the question as typed; prompt: the prompt
     messages: list | None = None  # chat: the conversation without the image
     seed: int | None = None  # sampling with a seed: run alone, after torch.manual_seed(seed)
+    #: a streaming request's receiver of text as it is decoded (called from the model's thread)
+    listener: Callable[[str], None] | None = None
 
     @property
     def alone(self) -> bool:

@@ -76,6 +76,11 @@ class ChatCompletionRequest(BaseModel):
     mode: Literal["caption", "answer", "prompt", "chat"] | None = None
     num_beams: int | None = Field(default=None, ge=1, le=10)
 
+    @property
+    def include_usage(self) -> bool:
+        """A streamed response ends with a usage chunk (``stream_options.include_usage``)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 #: OpenAI fields whose value this server cannot honour, with the value that means "not used".
 UNSUPPORTED = {
@@ -161,20 +166,51 @@ def pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+|\s+", text)
 
 
+class Chunks:
+    """The server-sent events of one streamed completion (``chat.completion.chunk``), in the order sent: the
+    role, pieces of text, the finish reason, the usage (when asked for), ``[DONE]``; or an error event."""
+
+    def __init__(self, model: str):
+        created = int(time.time())
+        self.head = {"id": completion_id(), "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def event(self, choices, **extra) -> str:
+        import json
+
+        return f"data: {json.dumps({**self.head, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
+
+    def role(self) -> str:
+        return self.event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def text(self, piece: str) -> str:
+        return self.event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+
+    def finish(self, finish_reason: str) -> str:
+        return self.event([{"index": 0, "delta": {}, "finish_reason": finish_reason}])
+
+    def usage(self, token_usage: dict) -> str:
+        return self.event([], usage=token_usage)
+
+    @staticmethod
+    def error(error: ApiError) -> str:
+        """An error after the response began (its status is sent already): OpenAI's clients raise it."""
+        import json
+
+        return f"data: {json.dumps(error.body(), ensure_ascii=False)}\n\n"
+
+    @staticmethod
+    def done() -> str:
+        return "data: [DONE]\n\n"
+
+
 def chunk_events(model: str, text: str, finish_reason: str, token_usage: dict | None):
-    """The server-sent events of a streamed completion of ``text``: the role, the text piece by piece, the
-    finish reason, the usage (when asked for, ``stream_options.include_usage``), then ``[DONE]``."""
-    import json
-
-    head = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-
-    def event(choices, **extra) -> str:
-        return f"data: {json.dumps({**head, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
-
-    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    """The events of a completion whose ``text`` is known whole (beam search): the role, the text piece by
+    piece, the finish reason, the usage (when asked for, ``stream_options.include_usage``), then ``[DONE]``."""
+    chunks = Chunks(model)
+    yield chunks.role()
     for piece in pieces(text):
-        yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-    yield event([{"index": 0, "delta": {}, "finish_reason": finish_reason}])
+        yield chunks.text(piece)
+    yield chunks.finish(finish_reason)
     if token_usage is not None:
-        yield event([], usage=token_usage)
-    yield "data: [DONE]\n\n"
+        yield chunks.usage(token_usage)
+    yield chunks.done()

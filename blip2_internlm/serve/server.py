@@ -22,11 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from blip2_internlm.serve import protocol
-from blip2_internlm.serve.batcher import Batcher, BatchLimits, QueueFull, ShuttingDown
+from blip2_internlm.serve.batcher import Batcher, BatchLimits, Pending, QueueFull, ShuttingDown
 from blip2_internlm.serve.engine import Generated, ModelRunner
 from blip2_internlm.serve.images import image_from_url
 from blip2_internlm.serve.mapping import Work, plan, read_conversation
 from blip2_internlm.serve.protocol import ApiError
+from blip2_internlm.serve.streaming import TextStream
 from blip2_internlm.tools.app import MEBIBYTE, PageLimits, Refused
 
 logger = logging.getLogger("blip2_internlm.serve")
@@ -110,33 +111,66 @@ def create_app(runner: ModelRunner, settings: ServeSettings) -> FastAPI:
         with refusals():
             batcher.check_room()  # before the image is decoded: a crowd costs no decoding
         work = await run_in_threadpool(prepared_work, runner, settings, parsed)
+        stream = TextStream(asyncio.get_running_loop()) if parsed.stream and runner.streams(work.settings) else None
+        if stream is not None:
+            work.listener = stream.offer
         with refusals():
             pending = batcher.submit(work.settings, work, alone=work.alone)
-        left = settings.request_timeout - (time.monotonic() - arrived)
-        try:
-            result: Generated = await asyncio.wait_for(asyncio.wrap_future(pending.future), max(left, 0.001))
-        except TimeoutError:
-            batcher.withdraw(pending)  # still waiting: it never runs; already running: its result is dropped
-            raise ApiError(
-                504,
-                f"no answer within {settings.request_timeout:g} s (--request-timeout): the model is busy; retry later",
-                kind="timeout_error",
-                code="timeout",
-            ) from None
-        except ShuttingDown as stopping:
-            raise ApiError(503, str(stopping), kind="server_error", code="shutting_down") from None
-        except Exception as err:  # noqa: BLE001  (the model's failure, whatever it is, is this request's 500)
-            logger.exception("generation failed")
-            raise ApiError(500, f"the model failed: {type(err).__name__}: {err}", kind="server_error") from None
+        deadline = arrived + settings.request_timeout
+        if stream is not None:
+            pending.future.add_done_callback(stream.close)
+            try:
+                begun = await stream.started(deadline)
+            except TimeoutError:
+                raise failure(batcher, pending, settings.request_timeout, "timeout") from None
+            if begun:  # text came before the end: the response streams it as it comes
+
+                def error_for(what):
+                    return failure(batcher, pending, settings.request_timeout, what)
+
+                events = stream.events(settings.model_id, pending, deadline, parsed.include_usage, error_for)
+                return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        result = await outcome(batcher, pending, deadline, settings.request_timeout)
         usage = protocol.usage(result.prompt_tokens, result.completion_tokens)
         if not parsed.stream:
             return protocol.completion(settings.model_id, result.text, result.finish_reason, usage)
-        if not (parsed.stream_options and parsed.stream_options.include_usage):
-            usage = None
-        events = protocol.chunk_events(settings.model_id, result.text, result.finish_reason, usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        events = protocol.chunk_events(
+            settings.model_id, result.text, result.finish_reason, usage if parsed.include_usage else None
+        )
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     return app
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache"}
+
+
+async def outcome(batcher: Batcher, pending: Pending, deadline: float, timeout: float) -> Generated:
+    """``pending``'s result by ``deadline`` (``time.monotonic``), or the :func:`failure` the client gets."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(pending.future), max(deadline - time.monotonic(), 0.001))
+    except TimeoutError:
+        raise failure(batcher, pending, timeout, "timeout") from None
+    except Exception as err:  # noqa: BLE001  (the model's failure, whatever it is, is this request's)
+        raise failure(batcher, pending, timeout, err) from None
+
+
+def failure(batcher: Batcher, pending: Pending, timeout: float, what) -> ApiError:
+    """The error of a request that ran out of time (``what`` ``"timeout"``: 504; one still waiting leaves the
+    queue and never runs, a running one's result is dropped) or failed (``what`` its exception: 503 when the
+    server stops, else 500, the model's failure)."""
+    if what == "timeout":
+        batcher.withdraw(pending)
+        return ApiError(
+            504,
+            f"no answer within {timeout:g} s (--request-timeout): the model is busy; retry later",
+            kind="timeout_error",
+            code="timeout",
+        )
+    if isinstance(what, ShuttingDown):
+        return ApiError(503, str(what), kind="server_error", code="shutting_down")
+    logger.error("generation failed", exc_info=what)
+    return ApiError(500, f"the model failed: {type(what).__name__}: {what}", kind="server_error")
 
 
 @contextlib.contextmanager
