@@ -4,6 +4,8 @@ compares like with like (LAVIS's own Blip2OPT against Blip2InternLM at matched s
 No test here checks a timing: the harness measures, these specs check what it measures.
 """
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -102,13 +104,23 @@ def test_real_size_wiring_builds_on_meta():
     assert ours.llm_model.dtype == torch.bfloat16 and baseline.opt_model.dtype == torch.float16
 
 
-def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(
-        bench, "peak_matmul_flops", lambda device, by_kernel=None: {"fp32": 1e11, "bf16": 1e12, "fp16": 1e12}
-    )
-    assert bench.main(["--size", "tiny", "--repeats", "1", "--skip-toggles", "--out-dir", str(tmp_path)]) == 0
-    [out] = tmp_path.glob("tiny-cpu-*.json")
-    result = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """One whole bench at tiny size, every section and every toggle (a fixed matmul peak): its JSON, its
+    printed report and its output directory.  The specs below read the one run."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(
+            bench, "peak_matmul_flops", lambda device, by_kernel=None: {"fp32": 1e11, "bf16": 1e12, "fp16": 1e12}
+        )
+        assert bench.main(["--size", "tiny", "--repeats", "1", "--out-dir", str(out_dir)]) == 0
+    [out] = out_dir.glob("tiny-cpu-*.json")
+    return json.loads(out.read_text()), printed.getvalue(), out_dir
+
+
+def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tiny_bench):
+    result, printed, out_dir = tiny_bench
     assert {"machine", "peak_matmul_flops", "rows", "targets", "size_config", "generation"} <= set(result)
     assert {"cpu", "cpu_count", "torch_threads", "torch"} <= set(result["machine"])
     rows = {(r["task"], r["variant"]): r for r in result["rows"]}
@@ -128,7 +140,7 @@ def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkey
         assert rows[(task, fp32_base)]["new_tokens"] == rows[(task, "ours: default")]["new_tokens"] == [tokens]
     # LAVIS as shipped (fp16 OPT, no autocast on CPU) is reported, run or not
     assert (("train_step", "LAVIS blip2_opt as shipped (OPT fp16)")) in rows
-    assert "| train_step |" in capsys.readouterr().out
+    assert "| train_step |" in printed
     # each generation row: its decode step against the roofline floor of that step on this machine
     assert result["memory_bandwidth_bytes_per_s"] > 0
     for task in ("caption", "vqa"):
@@ -155,17 +167,13 @@ def test_bench_runs_end_to_end_at_tiny_size_and_writes_its_json(tmp_path, monkey
         for task in ("train_step", "vqa"):
             assert [p["x"] for p in scaling["batch"][label][task]] == list(bench.SWEEP_BATCHES)
         assert [p["x"] for p in scaling["beams"][label]] == list(bench.SWEEP_BEAMS)
-    [chart] = tmp_path.glob("tiny-cpu-*-scaling.svg")
+    [chart] = out_dir.glob("tiny-cpu-*-scaling.svg")
     svg = chart.read_text()
     assert svg.count("<polyline") == 6 and fp32_base in svg and "ours: default" in svg
 
 
-def test_every_optimisation_is_measured_switched_off_and_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "peak_matmul_flops", lambda device, by_kernel=None: {"fp32": 1e11, "bf16": 1e12})
-    sections = "lavis,ours,reliability,caption_cli"  # the sweep: the spec above
-    assert bench.main(["--size", "tiny", "--repeats", "1", "--out-dir", str(tmp_path), "--sections", sections]) == 0
-    [out] = tmp_path.glob("tiny-cpu-*.json")
-    result = json.loads(out.read_text())
+def test_every_optimisation_is_measured_switched_off_and_on(tiny_bench):
+    result, _, _ = tiny_bench
     rows = {(r["task"], r["variant"]): r for r in result["rows"]}
     for task, variant in [
         ("train_step", "ours: attention eager (default sdpa)"),
