@@ -15,6 +15,7 @@ from blip2_internlm.tools.app import (
     add_model_arguments,
     check_model_arguments,
     model_source,
+    non_negative_float,
     page_limits,
     positive_float,
     positive_int,
@@ -87,13 +88,6 @@ def argument_parser() -> argparse.ArgumentParser:
         help="the largest max_tokens a request may ask for (default: %(default)s)",
     )
     return parser
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
-    return value
 
 
 def resolve_args(argv) -> argparse.Namespace:

@@ -112,14 +112,13 @@ def plan(
         raise ApiError(400, f"mode {mode!r}: this model chats; use mode 'chat' or leave it out", param="mode")
     if not chat_model and mode == "chat":
         raise ApiError(400, "mode 'chat' needs an instruction model (--arch blip2_internlm_instruct)", param="mode")
-    settings = generation_settings(request, mode or "caption", max_new_tokens)
     if chat_model:
+        settings = generation_settings(request, mode, max_new_tokens)
         messages = chat_messages(conversation.messages, limits)
         return Work(settings, None, messages=messages, seed=request.seed)
     text = base_model_text(conversation.messages)
-    if mode is None:
-        mode = "answer" if text else "caption"
-        settings = generation_settings(request, mode, max_new_tokens)
+    mode = mode or ("answer" if text else "caption")
+    settings = generation_settings(request, mode, max_new_tokens)
     if mode == "caption" and text:
         raise ApiError(400, "mode 'caption' reads no text: send the image alone, or use mode 'prompt'", param="mode")
     if mode in ("answer", "prompt") and not text:

@@ -8,6 +8,7 @@ Two fields extend the format (the openai client's ``extra_body``): ``mode`` and 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -175,8 +176,6 @@ class Chunks:
         self.head = {"id": completion_id(), "object": "chat.completion.chunk", "created": created, "model": model}
 
     def event(self, choices, **extra) -> str:
-        import json
-
         return f"data: {json.dumps({**self.head, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
 
     def role(self) -> str:
@@ -194,8 +193,6 @@ class Chunks:
     @staticmethod
     def error(error: ApiError) -> str:
         """An error after the response began (its status is sent already): OpenAI's clients raise it."""
-        import json
-
         return f"data: {json.dumps(error.body(), ensure_ascii=False)}\n\n"
 
     @staticmethod

@@ -554,6 +554,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
 def page_limits(args) -> PageLimits:
     return PageLimits(args.max_upload_mb, args.max_image_pixels, args.max_prompt_chars, args.max_question_chars)
 

@@ -56,6 +56,7 @@ import stat
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,6 +138,22 @@ class Ranks:
         box = [value]
         self._exchange(dist.broadcast_object_list, box, src=0)
         return box[0]
+
+    def from_main(self, compute: Callable[[], object], errors: tuple[type[Exception], ...] = (UsageError,)):
+        """``compute()`` run on rank 0 alone, its result on every rank; when it raises one of ``errors``, rank 0
+        raises that error and every other rank a :class:`UsageError` with its message (none is left waiting)."""
+        outcome = failure = None
+        if self.main:
+            try:
+                outcome = (True, compute())
+            except errors as err:
+                failure, outcome = err, (False, str(err))
+        ok, value = self.share(outcome)
+        if failure is not None:
+            raise failure
+        if not ok:
+            raise UsageError(value)
+        return value
 
     def gather(self, value) -> list:
         """Every rank's ``value``, in rank order, on every rank."""
@@ -669,20 +686,16 @@ def run(
     ranks = ranks or Ranks()
     output = Path(output)
     fmt = output_format(output, fmt)
-    writer = problem = None
-    if ranks.main:
-        try:
-            done = read_done(output, fmt, generation.settings(), generation.prompt)
-            left = [index for index, item in enumerate(items) if item.key not in done]
-            writer = _open_writer(output, fmt) if left else None
-        except UsageError as err:
-            problem, left = err, str(err)
-    left = ranks.share(left if ranks.main else None)
-    if problem is not None:
-        raise problem
-    if isinstance(left, str):  # rank 0's usage error
-        raise UsageError(left)
-    todo = [items[index] for index in left]
+    writer = None
+
+    def left_to_do() -> list[int]:  # rank 0: what the output lacks, and the writer that appends it
+        nonlocal writer
+        done = read_done(output, fmt, generation.settings(), generation.prompt)
+        left = [index for index, item in enumerate(items) if item.key not in done]
+        writer = _open_writer(output, fmt) if left else None
+        return left
+
+    todo = [items[index] for index in ranks.from_main(left_to_do)]
     summary = Summary(total=len(items), already_done=len(items) - len(todo))
     if not todo:
         return summary
@@ -955,18 +968,16 @@ def _main(parser, args, ranks: Ranks) -> int:
             parser.error(message)  # exits 2
         raise SystemExit(2)  # rank 0 says why
 
-    inputs = None
-    if ranks.main:  # the one list every rank runs: a folder listed twice could differ
-        try:
-            items = collect_items(args.inputs, args.image_root, args.question)
-            mode_of(args, items)  # before the model loads, which can take minutes
-            read_output(args.out, output_format(args.out, args.format))  # so is a foreign --out (its settings: later)
-            inputs = items
-        except (UsageError, OSError) as err:
-            inputs = str(err)
-    items = ranks.share(inputs)
-    if isinstance(items, str):
-        usage_error(items)
+    def checked_inputs() -> list[Item]:  # rank 0: the one list every rank runs (a folder listed twice could differ)
+        items = collect_items(args.inputs, args.image_root, args.question)
+        mode_of(args, items)  # before the model loads, which can take minutes
+        read_output(args.out, output_format(args.out, args.format))  # so is a foreign --out (its settings: later)
+        return items
+
+    try:
+        items = ranks.from_main(checked_inputs, errors=(UsageError, OSError))
+    except (UsageError, OSError) as err:
+        usage_error(str(err))
     try:
         options = parse_model_options(args.options)
     except ModelOptionError as err:
